@@ -1,0 +1,53 @@
+# masksiam: `make demo` and `make test` each install what is missing first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU default for this machine kind; on a CUDA machine e.g.
+#   make install TORCH="torch==2.11.0" TORCHVISION="torchvision==0.26.0" TORCH_INDEX=https://download.pytorch.org/whl/cu130
+TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+TORCH_INDEX ?=
+DATA ?= data
+STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCHVISION)" | md5sum | cut -c1-8)
+TESTDATA := .cache/testdata/pillow/.complete
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench data clean-venv
+
+install: $(STAMP) $(TESTDATA)
+
+$(STAMP): requirements.txt setup.py tools/install_apt.sh
+	tools/install_apt.sh
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple) "$(TORCH)"
+	$(PY) -m pip freeze | grep -iE '^torch==' > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple) "$(TORCHVISION)"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -r requirements.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-deps --no-build-isolation -e .
+	$(PY) -c "import masksiam, torchvision, nvidia.dali, ffcv; print('masksiam installed: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__)"
+	rm -f $(VENV)/.installed-* && touch $@
+
+$(TESTDATA): | $(STAMP)
+	PY=$(PY) tools/fetch_testdata.sh .cache/testdata/pillow
+
+data: install
+	@[ -f $(DATA)/fashion-mnist/.complete ] || $(PY) convert.py fashion-mnist --out $(DATA)/fashion-mnist --force
+
+demo: data
+	$(PY) train.py --config configs/demo_fmnist.yaml
+	$(PY) -m eval.demo_report --run runs/demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: install
+	@[ -f $(DATA)/photos/.complete ] || $(PY) convert.py photos --out $(DATA)/photos --force
+	$(PY) bench.py loader --compare torchvision,dali,ffcv --data $(DATA)/photos --json runs/bench/loader.json
+
+clean-venv:
+	rm -rf $(VENV)

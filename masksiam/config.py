@@ -1,0 +1,242 @@
+"""A flat, typed run configuration: one dataclass, yaml files, `key=value` overrides.
+
+    cfg = load_config("configs/demo.yaml", ["lr=0.5", "epochs=3"])
+
+Every key is a field of `Config` with a type; yaml values and overrides are checked against it.
+An unknown key or a value of the wrong type stops with an error that names the key, the file (or
+"command line") it came from and the valid keys. Method-specific keys default to None, meaning "the
+method's own default" (see losses/); `resolve_method_defaults` fills them in so the resolved config
+written next to a run shows the values actually used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and where it came from."""
+
+
+@dataclass
+class Config:
+    # ---- run ------------------------------------------------------------------------------------
+    out_dir: str = "runs"                  # runs are written to out_dir/run_name/
+    run_name: str = ""                     # "" = <method>-<arch>-<timestamp>
+    seed: int = 0
+    resume: bool = False                   # continue from run_dir/checkpoint.pt when it exists
+    log_every: int = 20                    # steps between metric logs (the only host syncs)
+    ckpt_every: int = 1                    # epochs between checkpoints (and always at the end)
+    max_steps: int = 0                     # stop after this many optimizer steps (0 = no limit)
+    progress: bool = True                  # progress bar on rank 0
+    max_bad_steps: int = 10                # stop after this many non-finite losses in a row
+
+    # ---- data -----------------------------------------------------------------------------------
+    data: str = "data/fashion-mnist"       # ImageFolder root with train/ and val/ inside
+    train_split: str = "train"
+    val_split: str = "val"
+    loader: Literal["torchvision", "dali", "ffcv"] = "torchvision"
+    workers: int = 4                       # CPU workers / threads per rank for the loader
+    batch_size: int = 256                  # global batch, split evenly across ranks
+    views: int = 2                         # crops per image from one decode
+    size: int = 224                        # output crop size (px)
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area fraction
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    flip_prob: float = 0.5                 # horizontal flip, applied per view in the loader
+    drop_last: bool = True
+    prefetch: int = 2                      # batches prepared ahead per worker / pipeline
+    max_images: int = 0                    # use only the first N images of a split (0 = all)
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"   # decoder: mixed (nvJPEG) or cpu
+    ffcv_path: str = ""                    # .beton of the train split ("" = <data>/train.beton)
+    ffcv_order: Literal["random", "quasi_random", "sequential"] = "random"
+    ffcv_os_cache: bool = True
+    ffcv_fused: bool = True                # decode each image once for all of its views
+
+    # ---- augmentation (batched, on the training device) -----------------------------------------
+    recipe: str = "simclr"                 # name in pipelines/recipes/ or a yaml path
+    highpass_eval: bool = False            # high-pass filter eval inputs too (MSCN models)
+
+    # ---- model ----------------------------------------------------------------------------------
+    arch: str = "resnet50"
+    stem: Literal["auto", "imagenet", "small"] = "auto"   # auto: small 3x3 stem when size <= 64
+    channels_last: bool = True
+    sync_bn: bool = False
+    zero_init_residual: bool = True
+    proj_hidden: Optional[int] = None      # None = the method's default
+    proj_dim: Optional[int] = None
+    proj_layers: Optional[int] = None
+    pred_hidden: Optional[int] = None      # predictor (BYOL, SimSiam); 0 = none
+
+    # ---- method ---------------------------------------------------------------------------------
+    method: str = "simclr"
+    temperature: Optional[float] = None
+    ema_momentum: Optional[float] = None   # BYOL / MoCo target, start of the cosine schedule
+    queue_size: Optional[int] = None       # MoCo negatives
+    lambd: Optional[float] = None          # Barlow Twins off-diagonal weight
+    sim_coeff: Optional[float] = None      # VICReg invariance
+    std_coeff: Optional[float] = None      # VICReg variance
+    cov_coeff: Optional[float] = None      # VICReg covariance
+    mix: Literal["none", "mixmask", "unmix"] = "none"   # mixed loss around the method
+    mix_prob: float = 0.5                  # probability of the mixed branch per step (Un-Mix)
+    mix_weight: float = 1.0                # weight of the mixed loss term
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    optimizer: Literal["sgd", "lars", "adamw"] = "lars"
+    lr: float = 0.3                        # base lr per 256 images; see lr_scaling
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    epochs: int = 100
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.0              # cosine floor as a fraction of the peak lr
+    grad_clip: float = 0.0                 # max global grad norm (0 = off)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compile: bool = False                  # torch.compile the model
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    knn_every: int = 0                     # epochs between kNN monitors (0 = only at the end)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_train: int = 0                 # cap the kNN memory bank (0 = whole train split)
+    knn_max_val: int = 0
+    eval_size: int = 0                     # kNN input size (0 = size)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(keys)}")
+
+
+def _coerce(key: str, typ: Any, value: Any, where: str) -> Any:
+    """Check `value` against the annotation `typ`; convert the few safe cases (int->float, list->tuple)."""
+    origin = typing.get_origin(typ)
+    bad = ConfigError(f"config key {key!r} in {where}: expected {_type_name(typ)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            raise ConfigError(f"config key {key!r} in {where}: {value!r} is not one of "
+                              f"{', '.join(repr(a) for a in typing.get_args(typ))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(key, a, v, where) for a, v in zip(args, value))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. run_name=123
+        raise bad
+    if typ is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad
+    raise bad
+
+
+def _type_name(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(typ))
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in typing.get_args(typ)) + "]"
+    return "null" if typ is type(None) else getattr(typ, "__name__", str(typ))
+
+
+_HINTS = None
+
+
+def _field_types() -> dict[str, Any]:
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(Config)
+    return _HINTS
+
+
+def apply(cfg: Config, values: dict[str, Any], where: str) -> Config:
+    """Return a copy of `cfg` with `values` applied, each checked against its field's type."""
+    hints = _field_types()
+    keys = set(valid_keys())
+    updates = {}
+    for key, value in values.items():
+        if key not in keys:
+            raise _unknown_key_error(key, where)
+        updates[key] = _coerce(key, hints[key], value, where)
+    return dataclasses.replace(cfg, **updates)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["lr=0.5", "crop_scale=[0.2,1]", "run_name=x"]` -> dict, values parsed as yaml scalars."""
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} on the command line is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        out[key] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value")
+        cfg = apply(cfg, values, str(path))
+    if overrides:
+        cfg = apply(cfg, parse_overrides(overrides), "command line")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = {k: getattr(cfg, k) for k in valid_keys()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
