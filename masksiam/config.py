@@ -73,11 +73,14 @@ class Config:
     proj_dim: Optional[int] = None
     proj_layers: Optional[int] = None
     pred_hidden: Optional[int] = None      # predictor (BYOL, SimSiam); 0 = none
+    proj_bn: Optional[Literal["none", "hidden", "all"]] = None   # projector BatchNorm: after hidden layers / every layer
 
     # ---- method ---------------------------------------------------------------------------------
     method: str = "simclr"
     temperature: Optional[float] = None
     ema_momentum: Optional[float] = None   # BYOL / MoCo target, start of the cosine schedule
+    ema_schedule: Optional[Literal["cosine", "constant"]] = None   # cosine to 1 (BYOL) or constant (MoCo v2)
+    moco_symmetric: Optional[bool] = None  # MoCo: both views as queries (MoCo v2+/v3), default asymmetric
     queue_size: Optional[int] = None       # MoCo negatives
     lambd: Optional[float] = None          # Barlow Twins off-diagonal weight
     sim_coeff: Optional[float] = None      # VICReg invariance
