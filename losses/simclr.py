@@ -2,27 +2,30 @@
 
 For a pair of views (a, b) of N images on each of R ranks, the 2RN normalised embeddings are
 compared by cosine / temperature; each row's positive is the other view of the same image and its
-negatives are the other 2RN - 2 embeddings (Chen et al. 2020). The gather is autograd-aware, so a
-DDP run with R ranks computes exactly the loss (and gradients) of one process holding all RN images.
+negatives are the other 2RN - 2 embeddings (Chen et al. 2020). Both views are queries, so the loss
+is symmetric in (a, b). The gather is autograd-aware, so a DDP run with R ranks computes exactly
+the loss (and gradients) of one process holding all RN images.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from losses import normalized_std, upcast, views_in
 from masksiam.dist import gather_with_grad, rank
 
-# MSCN (seed 001, A.1): projector 2048-2048-256 with BN, temperature 0.2; SimCLR v1 used 0.1-0.5.
-DEFAULTS = {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 2, "pred_hidden": 0}
+# MSCN (seed 001, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
+# SimCLR v1 used 0.1-0.5.
+DEFAULTS = {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 2, "proj_bn": "all",
+            "pred_hidden": 0}
 
 
-def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """za, zb: (N, D) on this rank -> (mean loss over this rank's 2N rows, top-1 positive accuracy)."""
-    n = za.shape[0]
-    za = F.normalize(za.float(), dim=1)
-    zb = F.normalize(zb.float(), dim=1)
-    ga, gb = gather_with_grad(za), gather_with_grad(zb)               # (RN, D) each
-    total = ga.shape[0]
+def _contrast(za: torch.Tensor, zb: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """za, zb: this rank's normalised views (N, D); ga, gb: the same gathered over ranks (RN, D).
+
+    -> (mean loss over this rank's 2N rows, top-1 accuracy of the positive)."""
+    n, total = za.shape[0], ga.shape[0]
     offset = rank() * n
     # rows: this rank's 2N queries; columns: all 2RN keys [ga; gb]
     queries = torch.cat([za, zb], 0)                                   # (2N, D)
@@ -37,12 +40,39 @@ def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> tuple[tor
     return loss, acc.detach()
 
 
+def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """za, zb: (N, D) on this rank -> (mean loss over this rank's 2N rows, top-1 positive accuracy)."""
+    za = F.normalize(upcast(za), dim=1)
+    zb = F.normalize(upcast(zb), dim=1)
+    return _contrast(za, zb, gather_with_grad(za), gather_with_grad(zb), temperature)
+
+
 def loss(emb, temperature: float, **_) -> tuple[torch.Tensor, dict]:
-    """Mean NT-Xent over the view pairs (multi-view / multi-mask: every listed pair)."""
+    """Mean NT-Xent over the view pairs (multi-view / multi-mask: every listed pair).
+
+    Each view is normalised and gathered once, however many pairs it appears in."""
+    views = views_in(emb.pairs)
+    local = {v: F.normalize(upcast(emb.z[v]), dim=1) for v in views}   # (N, D) each
+    gathered = {v: gather_with_grad(local[v]) for v in views}           # (RN, D) each
     losses, accs = [], []
     for i, j in emb.pairs:
-        l, a = nt_xent(emb.z[i], emb.z[j], temperature)
+        l, a = _contrast(local[i], local[j], gathered[i], gathered[j], temperature)
         losses.append(l)
         accs.append(a)
     total = torch.stack(losses).mean()
-    return total, {"loss": total.detach(), "pos_acc": torch.stack(accs).mean()}
+    return total, {"loss": total.detach(), "pos_acc": torch.stack(accs).mean(),
+                   "z_std": torch.stack([normalized_std(local[v]) for v in views]).mean()}
+
+
+def per_sample(m: torch.Tensor, t: torch.Tensor, temperature: float, **_) -> torch.Tensor:
+    """Mixed-loss term: InfoNCE of each query m_i against all RN gathered targets, positive t_i.
+
+    m, t: (N, D) -> (N,). The mixed query's negatives are the other view's embeddings of the rest of
+    the global batch; the columns are a set, so per_sample(m, t.flip(0)) has the same denominator
+    with positive t_rev(i) (losses/mixed.py relies on this)."""
+    m = F.normalize(upcast(m), dim=1)
+    t = F.normalize(upcast(t), dim=1)
+    keys = gather_with_grad(t)                                         # (RN, D)
+    logits = m @ keys.t() / temperature                                # (N, RN)
+    pos = torch.arange(m.shape[0], device=m.device) + rank() * m.shape[0]
+    return F.cross_entropy(logits, pos, reduction="none")

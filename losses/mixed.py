@@ -1,0 +1,68 @@
+"""Mixed-image losses (MixMask, Un-Mix) around any registered method.
+
+On a step with mixing (probability mix_prob, decided on the host) the training loop provides:
+
+    x_m    = M * x_a + (1 - M) * x_a.flip(0)   view a mixed with this rank's batch of view a reversed
+             (MixMask: M a block mask on an 8 x 8 grid; Un-Mix: mixup, M = lam, or a cutmix box)
+    lam    (N,) tensor or float: the fraction of x_m's pixels that come from x_a[i] (mean of M)
+    z_m    (N, D) online projector output for x_m
+    p_m    (N, D) online predictor output for x_m (methods with a predictor: BYOL, SimSiam)
+    emb    the step's Embeddings, as passed to method.loss: the target of the other view b is read
+           from it: emb.zt[b] for EMA methods (MoCo, BYOL; b must be a target view,
+           method.views(...)[1]), else emb.z[b]; MoCo's negatives from emb.queue
+
+and adds `mix_weight * loss_mix`:
+
+    loss_mix, logs = mixed_loss(method, emb, z_m, lam, p_m=p_m, view=b, **hp)
+
+The loss is asymmetric, as MixMask's (seed 000): only the mixed branch predicts, against the
+unmixed view b of both source images. With m = p_m for predictor methods, else z_m, and t the target
+of view b (detached where the method stops gradients: MoCo and BYOL's EMA keys, SimSiam's z):
+
+  per-sample methods (SimCLR, MoCo, BYOL, SimSiam), Un-Mix's formulation:
+      loss_mix = mean_i [ lam_i L_i(m, t_i) + (1 - lam_i) L_i(m, t_rev(i)) ]
+    with L_i the method's own per-sample loss against positive t_i: InfoNCE against the rest of the
+    global batch of view b (SimCLR) or the queue (MoCo), 2 - 2 cos (BYOL), -cos (SimSiam).
+  batch-statistics methods (Barlow Twins, VICReg), which have no per-sample loss: the method's pair
+    loss between z_m and the mixed target t_mix = lam t + (1 - lam) t.flip(0), the embedding a
+    linear mixing would give; at lam = 1 it is the method's own loss of the pair (m, b).
+
+Like every loss here it is rank r's share of the global value with exact gradients (losses/__init__.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from losses import Embeddings, Method, get_method, upcast
+
+
+def _weight(lam, like: torch.Tensor):
+    """lam as a float, or as an (N, 1) column in like's dtype (so it broadcasts over D)."""
+    if isinstance(lam, torch.Tensor):
+        if lam.shape != (like.shape[0],):
+            raise ValueError(f"lam must be a float or an (N,) tensor with N = {like.shape[0]}, got {tuple(lam.shape)}")
+        return lam.detach().to(like.dtype)[:, None]
+    return float(lam)
+
+
+def mixed_loss(method: Method | str, emb: Embeddings, z_m: torch.Tensor, lam, p_m: torch.Tensor | None = None,
+               view: int = 1, **hp) -> tuple[torch.Tensor, dict]:
+    method = get_method(method) if isinstance(method, str) else method
+    m = p_m if method.predictor else z_m
+    if m is None:
+        raise ValueError(f"the mixed {method.name} loss needs p_m, the predictor output for the mixed images")
+    targets = emb.zt if method.target == "ema" else emb.z
+    if targets is None or targets[view] is None:
+        branch = "emb.zt (EMA target)" if method.target == "ema" else "emb.z"
+        raise ValueError(f"the mixed {method.name} loss needs {branch}[{view}], the other view's target")
+    t = targets[view]
+    with torch.autocast(m.device.type, enabled=False):
+        m, t = upcast(m), upcast(t)
+        w = _weight(lam, m)
+        if method.per_sample is not None:
+            per = lambda target: method.per_sample(m, target, queue=emb.queue, **hp)   # noqa: E731
+            w = w[:, 0] if isinstance(w, torch.Tensor) else w
+            loss = (w * per(t) + (1 - w) * per(t.flip(0))).mean()
+        else:
+            loss, _ = method.pair_loss(m, w * t + (1 - w) * t.flip(0), **hp)
+    return loss, {"mix_loss": loss.detach()}
