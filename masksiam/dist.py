@@ -115,3 +115,12 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_max(flag: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (e.g. a 'skip this step' flag every rank must agree on)."""
+    if world_size() == 1:
+        return flag
+    out = flag.to(torch.float32).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(flag.dtype)

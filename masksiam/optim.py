@@ -1,0 +1,111 @@
+"""Optimizers (SGD, LARS, AdamW), their parameter groups and the warmup + cosine schedule.
+
+Skipping a bad step without a host sync: every optimizer here reads `optimizer.found_inf` (a 0-dim
+float tensor on the device, 1.0 = skip) and `optimizer.grad_scale` the way torch's fused optimizers
+do for torch.amp.GradScaler. The training loop sets found_inf from `~isfinite(loss)` (and the grad
+norm), so a NaN step leaves weights and optimizer state untouched and the CPU never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights get weight decay (and LARS adaptation); biases and norm parameters get neither.
+
+    This is the SimCLR / BYOL / Barlow Twins convention: 1-D parameters (biases, BN/LN gains and
+    shifts) are excluded from both.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
+            {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), foreach-vectorised.
+
+    For a weight w with gradient g (weight decay folded in: g += wd * w), the step is scaled by the
+    trust ratio eta * ||w|| / ||g|| (1 where either norm is 0), then momentum SGD. Groups with
+    lars_adapt=False (biases, norms) take plain momentum SGD.
+    """
+    _step_supports_amp_scaling = True  # reads grad_scale / found_inf like torch's fused optimizers
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, lars_adapt: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, lars_adapt=lars_adapt))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else 1.0 - found_inf.float()    # 0-dim: 0 = skip this step
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars_adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                bufs.append(state["momentum_buffer"])
+            new_bufs = torch._foreach_mul(bufs, group["momentum"])
+            torch._foreach_add_(new_bufs, grads)
+            if keep is None:
+                torch._foreach_copy_(bufs, new_bufs)
+                torch._foreach_add_(params, new_bufs, alpha=-group["lr"])
+            else:
+                torch._foreach_lerp_(bufs, new_bufs, keep)               # keep=1: take new; 0: unchanged
+                torch._foreach_add_(params, torch._foreach_mul(new_bufs, keep * -group["lr"]))
+        return None
+
+
+def peak_lr(base_lr: float, batch_size: int, scaling: str) -> float:
+    """`base_lr` is per 256 images (the papers' convention): linear, square-root or no scaling."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size / 256)
+    return base_lr
+
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to `peak` over warmup_steps, then cosine to min_ratio * peak at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,94 @@
+"""ResNet factory on torchvision's ResNet, so state dicts load into torchvision models unchanged.
+
+    backbone = build_backbone("resnet50")                  # ImageNet stem: 7x7/2 conv + maxpool
+    backbone = build_backbone("resnet18", small_stem=True) # 28-64 px inputs: 3x3/1 conv, no maxpool
+
+The classifier is replaced by Identity, so backbone(x) is the pooled feature (N, num_features).
+A small-stem model keeps every key name; only conv1.weight's shape (64, 3, 3, 3) differs from
+torchvision's, which matters only when loading its weights into a 7x7-stem model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import masksiam  # noqa: F401  (torchvision importable on CPU torch)
+from torchvision.models import resnet as tv_resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+# name -> (block, layers, torchvision kwargs); resnet10 is the 1-1-1-1 BasicBlock net for CPU demos
+ARCHS = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1], {}),
+    "resnet18": (BasicBlock, [2, 2, 2, 2], {}),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], {}),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], {}),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], {}),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], {}),
+    "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], {"width_per_group": 128}),
+}
+
+
+def build_backbone(arch: str, small_stem: bool = False, zero_init_residual: bool = True,
+                   width: int = 64) -> ResNet:
+    """A torchvision ResNet without classifier; `width` scales every stage (64 = torchvision's)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r} (config key 'arch'); choose one of {', '.join(ARCHS)}")
+    block, layers, kwargs = ARCHS[arch]
+    net = ResNet(block, layers, zero_init_residual=zero_init_residual, **kwargs)
+    if width != 64 or small_stem:
+        # rebuild the stem and stages with torchvision's own _make_layer: same module names, so a
+        # state dict keeps torchvision's keys; only the shapes follow `width`
+        net.inplanes = width
+        stem = (nn.Conv2d(3, width, 3, 1, 1, bias=False) if small_stem     # CIFAR-style: 28-64 px inputs
+                else nn.Conv2d(3, width, 7, 2, 3, bias=False))               # keep full resolution
+        net.conv1, net.bn1 = stem, nn.BatchNorm2d(width)
+        net.maxpool = nn.Identity() if small_stem else net.maxpool
+        net.layer1 = net._make_layer(block, width, layers[0])
+        net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
+        net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
+        net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
+        net.fc = nn.Linear(width * 8 * block.expansion, 1)
+        _init_like_torchvision(net, zero_init_residual)
+    net.num_features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def _init_like_torchvision(net: ResNet, zero_init_residual: bool) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in net.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+
+def use_small_stem(stem: str, size: int) -> bool:
+    return stem == "small" or (stem == "auto" and size <= 64)
+
+
+def build_backbone_from_config(cfg) -> ResNet:
+    return build_backbone(cfg.arch, use_small_stem(cfg.stem, cfg.size), cfg.zero_init_residual, cfg.width)
+
+
+def torchvision_model(arch: str, num_classes: int = 1000) -> ResNet:
+    """A stock torchvision model of the same arch, for exporting / loading weights."""
+    if arch == "resnet10":
+        block, layers, kwargs = ARCHS[arch]
+        return ResNet(block, layers, num_classes=num_classes, **kwargs)
+    return getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
+
+
+def load_backbone_state(net: ResNet, state: dict[str, torch.Tensor]) -> None:
+    """Load backbone weights, ignoring a classifier; names any missing or unexpected key."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise KeyError(f"backbone weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
