@@ -1,14 +1,20 @@
 """SSL methods: one file each (pure loss functions + the paper's defaults), one explicit registry.
 
-The training loop, once per run and once per step:
+The training loop (models/ema.py has the EMA helpers):
 
     method = get_method(cfg.method)
-    hp = hparams(method, cfg)                          # cfg values where set, else the paper's defaults
-    online_views, target_views = method.views(pairs, **hp)   # which views each branch must embed
-    ...
-    emb = Embeddings(z=..., p=..., zt=..., pairs=pairs, queue=queue)
+    hp = hparams(method, cfg)                      # cfg values where set, else the paper's defaults
+    target = make_target(net) if method.target == "ema" else None
+    queue = method.make_queue(hp, device) if method.queue else None
+  every step:
+    online_views, target_views = method.views(pairs, **hp)   # embed only these; MoCo v2: the query
+                                                             # view online, the key view in the target
+    emb = Embeddings(z=..., p=..., zt=..., pairs=pairs, queue=queue.tensor if queue else None)
     loss, logs = method.loss(emb, **hp)
-    if mixing: loss_mix, logs_mix = mixed_loss(method, emb, z_m, lam, p_m=p_m, **hp)   # losses/mixed.py
+    if mixing: loss_mix, mix_logs = method.mixed_loss(emb, z_m, p_m, lam, source, hp)   # losses/mixed.py
+    ... backward, optimizer step ...
+    if target: ema_update(target, net, momentum_at(step, total_steps, hp["ema_momentum"], hp["ema_schedule"]))
+    if queue: queue.push(emb.zt, pairs)
 
 Conventions every method follows (and tests/test_losses.py, tests/test_dist_losses.py check):
 - Precision: a registered loss runs with autocast off and upcasts half-precision inputs to float32
@@ -21,7 +27,8 @@ Conventions every method follows (and tests/test_losses.py, tests/test_dist_loss
   global loss, with mean over ranks of L_r = the loss of one process holding the whole global batch,
   and backward sends each rank d(sum_k L_k)/d(its inputs) (gathers are autograd-aware), so DDP's
   gradient averaging reproduces the full-batch gradient exactly. `logs` follow the same rule:
-  average them over ranks to report global values.
+  average them over ranks to report global values (except `z_std`, a collapse monitor on the local
+  batch). Every rank must hold the same N (drop_last), as all_gather needs.
 - `logs` hold detached scalar tensors: no host sync inside a loss.
 """
 from __future__ import annotations
@@ -88,13 +95,21 @@ class Method:
     defaults: dict[str, Any]          # every config key this method reads, with its paper's values
     predictor: bool = False           # online branch ends in a predictor head (out dim = proj_dim)
     target: Literal["online", "ema"] = "online"   # "ema": a momentum copy computes zt (models/ema.py)
-    queue: bool = False               # keeps a queue of negatives (MoCo: losses/moco.py init_queue, enqueue)
+    queue: bool = False               # keeps a queue of negatives (make_queue below)
     # (pairs, **hp) -> (views the online branch embeds, views the EMA target embeds)
     views: Callable[..., tuple[list[int], list[int]]] = _all_views
     # mixed losses (losses/mixed.py): a per-sample loss of m_i against the positive t_i, (N,) ...
     per_sample: Optional[Callable[..., torch.Tensor]] = None
     # ... or, for batch-statistics losses without one, the loss of one pair of views (za, zb)
     pair_loss: Optional[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = None
+    # (hp, device) -> the queue object (MoCo: losses.moco.Queue: .tensor, .push, .state_dict)
+    make_queue: Optional[Callable[..., Any]] = None
+
+    def mixed_loss(self, emb: "Embeddings", z_m: torch.Tensor, p_m: Optional[torch.Tensor], lam,
+                   source: int = 0, hp: Optional[dict[str, Any]] = None):
+        """The MixMask / Un-Mix term for a mixed copy of view `source`: see losses/mixed.py."""
+        from losses.mixed import mixed_loss
+        return mixed_loss(self, emb, z_m, p_m, lam, source, hp)
 
 
 def _device_type(x) -> str:
@@ -119,7 +134,7 @@ def _registry() -> dict[str, Method]:
     methods = [
         Method("simclr", fp(simclr.loss), simclr.DEFAULTS, per_sample=fp(simclr.per_sample)),
         Method("moco", fp(moco.loss), moco.DEFAULTS, target="ema", queue=True, views=moco.views,
-               per_sample=fp(moco.per_sample)),
+               per_sample=fp(moco.per_sample), make_queue=moco.Queue.from_hparams),
         Method("byol", fp(byol.loss), byol.DEFAULTS, predictor=True, target="ema", views=_all_views_ema,
                per_sample=fp(byol.per_sample)),
         Method("simsiam", fp(simsiam.loss), simsiam.DEFAULTS, predictor=True, per_sample=fp(simsiam.per_sample)),
@@ -138,7 +153,30 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+# range checks on the values a method reads; config.py has already checked their types
+_VALID = {
+    "temperature": (lambda v: v > 0, "> 0"),
+    "queue_size": (lambda v: v > 0, "> 0"),
+    "ema_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lambd": (lambda v: v >= 0, ">= 0"),
+    "sim_coeff": (lambda v: v >= 0, ">= 0"),
+    "std_coeff": (lambda v: v >= 0, ">= 0"),
+    "cov_coeff": (lambda v: v >= 0, ">= 0"),
+    "proj_hidden": (lambda v: v > 0, "> 0"),
+    "proj_dim": (lambda v: v > 0, "> 0"),
+    "proj_layers": (lambda v: v >= 1, ">= 1"),
+    "pred_hidden": (lambda v: v >= 0, ">= 0 (0 = no predictor)"),
+}
+
+
 def hparams(method: Method | str, cfg) -> dict[str, Any]:
     """The method's hyper-parameters: the config's value where set (not None), else the default."""
     method = get_method(method) if isinstance(method, str) else method
-    return {k: (getattr(cfg, k) if getattr(cfg, k, None) is not None else v) for k, v in method.defaults.items()}
+    hp = {k: (getattr(cfg, k) if getattr(cfg, k, None) is not None else v) for k, v in method.defaults.items()}
+    for key, value in hp.items():
+        ok, rule = _VALID.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise ValueError(f"config key {key!r} = {value!r} must be {rule} for method {method.name!r}")
+    if method.predictor and hp["pred_hidden"] == 0:
+        raise ValueError(f"method {method.name!r} needs a predictor: config key 'pred_hidden' must be > 0")
+    return hp

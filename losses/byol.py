@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from losses import both_directions, normalized_std, upcast, views_in
 
 DEFAULTS = {"ema_momentum": 0.996, "ema_schedule": "cosine", "proj_hidden": 4096, "proj_dim": 256,
-            "proj_layers": 2, "proj_bn": "hidden", "pred_hidden": 4096}
+            "proj_layers": 2, "proj_bn": True, "proj_last_bn": False, "pred_hidden": 4096}
 
 
 def per_sample(p: torch.Tensor, zt: torch.Tensor, **_) -> torch.Tensor:

@@ -16,8 +16,8 @@ from masksiam.dist import gather_with_grad, rank
 
 # MSCN (seed 001, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
 # SimCLR v1 used 0.1-0.5.
-DEFAULTS = {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 2, "proj_bn": "all",
-            "pred_hidden": 0}
+DEFAULTS = {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 2, "proj_bn": True,
+            "proj_last_bn": True, "pred_hidden": 0}
 
 
 def _contrast(za: torch.Tensor, zb: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from losses import both_directions, normalized_std, upcast, views_in
 
-DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "proj_bn": "all", "pred_hidden": 512}
+DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "proj_bn": True, "proj_last_bn": True,
+            "pred_hidden": 512}
 
 
 def per_sample(p: torch.Tensor, z: torch.Tensor, **_) -> torch.Tensor:

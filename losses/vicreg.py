@@ -14,7 +14,8 @@ Symmetric in (x, y); with several pairs (MSCN multi-mask) the loss is the mean o
 
 The covariance term uses the Gram identity of losses/barlow.py: sum_ij Cov_ij^2 =
 ||X^T X||_F^2 / (B-1)^2 = sum_r ||X_r X^T||_F^2 / (B-1)^2 with X the centred global batch and X_r
-this rank's rows: O(N B D) per rank and no D x D buffer. Rank r's loss carries R times its share,
+this rank's rows: N B D multiply-adds per view and rank, no D x D buffer, against N D^2 for the
+local covariance (plus its all-reduce), so cheaper while B < D. Rank r's loss carries R times its share,
 so the mean over ranks is the global loss and gradients are exact (losses/__init__.py).
 
 Defaults (Bardes et al., ImageNet): projector 8192-8192-8192 (BatchNorm + ReLU after the hidden
@@ -31,7 +32,7 @@ from losses import upcast, views_in
 from masksiam.dist import gather_with_grad, rank, world_size
 
 DEFAULTS = {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0, "proj_hidden": 8192, "proj_dim": 8192,
-            "proj_layers": 3, "proj_bn": "hidden", "pred_hidden": 0}
+            "proj_layers": 3, "proj_bn": True, "proj_last_bn": False, "pred_hidden": 0}
 VAR_EPS = 1e-4
 
 

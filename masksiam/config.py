@@ -65,6 +65,7 @@ class Config:
 
     # ---- model ----------------------------------------------------------------------------------
     arch: str = "resnet50"
+    width: int = 64                        # channels of the stem and layer1 (torchvision: 64); CPU demos use less
     stem: Literal["auto", "imagenet", "small"] = "auto"   # auto: small 3x3 stem when size <= 64
     channels_last: bool = True
     sync_bn: bool = False
@@ -73,7 +74,8 @@ class Config:
     proj_dim: Optional[int] = None
     proj_layers: Optional[int] = None
     pred_hidden: Optional[int] = None      # predictor (BYOL, SimSiam); 0 = none
-    proj_bn: Optional[Literal["none", "hidden", "all"]] = None   # projector BatchNorm: after hidden layers / every layer
+    proj_bn: Optional[bool] = None         # BatchNorm after the projector's hidden layers
+    proj_last_bn: Optional[bool] = None    # affine-free BatchNorm after its last layer (SimCLR, SimSiam)
 
     # ---- method ---------------------------------------------------------------------------------
     method: str = "simclr"
@@ -100,7 +102,7 @@ class Config:
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0              # cosine floor as a fraction of the peak lr
     grad_clip: float = 0.0                 # max global grad norm (0 = off)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False                  # torch.compile the model
 
     # ---- evaluation -----------------------------------------------------------------------------

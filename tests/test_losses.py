@@ -111,6 +111,12 @@ def test_hparams_take_config_values_over_defaults():
     assert hparams("moco", cfg) == hp
     with pytest.raises(ValueError, match="unknown method 'mocov9'.*barlow"):
         get_method("mocov9")
+    with pytest.raises(ValueError, match="'temperature' = 0.0 must be > 0"):
+        hparams("simclr", Config(temperature=0.0))
+    with pytest.raises(ValueError, match="'ema_momentum' = 1.5 must be in"):
+        hparams("byol", Config(ema_momentum=1.5))
+    with pytest.raises(ValueError, match="needs a predictor.*pred_hidden"):
+        hparams("simsiam", Config(pred_hidden=0))
 
 
 def test_views_each_branch_embeds():
@@ -268,6 +274,21 @@ def test_losses_run_in_fp32_inside_autocast(method):
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)      # bf16 matmuls would be off by ~1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_half_inputs_inside_autocast_are_computed_in_fp32(method):
+    emb = _emb(method, 2)
+    cast = lambda ts, dt: None if ts is None else [t.to("cuda", dt) for t in ts]   # noqa: E731
+    queue = None if emb.queue is None else emb.queue.float().cuda()
+    half = Embeddings(z=cast(emb.z, torch.bfloat16), p=cast(emb.p, torch.bfloat16), zt=cast(emb.zt, torch.bfloat16),
+                      queue=queue)
+    up = lambda ts: None if ts is None else [t.float() for t in ts]   # noqa: E731
+    ref, _ = METHODS[method].loss(Embeddings(z=up(half.z), p=up(half.p), zt=up(half.zt), queue=queue), **HP[method])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, _ = METHODS[method].loss(half, **HP[method])
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
 # ---- mixed (MixMask / Un-Mix) losses ----------------------------------------------------------------
 
 LAM = torch.tensor([1.0, 0.0, 0.25, 0.5, 0.9, 0.6], dtype=torch.float64)
@@ -279,16 +300,21 @@ def _mixed_inputs(method):
     return emb, z_m, p_m
 
 
+def mix(method, emb, z_m, p_m, lam, source=0):
+    """The loop's call: method.mixed_loss(emb, z_m, p_m, lam, source, hp)."""
+    return METHODS[method].mixed_loss(emb, z_m, p_m, lam, source, HP[method])
+
+
 def test_mixed_byol_and_simsiam_are_lam_weighted_cosines():
-    lam = LAM.numpy()[:, None].squeeze(1)
+    lam = LAM.numpy()
     emb, z_m, p_m = _mixed_inputs("byol")
-    loss, logs = mixed_loss("byol", emb, z_m, LAM, p_m=p_m, view=1)
+    loss, logs = mix("byol", emb, z_m, p_m, LAM)
     t = npy(emb.zt[1])
     expect = np.mean(lam * (2 - 2 * np_cos(npy(p_m), t)) + (1 - lam) * (2 - 2 * np_cos(npy(p_m), t[::-1])))
     assert loss.item() == pytest.approx(expect, rel=1e-10) and logs["mix_loss"].item() == loss.item()
     emb, z_m, p_m = _mixed_inputs("simsiam")
     zb = emb.z[1].requires_grad_()
-    loss, _ = mixed_loss("simsiam", emb, z_m, LAM, p_m=p_m, view=1)
+    loss, _ = mix("simsiam", emb, z_m, p_m, LAM)
     t = npy(zb)
     assert loss.item() == pytest.approx(np.mean(-lam * np_cos(npy(p_m), t) - (1 - lam) * np_cos(npy(p_m), t[::-1])))
     loss.backward()
@@ -297,19 +323,16 @@ def test_mixed_byol_and_simsiam_are_lam_weighted_cosines():
 
 def test_mixed_simclr_is_soft_target_infonce_over_the_other_view():
     emb, z_m, _ = _mixed_inputs("simclr")
-    t_ = 0.2
-    loss, _ = mixed_loss("simclr", emb, z_m, LAM, view=1, **HP["simclr"])
-    s = unit(npy(z_m)) @ unit(npy(emb.z[1])).T / t_            # (N, N): query i vs key j of view b
-    lse = logsumexp(s, 1)
-    rev = np.arange(N)[::-1]
-    lam = LAM.numpy()
-    expect = np.mean(lse - lam * s[np.arange(N), np.arange(N)] - (1 - lam) * s[np.arange(N), rev])
+    loss, _ = mix("simclr", emb, z_m, None, LAM)
+    s = unit(npy(z_m)) @ unit(npy(emb.z[1])).T / HP["simclr"]["temperature"]   # query i vs key j of view b
+    rows, rev, lam = np.arange(N), np.arange(N)[::-1], LAM.numpy()
+    expect = np.mean(logsumexp(s, 1) - lam * s[rows, rows] - (1 - lam) * s[rows, rev])
     assert loss.item() == pytest.approx(expect, rel=1e-10)
 
 
 def test_mixed_moco_uses_queue_negatives_per_positive():
     emb, z_m, _ = _mixed_inputs("moco")
-    loss, _ = mixed_loss("moco", emb, z_m, LAM, view=1, **HP["moco"])
+    loss, _ = mix("moco", emb, z_m, None, LAM)
     q, k, queue = npy(z_m), npy(emb.zt[1]), npy(emb.queue)
     per = lambda kk: np.array([np_moco(q[i:i + 1], kk[i:i + 1], queue, 0.2) for i in range(N)])   # noqa: E731
     lam = LAM.numpy()
@@ -318,17 +341,28 @@ def test_mixed_moco_uses_queue_negatives_per_positive():
 
 def test_mixed_lam_one_is_the_plain_per_sample_loss_and_scalar_lam_broadcasts():
     emb, z_m, p_m = _mixed_inputs("byol")
-    one, _ = mixed_loss("byol", emb, z_m, 1.0, p_m=p_m)
+    one, _ = mix("byol", emb, z_m, p_m, 1.0)
     assert one.item() == pytest.approx(np.mean(2 - 2 * np_cos(npy(p_m), npy(emb.zt[1]))), rel=1e-10)
-    half_t, _ = mixed_loss("byol", emb, z_m, torch.full((N,), 0.3, dtype=torch.float64), p_m=p_m)
-    half_f, _ = mixed_loss("byol", emb, z_m, 0.3, p_m=p_m)
+    half_t, _ = mix("byol", emb, z_m, p_m, torch.full((N,), 0.3, dtype=torch.float64))
+    half_f, _ = mix("byol", emb, z_m, p_m, 0.3)
     assert half_t.item() == pytest.approx(half_f.item(), rel=1e-12)
+    # hp=None means the method's defaults; the module function is the same computation
+    assert mixed_loss("byol", emb, z_m, p_m, 0.3)[0].item() == pytest.approx(half_f.item(), rel=1e-12)
+
+
+def test_mixed_source_is_compared_with_its_partner_view():
+    emb, z_m, p_m = _mixed_inputs("byol")
+    from_1, _ = mix("byol", emb, z_m, p_m, 1.0, source=1)          # mixed copy of view 1 -> target view 0
+    assert from_1.item() == pytest.approx(np.mean(2 - 2 * np_cos(npy(p_m), npy(emb.zt[0]))), rel=1e-10)
+    multi = Embeddings(**{**emb.__dict__, "pairs": [(0, 1), (2, 1)]})
+    with pytest.raises(ValueError, match="view 3 .* none of the pairs"):
+        mix("byol", multi, z_m, p_m, 1.0, source=3)
 
 
 @pytest.mark.parametrize("method", ["barlow", "vicreg"])
 def test_mixed_batch_statistics_methods_use_the_mixed_target(method):
     emb, z_m, _ = _mixed_inputs(method)
-    loss, _ = mixed_loss(method, emb, z_m, LAM, view=1, **HP[method])
+    loss, _ = mix(method, emb, z_m, None, LAM)
     t = npy(emb.z[1])
     lam = LAM.numpy()[:, None]
     t_mix = lam * t + (1 - lam) * t[::-1]
@@ -337,28 +371,26 @@ def test_mixed_batch_statistics_methods_use_the_mixed_target(method):
     assert loss.item() == pytest.approx(ref, rel=1e-9)
     # lam = 1: the method's own loss of the pair (mixed view, view b)
     own, _ = METHODS[method].loss(Embeddings(z=[z_m, emb.z[1]]), **HP[method])
-    assert mixed_loss(method, emb, z_m, 1.0, **HP[method])[0].item() == pytest.approx(own.item(), rel=1e-12)
+    assert mix(method, emb, z_m, None, 1.0)[0].item() == pytest.approx(own.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_mixed_loss_gradcheck(method):
     emb, z_m, p_m = _mixed_inputs(method)
     if METHODS[method].predictor:   # the mixed branch's gradient reaches the loss through p_m
-        f = lambda pm: mixed_loss(method, emb, z_m, LAM, p_m=pm, **HP[method])[0]   # noqa: E731
-        assert torch.autograd.gradcheck(f, (p_m,))
+        assert torch.autograd.gradcheck(lambda pm: mix(method, emb, z_m, pm, LAM)[0], (p_m,))
     else:
-        f = lambda zm: mixed_loss(method, emb, zm, LAM, **HP[method])[0]   # noqa: E731
-        assert torch.autograd.gradcheck(f, (z_m,))
+        assert torch.autograd.gradcheck(lambda zm: mix(method, emb, zm, None, LAM)[0], (z_m,))
 
 
 def test_mixed_loss_names_what_is_missing():
     emb, z_m, _ = _mixed_inputs("byol")
     with pytest.raises(ValueError, match="p_m"):
-        mixed_loss("byol", emb, z_m, 0.5)
+        mix("byol", emb, z_m, None, 0.5)
     with pytest.raises(ValueError, match=r"emb.zt \(EMA target\)\[1\]"):
-        mixed_loss("byol", Embeddings(z=emb.z, p=emb.p, zt=[emb.zt[0], None]), z_m, 0.5, p_m=z_m)
+        mix("byol", Embeddings(z=emb.z, p=emb.p, zt=[emb.zt[0], None]), z_m, z_m, 0.5)
     with pytest.raises(ValueError, match="lam must be"):
-        mixed_loss("simclr", emb, z_m, torch.ones(N + 1), **HP["simclr"])
+        mix("simclr", emb, z_m, None, torch.ones(N + 1))
 
 
 # ---- MoCo queue -------------------------------------------------------------------------------------
@@ -395,8 +427,25 @@ def test_moco_loss_survives_enqueue_before_backward():
     emb = Embeddings(z=[q, None], zt=[None, k], queue=queue)
     loss, _ = METHODS["moco"].loss(emb, **HP["moco"])
     assert torch.equal(queue, before)
-    moco.enqueue(queue, 0, moco.step_keys(emb, **HP["moco"]))   # the in-place write MoCo does per step
+    moco.enqueue(queue, 0, k)                                    # the in-place write MoCo does per step
     loss.backward()                                              # the loss kept its own copy of the queue
     ref = q.detach().clone().requires_grad_()
     METHODS["moco"].loss(Embeddings(z=[ref, None], zt=[None, k], queue=before), **HP["moco"])[0].backward()
     torch.testing.assert_close(q.grad, ref.grad)
+
+
+def test_queue_object_pushes_the_key_views_and_round_trips():
+    q = METHODS["moco"].make_queue({**HP["moco"], "queue_size": 8, "proj_dim": D}, "cpu")
+    assert q.tensor.shape == (8, D) and q.ptr == 0
+    zt = [rand(3, D, seed=1), rand(3, D, seed=2)]
+    q.push(zt, [(0, 1)])                                        # asymmetric: only the keys of view 1
+    torch.testing.assert_close(q.tensor[:3], torch.nn.functional.normalize(zt[1], dim=1).float())
+    assert q.ptr == 3
+    sym = moco.Queue(8, D, moco_symmetric=True)
+    sym.push(zt, [(0, 1)])                                      # symmetric: both views' keys, view order
+    torch.testing.assert_close(sym.tensor[:6], torch.nn.functional.normalize(torch.cat(zt), dim=1).float())
+    restored = moco.Queue(8, D, seed=9)
+    restored.load_state_dict(q.state_dict())
+    assert restored.ptr == 3 and torch.equal(restored.tensor, q.tensor)
+    with pytest.raises(ValueError, match="queue_size, proj_dim"):
+        moco.Queue(16, D).load_state_dict(q.state_dict())
