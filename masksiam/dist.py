@@ -74,6 +74,30 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.n]
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; every rank's output feeds its own loss, so the gradient reaching each
+    input is the sum over ranks of the output gradients: an all_reduce again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over ranks, differentiable (global BatchNorm statistics, Barlow Twins' matrix)."""
+    if world_size() == 1:
+        return x
+    return _AllReduceSumWithGrad.apply(x)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(N, ...) on each rank -> (world*N, ...) in rank order, differentiable w.r.t. the local part."""
     if world_size() == 1:
