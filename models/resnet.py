@@ -88,7 +88,12 @@ def torchvision_model(arch: str, num_classes: int = 1000) -> ResNet:
 def load_backbone_state(net: ResNet, state: dict[str, torch.Tensor]) -> None:
     """Load backbone weights, ignoring a classifier; names any missing or unexpected key."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise KeyError(f"backbone weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"backbone weights do not fit this model (arch / width / stem?): missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}")
+    net.load_state_dict(state, strict=False)

@@ -32,7 +32,9 @@ def decode_rgb(path) -> Image.Image:
 def crop_flip(img: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool) -> np.ndarray:
     """Crop (top, left, h, w), resize to size x size (bilinear, antialiased), flip -> (size, size, 3) uint8."""
     top, left, h, w = box
-    out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    # crop, then resize: what torchvision's resized_crop does on PIL images (resize(box=...) would
+    # also filter over pixels outside the box and differ at the edges)
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)

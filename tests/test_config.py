@@ -1,0 +1,62 @@
+"""Config: yaml + key=value overrides, typed; unknown / mistyped keys stop with the key's name."""
+from __future__ import annotations
+
+import pytest
+
+from masksiam.config import Config, ConfigError, load_config, parse_overrides, save_config, valid_keys
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.5\narch: resnet18\ncrop_scale: [0.2, 1.0]\n")
+    cfg = load_config(path, ["epochs=3", "lr=1", "run_name=x", "temperature=0.1", "sync_bn=true"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)          # int accepted for a float key
+    assert cfg.epochs == 3 and cfg.arch == "resnet18" and cfg.run_name == "x"
+    assert cfg.crop_scale == (0.2, 1.0)
+    assert cfg.temperature == 0.1 and cfg.sync_bn is True
+    assert Config().temperature is None                         # method default, resolved later
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lrr: 0.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "'lrr'" in msg and str(path) in msg and "did you mean 'lr'" in msg and "valid keys" in msg
+    with pytest.raises(ConfigError, match="'epoch'.*command line.*did you mean 'epochs'"):
+        load_config(None, ["epoch=3"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("epochs=3.5", "'epochs'.*expected int"),
+    ("lr=fast", "'lr'.*expected float"),
+    ("sync_bn=2", "'sync_bn'.*expected bool"),
+    ("loader=pytorch", "'loader'.*'pytorch' is not one of"),
+    ("crop_scale=[0.1]", "'crop_scale'.*expected"),
+    ("lr", "not of the form key=value"),
+])
+def test_mistyped_values_are_rejected(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["lr=0.7", "crop_scale=[0.3,0.9]", "proj_dim=64"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_override_parsing_keeps_strings_and_lists():
+    assert parse_overrides(["run_name=007", "data=/a/b=c", "crop_scale=[0.2, 1]"]) == \
+        {"run_name": 7, "data": "/a/b=c", "crop_scale": [0.2, 1]}
+    assert load_config(None, ["run_name=007"]).run_name == "7"
+    assert "batch_size" in valid_keys() and "lr" in valid_keys()
+
+
+def test_every_config_in_configs_dir_loads():
+    from pathlib import Path
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert configs, "configs/ holds the recipes"
+    for path in configs:
+        load_config(path)
