@@ -5,16 +5,16 @@ The training loop (models/ema.py has the EMA helpers):
     method = get_method(cfg.method)
     hp = hparams(method, cfg)                      # cfg values where set, else the paper's defaults
     target = make_target(net) if method.target == "ema" else None
-    queue, ptr = moco.init_queue(hp["queue_size"], hp["proj_dim"], device), 0   # if method.queue
+    queue = method.make_queue(hp, device) if method.queue else None
   every step:
     online_views, target_views = method.views(pairs, **hp)   # embed only these; MoCo v2: the query
                                                              # view online, the key view in the target
-    emb = Embeddings(z=..., p=..., zt=..., pairs=pairs, queue=queue)
+    emb = Embeddings(z=..., p=..., zt=..., pairs=pairs, queue=queue.tensor if queue else None)
     loss, logs = method.loss(emb, **hp)
-    if mixing: loss_mix, mix_logs = mixed_loss(method, emb, z_m, lam, p_m=p_m, view=b, **hp)  # losses/mixed.py
+    if mixing: loss_mix, mix_logs = method.mixed_loss(emb, z_m, p_m, lam, source, hp)   # losses/mixed.py
     ... backward, optimizer step ...
     if target: ema_update(target, net, momentum_at(step, total_steps, hp["ema_momentum"], hp["ema_schedule"]))
-    if method.queue: ptr = moco.enqueue(queue, ptr, moco.step_keys(emb, **hp))
+    if queue: queue.push(emb.zt, pairs)
 
 Conventions every method follows (and tests/test_losses.py, tests/test_dist_losses.py check):
 - Precision: a registered loss runs with autocast off and upcasts half-precision inputs to float32
@@ -95,13 +95,21 @@ class Method:
     defaults: dict[str, Any]          # every config key this method reads, with its paper's values
     predictor: bool = False           # online branch ends in a predictor head (out dim = proj_dim)
     target: Literal["online", "ema"] = "online"   # "ema": a momentum copy computes zt (models/ema.py)
-    queue: bool = False               # keeps a queue of negatives (losses/moco.py: init_queue, enqueue)
+    queue: bool = False               # keeps a queue of negatives (make_queue below)
     # (pairs, **hp) -> (views the online branch embeds, views the EMA target embeds)
     views: Callable[..., tuple[list[int], list[int]]] = _all_views
     # mixed losses (losses/mixed.py): a per-sample loss of m_i against the positive t_i, (N,) ...
     per_sample: Optional[Callable[..., torch.Tensor]] = None
     # ... or, for batch-statistics losses without one, the loss of one pair of views (za, zb)
     pair_loss: Optional[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = None
+    # (hp, device) -> the queue object (MoCo: losses.moco.Queue: .tensor, .push, .state_dict)
+    make_queue: Optional[Callable[..., Any]] = None
+
+    def mixed_loss(self, emb: "Embeddings", z_m: torch.Tensor, p_m: Optional[torch.Tensor], lam,
+                   source: int = 0, hp: Optional[dict[str, Any]] = None):
+        """The MixMask / Un-Mix term for a mixed copy of view `source`: see losses/mixed.py."""
+        from losses.mixed import mixed_loss
+        return mixed_loss(self, emb, z_m, p_m, lam, source, hp)
 
 
 def _device_type(x) -> str:
@@ -126,7 +134,7 @@ def _registry() -> dict[str, Method]:
     methods = [
         Method("simclr", fp(simclr.loss), simclr.DEFAULTS, per_sample=fp(simclr.per_sample)),
         Method("moco", fp(moco.loss), moco.DEFAULTS, target="ema", queue=True, views=moco.views,
-               per_sample=fp(moco.per_sample)),
+               per_sample=fp(moco.per_sample), make_queue=moco.Queue.from_hparams),
         Method("byol", fp(byol.loss), byol.DEFAULTS, predictor=True, target="ema", views=_all_views_ema,
                per_sample=fp(byol.per_sample)),
         Method("simsiam", fp(simsiam.loss), simsiam.DEFAULTS, predictor=True, per_sample=fp(simsiam.per_sample)),

@@ -2,19 +2,20 @@
 
 On a step with mixing (probability mix_prob, decided on the host) the training loop provides:
 
-    x_m    = M * x_a + (1 - M) * x_a.flip(0)   view a mixed with this rank's batch of view a reversed
-             (MixMask: M a block mask on an 8 x 8 grid; Un-Mix: mixup, M = lam, or a cutmix box)
+    x_m    = M * x_a + (1 - M) * x_a.flip(0)   view a = `source` mixed with this rank's batch of view a
+             reversed (MixMask: M a block mask on an 8 x 8 grid; Un-Mix: mixup, M = lam, or a cutmix box)
     lam    (N,) tensor or float: the fraction of x_m's pixels that come from x_a[i] (mean of M)
     z_m    (N, D) online projector output for x_m
-    p_m    (N, D) online predictor output for x_m (methods with a predictor: BYOL, SimSiam)
-    view   b, the view x_m is compared with: a's partner in the pairs ((0, 1) with a = 0: b = 1)
-    emb    the step's Embeddings, as passed to method.loss; b's target is read from it: emb.zt[b]
-           for EMA methods (MoCo, BYOL; b must be a target view, method.views(...)[1]), else
-           emb.z[b]; MoCo's negatives from emb.queue
+    p_m    (N, D) online predictor output for x_m (methods with a predictor: BYOL, SimSiam), else None
+    emb    the step's Embeddings, as passed to method.loss. The mixed view is compared with view b,
+           the partner of `source` in the first pair of emb.pairs that holds it ((0, 1): a = 0, b = 1).
+           b's target is read from emb: emb.zt[b] for EMA methods (MoCo, BYOL; b must be a target
+           view, method.views(...)[1]), else emb.z[b]; MoCo's negatives from emb.queue
+    hp     the method's hyper-parameters (losses.hparams); None = its defaults
 
 and adds `mix_weight * loss_mix`:
 
-    loss_mix, logs = mixed_loss(method, emb, z_m, lam, p_m=p_m, view=b, **hp)
+    loss_mix, logs = method.mixed_loss(emb, z_m, p_m, lam, source, hp)     # = mixed_loss(method, ...)
 
 The loss is asymmetric, as MixMask's (seed 000): only the mixed branch predicts, against the
 unmixed view b of both source images. With m = p_m for predictor methods, else z_m, and t the target
@@ -47,13 +48,22 @@ def _weight(lam, like: torch.Tensor):
     return float(lam)
 
 
-def mixed_loss(method: Method | str, emb: Embeddings, z_m: torch.Tensor, lam, p_m: torch.Tensor | None = None,
-               view: int = 1, **hp) -> tuple[torch.Tensor, dict]:
+def partner(pairs, source: int) -> int:
+    """The view the mixed copy of view `source` is compared with: its partner in the first pair."""
+    for i, j in pairs:
+        if source in (i, j):
+            return j if i == source else i
+    raise ValueError(f"mixed loss: view {source} (the mixed source) is in none of the pairs {list(pairs)}")
+
+
+def mixed_loss(method: Method | str, emb: Embeddings, z_m: torch.Tensor, p_m: torch.Tensor | None, lam,
+               source: int = 0, hp: dict | None = None) -> tuple[torch.Tensor, dict]:
     method = get_method(method) if isinstance(method, str) else method
-    hp = hp or method.defaults
+    hp = method.defaults if hp is None else hp
     m = p_m if method.predictor else z_m
     if m is None:
         raise ValueError(f"the mixed {method.name} loss needs p_m, the predictor output for the mixed images")
+    view = partner(emb.pairs, source)
     targets = emb.zt if method.target == "ema" else emb.z
     if targets is None or targets[view] is None:
         branch = "emb.zt (EMA target)" if method.target == "ema" else "emb.z"

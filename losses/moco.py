@@ -3,7 +3,7 @@
 For a pair (i, j): q = normalize(z[i]) from the online encoder + projector, k = normalize(zt[j])
 from the EMA copy (no gradient). Each query's logits are [q.k, q.queue] / temperature (1 + K
 columns) and its label is column 0 (He et al. 2020; Chen et al. 2020, "MoCo v2"). After the step
-the loop writes this step's keys, gathered from all ranks in rank order, into the queue (`enqueue`).
+the loop writes this step's keys, gathered from all ranks in rank order, into the queue (`Queue`).
 
 Defaults are the MixMask seed's ImageNet MoCo v2 settings (seed 000, Table 2): moco-dim 128,
 m 0.999 (constant, as MoCo v2; `ema_schedule=cosine` gives MoCo v3's schedule), K 65536, t 0.2,
@@ -89,16 +89,46 @@ def loss(emb, temperature: float, moco_symmetric: bool = False, **_) -> tuple[to
                    "z_std": torch.stack([normalized_std(emb.z[v]) for v in queries]).mean()}
 
 
+class Queue:
+    """MoCo's queue of negatives with its write pointer, as the training loop holds it.
+
+        queue = method.make_queue(hp, device)          # (queue_size, proj_dim) random unit keys
+        emb = Embeddings(..., queue=queue.tensor)
+        ... loss, backward, optimizer step ...
+        queue.push(emb.zt, emb.pairs)                  # this step's keys from every rank
+        state = queue.state_dict()                     # with the checkpoint; load_state_dict on resume
+    """
+
+    def __init__(self, size: int, dim: int, device=None, moco_symmetric: bool = False, seed: int = 0):
+        self.tensor = init_queue(size, dim, device, seed)    # (K, D) float32
+        self.ptr = 0
+        self.moco_symmetric = moco_symmetric
+
+    @classmethod
+    def from_hparams(cls, hp: dict, device=None) -> "Queue":
+        return cls(hp["queue_size"], hp["proj_dim"], device, hp.get("moco_symmetric", False))
+
+    def push(self, zt, pairs) -> None:
+        """Enqueue the keys the loss used: zt[j] of every key view j of `pairs` (gathered over ranks)."""
+        keys = torch.cat([zt[v] for v in views(pairs, self.moco_symmetric)[1]], 0)
+        self.ptr = enqueue(self.tensor, self.ptr, keys)
+
+    def state_dict(self) -> dict:
+        return {"tensor": self.tensor, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["tensor"].shape) != tuple(self.tensor.shape):
+            raise ValueError(f"checkpoint MoCo queue is {tuple(state['tensor'].shape)} but this run's is "
+                             f"{tuple(self.tensor.shape)} (config keys queue_size, proj_dim)")
+        self.tensor.copy_(state["tensor"])
+        self.ptr = int(state["ptr"])
+
+
 def init_queue(size: int, dim: int, device: torch.device | str | None = None, seed: int = 0) -> torch.Tensor:
     """(size, dim) float32 random unit keys, as MoCo starts. Drawn from a seeded CPU generator, so
     every rank starts with the same queue without communication."""
     gen = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(size, dim, generator=gen), dim=1).to(device)
-
-
-def step_keys(emb, moco_symmetric: bool = False, **_) -> torch.Tensor:
-    """This step's keys to enqueue: the target views the loss used, concatenated in view order."""
-    return torch.cat([emb.zt[v] for v in views(emb.pairs, moco_symmetric)[1]], 0)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ import torch.multiprocessing as mp
 
 from losses import METHODS, Embeddings
 from losses import moco
-from losses.mixed import mixed_loss
 from models.ema import ema_update, make_target
 
 WORLD, N, D, K = 2, 4, 6, 11
@@ -61,7 +60,7 @@ def run_case(name: str, x: dict, t: torch.Tensor, lam: torch.Tensor, w: torch.Te
         return METHODS[method].loss(emb, **HP[method])
     m = METHODS[method]
     if mix_partner is None:
-        return mixed_loss(m, emb, z["m"], lam, **HP[method])
+        return m.mixed_loss(emb, z["m"], None, lam, 0, HP[method])
     target = emb.zt[1] if m.target == "ema" else emb.z[1]
     if m.per_sample is not None:
         per = lambda tt: m.per_sample(z["m"], tt, queue=queue, **HP[method])   # noqa: E731

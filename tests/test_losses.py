@@ -300,9 +300,9 @@ def _mixed_inputs(method):
     return emb, z_m, p_m
 
 
-def mix(method, emb, z_m, p_m, lam, view=1):
-    """The loop's call."""
-    return mixed_loss(method, emb, z_m, lam, p_m=p_m, view=view, **HP[method])
+def mix(method, emb, z_m, p_m, lam, source=0):
+    """The loop's call: method.mixed_loss(emb, z_m, p_m, lam, source, hp)."""
+    return METHODS[method].mixed_loss(emb, z_m, p_m, lam, source, HP[method])
 
 
 def test_mixed_byol_and_simsiam_are_lam_weighted_cosines():
@@ -346,14 +346,17 @@ def test_mixed_lam_one_is_the_plain_per_sample_loss_and_scalar_lam_broadcasts():
     half_t, _ = mix("byol", emb, z_m, p_m, torch.full((N,), 0.3, dtype=torch.float64))
     half_f, _ = mix("byol", emb, z_m, p_m, 0.3)
     assert half_t.item() == pytest.approx(half_f.item(), rel=1e-12)
-    # no hp: the method's defaults
-    assert mixed_loss("byol", emb, z_m, 0.3, p_m=p_m)[0].item() == pytest.approx(half_f.item(), rel=1e-12)
+    # hp=None means the method's defaults; the module function is the same computation
+    assert mixed_loss("byol", emb, z_m, p_m, 0.3)[0].item() == pytest.approx(half_f.item(), rel=1e-12)
 
 
-def test_mixed_view_selects_the_target():
+def test_mixed_source_is_compared_with_its_partner_view():
     emb, z_m, p_m = _mixed_inputs("byol")
-    from_1, _ = mix("byol", emb, z_m, p_m, 1.0, view=0)            # mixed copy of view 1 -> target view 0
+    from_1, _ = mix("byol", emb, z_m, p_m, 1.0, source=1)          # mixed copy of view 1 -> target view 0
     assert from_1.item() == pytest.approx(np.mean(2 - 2 * np_cos(npy(p_m), npy(emb.zt[0]))), rel=1e-10)
+    multi = Embeddings(**{**emb.__dict__, "pairs": [(0, 1), (2, 1)]})
+    with pytest.raises(ValueError, match="view 3 .* none of the pairs"):
+        mix("byol", multi, z_m, p_m, 1.0, source=3)
 
 
 @pytest.mark.parametrize("method", ["barlow", "vicreg"])
@@ -417,13 +420,6 @@ def test_enqueue_writes_in_order_and_wraps():
     torch.testing.assert_close(queue[slots[-10:]], torch.nn.functional.normalize(big[-10:], dim=1))
 
 
-def test_step_keys_are_the_key_views():
-    zt = [rand(3, D, seed=1), rand(3, D, seed=2)]
-    emb = Embeddings(z=[None, None], zt=zt)
-    assert torch.equal(moco.step_keys(emb, **HP["moco"]), zt[1])                    # asymmetric: view 1's keys
-    assert torch.equal(moco.step_keys(emb, **{**HP["moco"], "moco_symmetric": True}), torch.cat(zt))
-
-
 def test_moco_loss_survives_enqueue_before_backward():
     q, k = rand(N, D, seed=1, grad=True, dtype=torch.float32), rand(N, D, seed=2, dtype=torch.float32)
     queue = moco.init_queue(K, D)
@@ -431,8 +427,25 @@ def test_moco_loss_survives_enqueue_before_backward():
     emb = Embeddings(z=[q, None], zt=[None, k], queue=queue)
     loss, _ = METHODS["moco"].loss(emb, **HP["moco"])
     assert torch.equal(queue, before)
-    moco.enqueue(queue, 0, moco.step_keys(emb, **HP["moco"]))   # the in-place write MoCo does per step
+    moco.enqueue(queue, 0, k)                                    # the in-place write MoCo does per step
     loss.backward()                                              # the loss kept its own copy of the queue
     ref = q.detach().clone().requires_grad_()
     METHODS["moco"].loss(Embeddings(z=[ref, None], zt=[None, k], queue=before), **HP["moco"])[0].backward()
     torch.testing.assert_close(q.grad, ref.grad)
+
+
+def test_queue_object_pushes_the_key_views_and_round_trips():
+    q = METHODS["moco"].make_queue({**HP["moco"], "queue_size": 8, "proj_dim": D}, "cpu")
+    assert q.tensor.shape == (8, D) and q.ptr == 0
+    zt = [rand(3, D, seed=1), rand(3, D, seed=2)]
+    q.push(zt, [(0, 1)])                                        # asymmetric: only the keys of view 1
+    torch.testing.assert_close(q.tensor[:3], torch.nn.functional.normalize(zt[1], dim=1).float())
+    assert q.ptr == 3
+    sym = moco.Queue(8, D, moco_symmetric=True)
+    sym.push(zt, [(0, 1)])                                      # symmetric: both views' keys, view order
+    torch.testing.assert_close(sym.tensor[:6], torch.nn.functional.normalize(torch.cat(zt), dim=1).float())
+    restored = moco.Queue(8, D, seed=9)
+    restored.load_state_dict(q.state_dict())
+    assert restored.ptr == 3 and torch.equal(restored.tensor, q.tensor)
+    with pytest.raises(ValueError, match="queue_size, proj_dim"):
+        moco.Queue(16, D).load_state_dict(q.state_dict())
