@@ -2,7 +2,7 @@
 
     cfg = load_config("configs/demo.yaml", ["lr=0.5", "epochs=3"])
 
-Every key is a field of `Config` with a type; yaml values and overrides are checked against it.
+A yaml file may start from another with `base: other.yaml` (a path relative to the file). Every key is a field of `Config` with a type; yaml values and overrides are checked against it.
 An unknown key or a value of the wrong type stops with an error that names the key, the file (or
 "command line") it came from and the valid keys. Method-specific keys default to None, meaning "the
 method's own default" (see losses/); `resolve_method_defaults` fills them in so the resolved config
@@ -221,17 +221,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def _apply_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> Config:
+    """Apply a yaml file; `base: other.yaml` (relative to the file) is applied first."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    base = values.pop("base", None)
+    if base is not None:
+        cfg = _apply_file(cfg, path.parent / str(base), seen + (path.resolve(),))
+    return apply(cfg, values, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the yaml file (and its `base` files), then key=value overrides."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value")
-        cfg = apply(cfg, values, str(path))
+        cfg = _apply_file(cfg, Path(path))
     if overrides:
         cfg = apply(cfg, parse_overrides(overrides), "command line")
     return cfg

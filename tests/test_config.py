@@ -41,6 +41,20 @@ def test_mistyped_values_are_rejected(override, fragment):
         load_config(None, [override])
 
 
+def test_base_file_applies_first_and_loops_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 0.5\nepochs: 7\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nlr: 0.9\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert cfg.lr == 0.9 and cfg.epochs == 7
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "e.yaml")
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(None, ["lr=0.7", "crop_scale=[0.3,0.9]", "proj_dim=64"])
     save_config(cfg, tmp_path / "resolved.yaml")
