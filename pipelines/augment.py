@@ -26,6 +26,7 @@ on CPU those run at a fraction of the speed of a multiply-add, and lerp is exact
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -42,7 +43,14 @@ CL = torch.channels_last
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 
-# ---- layout and dtype -----------------------------------------------------------------------------
+# ---- constants and dtype --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def const(values: tuple, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small constant tensor on a device, made once: building it per call would copy it from the
+    host each time, and a blocking host-to-device copy waits for the GPU's queue."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
 
 def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 3, H, W), any layout -> planar dtype in [0, 1] (torchvision's to_dtype(scale=True))."""
@@ -151,7 +159,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # 6 h = (g - b) / c, 2 + (b - r) / c or 4 + (r - g) / c when the maximum is r, g or b; plus the shift
     h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) * inv + (is_g * 2.0 + is_b * 4.0)
     h6 += _per_sample(shift).to(x.dtype) * 6.0
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = const((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = h6 + n                                                           # (N, 3, H, W), in (-3, 15)
     k -= torch.floor(k * (1.0 / 6.0)) * 6.0
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -285,7 +293,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float, kernel_size: int
     if isinstance(sigma, torch.Tensor):
         taps = gaussian_kernel1d(sigma, kernel_size).repeat_interleave(c, 0)      # (N*C, K)
     else:
-        taps = gaussian_kernel1d(torch.tensor([float(sigma)], device=x.device), kernel_size).expand(n * c, -1)
+        taps = gaussian_kernel1d(torch.full((1,), float(sigma), device=x.device), kernel_size).expand(n * c, -1)
     return _separable(x.reshape(1, n * c, h, w), taps.contiguous(), n * c).reshape(n, c, h, w)
 
 
@@ -298,6 +306,6 @@ def highpass(x: torch.Tensor, sigma: torch.Tensor | float, kernel_size: int) -> 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(x - mean) / std per channel, as one fused multiply-add."""
-    scale = torch.tensor([1.0 / s for s in std], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    scale = const(tuple(1.0 / s for s in std), x.device, x.dtype).view(1, -1, 1, 1)
+    bias = const(tuple(-m / s for m, s in zip(mean, std)), x.device, x.dtype).view(1, -1, 1, 1)
     return torch.addcmul(bias, x, scale)

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from pipelines.augment import const
+
 
 # ---- grid cells -> pixels -------------------------------------------------------------------------
 
@@ -48,7 +50,7 @@ def cells_to_pixels(cells: torch.Tensor, grid: torch.Tensor | int, height: int, 
 
 def pixel_counts(size: int, grid: int, device=None) -> torch.Tensor:
     """(G,) how many pixel rows fall in each cell."""
-    g = torch.tensor([grid], device=device)
+    g = torch.full((1,), grid, dtype=torch.long, device=device)
     return torch.bincount(cell_index(size, g)[0], minlength=grid)
 
 
@@ -99,7 +101,7 @@ def mscn_cells(n: int, grids: tuple[int, ...], ratio: torch.Tensor, focal: torch
     -> (cells (N, 3, Gmax, Gmax) bool, grid (N,) int64).
     """
     dev = ratio.device
-    choices = torch.tensor(grids, dtype=torch.long, device=dev)
+    choices = const(tuple(grids), dev, torch.long)
     grid = choices[torch.randint(len(grids), (n,), generator=gen, device=dev)]
     gmax = max(grids)
     independent = random_cells(grid, gmax, ratio, 3, gen)                         # (N, 3, G, G)

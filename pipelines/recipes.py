@@ -468,9 +468,9 @@ class Augmenter:
                                    A.uniform(n, max(0.0, 1 - c.contrast), 1 + c.contrast, gen, dev),
                                    A.uniform(n, max(0.0, 1 - c.saturation), 1 + c.saturation, gen, dev),
                                    A.uniform(n, -c.hue, c.hue, gen, dev)], 1)
-            identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)
+            identity = A.const((1.0, 1.0, 1.0, 0.0), dev)
             d.jitter = torch.where(on, factors, identity)
-            d.order = torch.tensor([A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE], device=dev).repeat(n, 1)
+            d.order = A.const((A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE), dev, torch.long).repeat(n, 1)
             if jit is not None:
                 # hue slots are stratified over the jittered samples in a random order (jitter_order)
                 k = jit.numel()

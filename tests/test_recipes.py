@@ -338,3 +338,23 @@ def test_wrong_inputs_are_refused():
     with pytest.raises(RecipeError, match="built-in recipes"):
         build_augmenter("simclrr", 32)
     assert isinstance(aug, Augmenter) and aug.sources == 2
+
+
+# ---- pipelines.show ------------------------------------------------------------------------------
+
+def test_show_draws_crops_views_and_the_mixed_view(image_folder, tmp_path):
+    from pipelines import show
+    img = show.render("mixmask", str(image_folder), images=3, seed=0, size=32)
+    cols = 2 + 2 + 1                                                    # crops, views, mixed
+    assert img.size == (cols * (32 + show.GAP) + show.GAP, show.HEADER + 3 * (32 + show.GAP) + show.GAP)
+    # a normalise-only view, de-normalised for display, is the crop again (to one grey level)
+    plain = write_recipe(tmp_path, "branches: [{}]\npairs: []\n", "plain_show")
+    img = np.asarray(show.render(plain, str(image_folder), images=2, seed=0, size=32, zoom=2)).astype(int)
+    y0, tile = show.HEADER + show.GAP, 64
+    crop = img[y0:y0 + tile, show.GAP:show.GAP + tile]
+    view = img[y0:y0 + tile, 2 * show.GAP + tile:2 * show.GAP + 2 * tile]
+    assert np.abs(crop - view).max() <= 1
+    out = tmp_path / "views.png"
+    show.main(["--recipe", "mscn", "--data", str(image_folder), "--out", str(out), "--images", "2",
+               "--size", "32", "--colours", "64"])
+    assert Image.open(out).size[1] == show.HEADER + 2 * (32 + show.GAP) + show.GAP
