@@ -2,10 +2,11 @@
 parameters, on the training device.
 
 Images are float (N, 3, H, W) in [0, 1] until `normalize`/`highpass` move them to the network's
-input space. The ops take any memory layout; the augmenter computes in the planar (contiguous) one,
-where a channel is a dense plane: the colour ops read and reduce channels, and on CPU they run
-several times faster on planes than on channels-last pixels; its outputs are channels-last. Per-sample parameters are (N,) tensors on the same device. Every colour
-op follows torchvision.transforms.v2.functional on float images, parameter for parameter
+input space; per-sample parameters are (N,) tensors on the same device. The ops take any memory
+layout. The augmenter computes in the planar (contiguous) one, where a channel is a dense plane
+(the colour ops read and reduce channels, several times faster on planes than on channels-last
+pixels on CPU), and writes channels-last outputs. Every colour op follows
+torchvision.transforms.v2.functional on float images, parameter for parameter
 (tests/test_augment.py compares them sample by sample):
 
     brightness  clamp(f * x)                            (blend with black)
@@ -151,17 +152,18 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """
     maxc = x.amax(1, keepdim=True)                                       # (N, 1, H, W): v
     chroma = maxc - x.amin(1, keepdim=True)
-    inv = 1.0 / (chroma + (chroma == 0).to(x.dtype))                    # gray pixels: hue 0, as torchvision
+    inv = chroma.clamp_min(1e-30).reciprocal_()                         # gray pixels: numerators are 0
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    is_r = (maxc == r).to(x.dtype)
-    is_g = (maxc == g).to(x.dtype) * (1.0 - is_r)
-    is_b = 1.0 - is_r - is_g
-    # 6 h = (g - b) / c, 2 + (b - r) / c or 4 + (r - g) / c when the maximum is r, g or b; plus the shift
-    h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) * inv + (is_g * 2.0 + is_b * 4.0)
-    h6 += _per_sample(shift).to(x.dtype) * 6.0
+    is_r = (maxc == r).to(x.dtype)                                       # torchvision's tie order: r, g, b
+    is_g = (maxc == g).to(x.dtype).mul_(1.0 - is_r)
+    # 6 h = (g - b) / c, 2 + (b - r) / c or 4 + (r - g) / c when the maximum is r, g or b, i.e.
+    # ((r - g) + is_r (g - b - (r - g)) + is_g (b - r - (r - g))) / c + 4 - 4 is_r - 2 is_g
+    rg = r - g
+    h6 = (rg + is_r * (g - b - rg) + is_g * (b - r - rg)).mul_(inv).add_(4.0)
+    h6 = h6.sub_(is_r, alpha=4.0).sub_(is_g, alpha=2.0).add_(_per_sample(shift).to(x.dtype) * 6.0)
     n = const((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = h6 + n                                                           # (N, 3, H, W), in (-3, 15)
-    k -= torch.floor(k * (1.0 / 6.0)) * 6.0
+    k -= torch.floor(k * (1.0 / 6.0)).mul_(6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return torch.addcmul(maxc, chroma, w, value=-1.0).clamp_(0.0, 1.0)
 

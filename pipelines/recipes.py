@@ -53,13 +53,14 @@ On CPU the batch is processed in chunks of a few images, so every op's working s
 (the whole batch would stream each intermediate through memory), by a pool of single-threaded
 workers, one per torch thread; on GPUs in one piece. All parameters are drawn for the whole batch
 first; only the noise fill is drawn per chunk, from a generator seeded by one draw per call and the
-chunk's first row, so results do not depend on which worker ran first (they do depend on the chunk
-size, which is fixed for a device and image size, or set with `chunk=`).
+chunk's first row, so results do not depend on which worker ran first or on the number of threads
+(they do depend on the chunk size, which is fixed for a device and image size, or set with `chunk=`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -400,6 +401,13 @@ def _stage(name: str):
     return torch.profiler.record_function(f"augment.{name}")
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool of single-threaded chunk workers per process (and size), shared by augmenters."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="augment", initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
 def _chunk_index(idx: Optional[torch.Tensor], c0: int, c1: int, n: int) -> Optional[torch.Tensor]:
     """Subset indices that fall in rows [c0, c1), relative to c0 (host sync: CPU chunking only)."""
     if idx is None or (c0 == 0 and c1 == n):
@@ -422,14 +430,14 @@ class Augmenter:
         self.gen.manual_seed(_stream_seed(seed, rank, "device"))
         self.host_gen = torch.Generator()
         self.host_gen.manual_seed(_stream_seed(seed, rank, "host"))
-        # CPU: ~1.5 MiB of float32 image per chunk keeps each op's working set in cache; chunks run
-        # on a pool of single-threaded workers, one per torch thread
+        # CPU: ~2.5 MiB of float32 image per chunk keeps each op's working set in cache (4 images at
+        # 224 px), at most 64 images so that small ones still make chunks for every worker; chunks
+        # run on a pool of single-threaded workers, one per torch thread. The chunk size depends on
+        # the image size only, so results do not depend on the number of threads.
         cpu = self.device.type == "cpu"
-        self.chunk = chunk or (max(1, (3 << 19) // (3 * size * size * 4)) if cpu else 0)
-        workers = torch.get_num_threads() if cpu else 1
-        self._pool = (ThreadPoolExecutor(workers, thread_name_prefix="augment",
-                                         initializer=torch.set_num_threads, initargs=(1,))
-                      if workers > 1 else None)
+        self.chunk = chunk or (min(64, max(1, (5 << 19) // (3 * size * size * 4))) if cpu else 0)
+        self.workers = torch.get_num_threads() if cpu else 1
+        self._pool = _cpu_pool(self.workers) if self.workers > 1 else None
         self.view_branch = recipe.view_branches()
         self.mix_source = self.view_branch.index(recipe.mix.branch) if recipe.mix else None
         self.blur_kernel = [A.blur_kernel_size(size, b.blur.kernel) if b.blur else 0 for b in recipe.branches]
