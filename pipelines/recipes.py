@@ -517,9 +517,14 @@ class Augmenter:
     # -- pixels --------------------------------------------------------------------------------
 
     def _base_view(self, x8: torch.Tensor, bi: int, d: _BranchDraw, c0: int, c1: int, n: int) -> torch.Tensor:
-        """uint8 rows [c0, c1) of one branch's source -> planar float32 in the network's input space."""
+        """uint8 rows [c0, c1) of one branch's source -> float32 in the network's input space (planar,
+        or channels-last for a branch that only normalises)."""
         b, r = self.recipe.branches[bi], self.recipe
         sub = lambda idx: _chunk_index(idx, c0, c1, n)                          # noqa: E731
+        if not (b.flip or b.color or b.grayscale or b.blur or b.solarize or b.highpass):
+            # normalise only (SimMIM, plain): one pass from uint8, in the loader's channels-last layout
+            with _stage("highpass_normalize"):
+                return A.normalize(x8.to(torch.float32), [255.0 * m for m in r.mean], [255.0 * s for s in r.std])
         x = A.to_float(x8)
         if b.flip:
             A.apply_to(x, sub(d.flip), A.hflip)
