@@ -38,6 +38,7 @@ DALI is imported only here, when a loader is built.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import weakref
 from collections import deque
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.common import (Batch, DataError, num_batches, per_rank_batch, random_resized_crop_params,
-                              sample_rng, shard_indices, split_dir)
+                              sample_rng, shard_indices, split_dir, to_device_views)
 from pipelines.validate import BadImage, check_image, image_size
 from pipelines.webdataset import open_split
 
@@ -135,7 +136,9 @@ class _Source:
 class DaliLoader:
     def __init__(self, samples, *, views: int, size: int, batch_size: int, scale, ratio, flip_prob: float,
                  seed: int, rank: int, world_size: int, device: torch.device, decoder: str, threads: int,
-                 prefetch: int, train: bool, drop_last: bool):
+                 prefetch: int, train: bool, drop_last: bool, crop_in_dali: bool | None = None):
+        """crop_in_dali: crop with DALI's fn.resize (default: when training on a GPU) instead of torch on
+        the host; on the CPU it only serves to test the GPU graph."""
         if decoder not in ("mixed", "cpu"):
             raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
         if decoder == "mixed" and device.type != "cuda":
@@ -147,6 +150,7 @@ class DaliLoader:
         self.scale, self.ratio, self.flip_prob, self.seed, self.train = scale, ratio, flip_prob, seed, train
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.crop_in_dali = device.type == "cuda" if crop_in_dali is None else crop_in_dali
         self.epoch, self.start_batch = 0, 0
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-host")
         self._pipe = None
@@ -212,7 +216,7 @@ class DaliLoader:
         views = np.asarray(boxes, np.float32).transpose(1, 0, 2).copy()  # (V, n, 5)
         inputs = [list(encoded), np.ascontiguousarray(windows[:, :2]), np.ascontiguousarray(windows[:, 2:]),
                   self.labels[indices], indices.astype(np.int64)]
-        if self.device.type == "cuda":  # DALI resizes: ROI per view, right-to-left when flipped
+        if self.crop_in_dali:  # fn.resize's ROI per view, given right-to-left when flipped
             top, left, h, w, flip = views.transpose(2, 0, 1)               # each (V, n)
             x_from, x_to = left + w * flip, left + w * (1 - flip)
             for v in range(self.views):
@@ -232,23 +236,25 @@ class DaliLoader:
         dali = self._dali
         fn, types = dali.fn, dali.types
         on_gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
         pipe = dali.Pipeline(batch_size=self.batch, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
-                             device_id=self.device.index if on_gpu else None, exec_dynamic=True)
+                             device_id=device_id, exec_dynamic=True)
         with pipe:
             encoded, start, shape, labels, indices, *rois = fn.external_source(
-                _Source(self), num_outputs=5 + (2 * self.views if on_gpu else 0), batch=True, no_copy=True)
+                _Source(self), num_outputs=5 + (2 * self.views if self.crop_in_dali else 0), batch=True, no_copy=True)
             images = fn.decoders.image_slice(  # (h, w, 3) uint8 windows, HWC
                 encoded, start=start, shape=shape, axis_names="WH", output_type=types.RGB,
                 adjust_orientation=False,  # the boxes are in stored pixels, as PIL (no EXIF transpose)
                 device="mixed" if self.decoder == "mixed" else "cpu",
                 **(MIXED_DECODER_ARGS if self.decoder == "mixed" else {}))
-            if on_gpu:
-                images = images.gpu() if self.decoder == "cpu" else images
+            if not self.crop_in_dali:
+                pipe.set_outputs(images, labels, indices)
+            else:
+                if on_gpu:
+                    images, labels, indices = images.gpu(), labels.gpu(), indices.gpu()
                 views = [fn.resize(images, size=(self.size, self.size), roi_start=rois[2 * v], roi_end=rois[2 * v + 1],
                                    interp_type=types.INTERP_LINEAR, antialias=True) for v in range(self.views)]
-                pipe.set_outputs(*views, labels.gpu(), indices.gpu())
-            else:
-                pipe.set_outputs(images, labels, indices)
+                pipe.set_outputs(*views, labels, indices)
         pipe.build()
         return pipe
 
@@ -263,17 +269,18 @@ class DaliLoader:
                 self._pipe.run()
         except StopIteration:
             self._pipe.reset()
-        except RuntimeError:  # a decode error in a batch nobody will look at: start afresh
-            self._pipe = None
+        except Exception:  # noqa: BLE001  (a decode error nobody will look at, or DALI shutting down)
+            self._pipe = None  # start afresh
         self._fed.clear()
 
     def _to_batch(self, outputs, plan: _Plan) -> Batch:
         *images, labels, indices = outputs
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):  # DLPack makes torch's stream wait for DALI's
+        if self.crop_in_dali:
+            # V x (N, S, S, 3) DALI buffers become torch tensors without a copy; on the GPU DLPack
+            # also makes torch's current stream wait for DALI's
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 views = [torch.from_dlpack(v.as_tensor()).permute(0, 3, 1, 2) for v in images]
-                labels, indices = torch.from_dlpack(labels.as_tensor()), torch.from_dlpack(indices.as_tensor())
-            return Batch(views, labels, indices)
+                return Batch(views, torch.from_dlpack(labels.as_tensor()), torch.from_dlpack(indices.as_tensor()))
         (windows,) = images
         n = len(plan.indices)
         decoded = [torch.from_dlpack(windows[k]) for k in range(n)]  # (h, w, 3) each, no copy
@@ -284,8 +291,8 @@ class DaliLoader:
                 views[v][k] = crop_resize(decoded[k], plan.views[v, k], self.size)
 
         list(self._pool.map(crop, range(n)))
-        return Batch([v.permute(0, 3, 1, 2) for v in views], torch.from_dlpack(labels.as_tensor()),
-                     torch.from_dlpack(indices.as_tensor()))
+        return Batch(to_device_views(views, self.device), torch.from_dlpack(labels.as_tensor()).to(self.device),
+                     torch.from_dlpack(indices.as_tensor()).to(self.device))
 
     def _decode_error(self, err: RuntimeError) -> DataError:
         """Name the file(s) behind a DALI decode error: re-check every image in flight."""

@@ -104,6 +104,26 @@ def test_eval_matches_torchvision(image_folder):
         assert (a.views[0].int() - b.views[0].int()).abs().max() <= 1
 
 
+@needs_dali
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_crop_graph_on_cpu_matches_torchvision(image_folder, train):
+    """The graph the GPU path runs (DALI's fn.resize on the decoded window, a reversed ROI for flips,
+    a fractional ROI for the eval crop), run on the CPU: same pixels as the reference."""
+    from pipelines.dali_loader import DaliLoader
+    from pipelines.webdataset import open_split
+    split = "train" if train else "val"
+    ours = DaliLoader(open_split(image_folder / split), views=2, size=48, batch_size=4, scale=(0.08, 1.0),
+                      ratio=(3 / 4, 4 / 3), flip_prob=0.5, seed=0, rank=0, world_size=1, device=torch.device("cpu"),
+                      decoder="cpu", threads=2, prefetch=2, train=train, drop_last=train, crop_in_dali=True)
+    ref = loader(image_folder, backend="torchvision", split=split, train=train, size=48)
+    for a, b in zip(epoch(ours, 1), epoch(ref, 1)):
+        assert torch.equal(a.indices, b.indices) and len(a.views) == len(b.views) == (2 if train else 1)
+        for u, v in zip(a.views, b.views):
+            assert u.is_contiguous(memory_format=torch.channels_last)
+            diff = (u.int() - v.int()).abs()
+            assert interior(diff).max() <= 2 and diff.float().mean() < 0.5
+
+
 def test_fixed_window_crop_matches_pil():
     """crop_resize (the CPU crop) against torchvision_loader.crop_flip (PIL) on fixed boxes:
     downscale, upscale, the whole image, flipped."""
