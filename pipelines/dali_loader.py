@@ -6,12 +6,13 @@ on the training device, plus labels and indices. Reads an ImageFolder split or w
 
 One batch, start to finish:
 
-    host (main thread + a pool of cfg.workers threads)
+    host (a planner thread, one batch ahead of DALI's requests, + a pool of cfg.workers threads)
         order       shard_indices(seed, epoch): the same images per rank and epoch as every backend
         read        the encoded bytes: one file, or one pread from an open webdataset shard
         plan        (H, W) from the header; V boxes + flips from sample_rng(seed, epoch, index),
                     drawn exactly as the torchvision loader draws them: same crops, resumable
-        window      the union of the V boxes: the only region that gets decoded
+        window      the union of the V boxes: the only region that gets decoded (train=False: the
+                    whole image, one view = torchvision_loader.eval_transform as a fractional box)
     DALI (fn.external_source -> cfg.workers threads, cfg.prefetch batches ahead)
         decode      decoders.image_slice(window): "mixed" = nvJPEG with the hardware JPEG decoder
                     where the GPU has one, "cpu" = libjpeg-turbo; both skip what lies outside it
@@ -20,7 +21,7 @@ One batch, start to finish:
     torch
         GPU         V x (N, S, S, 3) DALI buffers -> torch through DLPack, no copy; NHWC permuted
                     to NCHW is channels-last for free
-        CPU         the decoded windows come back and torch crops them (crop_resize)
+        CPU         the decoded windows come back and torch crops them in the pool (crop_resize)
 
 Why the window and not one decode per view: on the CPU, decoding the union once is as fast as the
 full image or faster (rows below it are never decoded, columns outside skip the IDCT) and cheaper
@@ -39,6 +40,7 @@ DALI is imported only here, when a loader is built.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import weakref
 from collections import deque
@@ -152,10 +154,11 @@ class DaliLoader:
         self.threads, self.prefetch = max(1, threads), max(1, prefetch)
         self.crop_in_dali = device.type == "cuda" if crop_in_dali is None else crop_in_dali
         self.epoch, self.start_batch = 0, 0
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-host")
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-host")  # reads, host crops
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="dali-plan")          # whole batches, ahead
         self._pipe = None
-        self._todo: deque[tuple[int, np.ndarray]] = deque()  # (epoch, indices) not yet given to DALI
-        self._fed: deque[_Plan] = deque()                     # given to DALI, outputs not yet taken
+        self._todo: deque[list] = deque()  # [epoch, indices, planned future or None]: not yet given to DALI
+        self._fed: deque[_Plan] = deque()  # given to DALI, outputs not yet taken
 
     # ---- contract --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -168,7 +171,7 @@ class DaliLoader:
         pipe = self._pipeline()
         order = shard_indices(len(self.samples), self.rank, self.world_size, self.seed, self.epoch,
                               self.batch, shuffle=self.train, drop_last=self.drop_last)
-        self._todo = deque((self.epoch, order[b * self.batch:(b + 1) * self.batch])
+        self._todo = deque([self.epoch, order[b * self.batch:(b + 1) * self.batch], None]
                            for b in range(self.start_batch, len(self)))
         try:
             while True:
@@ -206,11 +209,8 @@ class DaliLoader:
         y1, x1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
         return data, (x0, y0, x1 - x0, y1 - y0), [(t - y0, l - x0, h, w, f) for t, l, h, w, f in boxes]
 
-    def _next_inputs(self):
-        """external_source callback: the next batch of this epoch, or StopIteration at its end."""
-        if not self._todo:
-            raise StopIteration
-        epoch, indices = self._todo.popleft()
+    def _plan_batch(self, epoch: int, indices: np.ndarray) -> _Plan:
+        """Read and plan one batch (reads and header parsing spread over the pool)."""
         encoded, windows, boxes = zip(*self._pool.map(lambda i: self._plan_sample(epoch, int(i)), indices))
         windows = np.asarray(windows, np.int32)                           # (n, 4) x, y, w, h
         views = np.asarray(boxes, np.float32).transpose(1, 0, 2).copy()  # (V, n, 5)
@@ -222,8 +222,22 @@ class DaliLoader:
             for v in range(self.views):
                 inputs.append(np.stack([top[v], x_from[v]], 1))
                 inputs.append(np.stack([top[v] + h[v], x_to[v]], 1))
-        self._fed.append(_Plan(inputs[4], inputs[0], views, tuple(inputs)))
-        return inputs
+        return _Plan(inputs[4], inputs[0], views, tuple(inputs))
+
+    def _next_inputs(self):
+        """external_source callback: the next batch of this epoch, or StopIteration at its end.
+
+        The batch and the one after it are planned by a background thread, so DALI's call (made from
+        the training loop's thread) rarely waits and the host work overlaps training and decoding.
+        """
+        if not self._todo:
+            raise StopIteration
+        for job in itertools.islice(self._todo, 2):
+            if job[2] is None:
+                job[2] = self._planner.submit(self._plan_batch, job[0], job[1])
+        plan = self._todo.popleft()[2].result()
+        self._fed.append(plan)
+        return list(plan.inputs)
 
     # ---- DALI ------------------------------------------------------------------------------------
     def _pipeline(self):
