@@ -1,0 +1,366 @@
+"""`python convert.py ffcv`: an ImageFolder split -> one FFCV .beton file, plus a JSON sidecar.
+
+    python convert.py ffcv --src data/photos/train --out data/photos/train.beton --max-res 256 --quality 90
+
+Fields: image (RGBImageField), label (IntField: class index of the sorted class folders) and index
+(IntField: the image's position in the sorted file list of --src, so a loader can name the source
+file even when bad files were skipped).
+
+Image modes (--mode), as FFCV defines them: jpg (re-encoded at --quality), raw (uint8 pixels: no
+decode at load time, ~10x the bytes), proportion (jpg with probability --compress-prob, drawn per
+image from --seed so a conversion is reproducible), smart (raw unless the raw pixels exceed
+--smart-threshold bytes). --max-res caps the longer side (cv2 INTER_AREA, as FFCV resizes).
+
+Odd inputs are converted, not fatal. Every file is decoded by Pillow, which reads the format from
+the content (a PNG named .jpg works); EXIF orientation is applied; CMYK, grayscale, palette, 16-bit
+and float images become 8-bit RGB (colour profiles are ignored); transparency is composited on
+white. A file that cannot be fully decoded (truncated, corrupt, not an image, over Pillow's
+decompression-bomb limit) is skipped and listed with its reason in the sidecar and on stderr.
+
+Two passes: a parallel check decodes every file (that is what finds bad ones, and the image sizes
+fix the FFCV page size), then FFCV's DatasetWriter writes the good ones. The .beton is written as
+FILE.beton.partial and renamed only when complete (after the sidecar FILE.beton.json), so an
+interrupted run never leaves a file that looks complete; a writer process that dies is reported
+as an error (FFCV's own writer would wait for it forever).
+"""
+from __future__ import annotations
+
+import _thread
+import functools
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image, ImageOps
+
+from pipelines.common import DataError, scan_image_folder
+
+HELP = "convert an ImageFolder split into an FFCV .beton (+ FILE.beton.json report)"
+MODES = ("jpg", "raw", "proportion", "smart")
+MAX_SIDE = 65535                 # FFCV stores height and width as uint16
+MIN_PAGE = 8 << 20               # FFCV's default page size (4 x 2 MiB)
+
+
+# ---- robust decoding ----------------------------------------------------------------------------
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Transparency is composited on white (a transparent pixel's
+    stored colour is arbitrary, often black); 16-bit and 32-bit grayscale keep their top 8 bits."""
+    mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Fully decode one image file -> ((H, W, 3) uint8 RGB, upright; notes on what was converted).
+
+    Raises (OSError, UnidentifiedImageError, DecompressionBombError, ...) for a file that cannot be
+    decoded completely.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # Pillow's EXIF/ICC chatter; real errors still raise
+        with Image.open(path) as img:
+            img.load()                           # the whole file: truncation and corruption raise here
+            notes = {"format": img.format, "mode": img.mode, "rotated": False}
+            try:
+                notes["rotated"] = img.getexif().get(0x0112, 1) not in (0, 1)
+                upright = ImageOps.exif_transpose(img)
+            except Exception:                    # unreadable EXIF: keep the stored orientation
+                notes["rotated"], upright = False, img
+            rgb = np.asarray(_to_rgb(upright))
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"decoded to an unusable array of shape {rgb.shape}")
+    return rgb, notes
+
+
+def capped_size(height: int, width: int, max_res: int) -> tuple[int, int]:
+    """(h, w) after FFCV's resizer caps the longer side at max_res (never below 1 px)."""
+    ratio = max_res / max(height, width) if max_res > 0 else 1.0
+    if ratio >= 1:
+        return height, width
+    return max(1, int(ratio * height)), max(1, int(ratio * width))
+
+
+def cap_resolution(rgb: np.ndarray, max_res: int) -> np.ndarray:
+    """FFCV's resizer (cv2.INTER_AREA on the longer side), clamped so thin images keep >= 1 px."""
+    import cv2
+    h, w = capped_size(rgb.shape[0], rgb.shape[1], max_res)
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _check(item: tuple[int, str, int]) -> dict:
+    """Pass 1, in a worker: decode one file; its stored size and notes, or the reason it fails."""
+    position, path, max_res = item
+    try:
+        rgb, notes = load_rgb(path)
+    except Exception as err:  # noqa: BLE001  Pillow's plugins raise many types on corrupt data
+        return {"position": position, "error": f"{type(err).__name__}: {err}"}
+    h, w = capped_size(rgb.shape[0], rgb.shape[1], max_res)
+    if max(h, w) > MAX_SIDE:
+        return {"position": position, "error": f"{w}x{h} px exceeds FFCV's {MAX_SIDE} px limit; use --max-res"}
+    suffix = Path(path).suffix.lower().lstrip(".")
+    notes["misnamed"] = notes["format"] is not None and not _suffix_matches(suffix, notes["format"])
+    return {"position": position, "height": h, "width": w, "bytes": os.path.getsize(path), **notes}
+
+
+def _suffix_matches(suffix: str, fmt: str) -> bool:
+    aliases = {"JPEG": ("jpg", "jpeg", "jpe", "jfif"), "TIFF": ("tif", "tiff"), "MPO": ("jpg", "jpeg")}
+    return suffix in aliases.get(fmt, (fmt.lower(),))
+
+
+# ---- pass 2: the dataset FFCV's writer reads -----------------------------------------------------
+
+class _Samples:
+    """Item i -> (RGB array capped at max_res, label, source position), for FFCV's DatasetWriter.
+
+    It runs in the writer's forked worker processes and must never raise (a raising worker makes
+    FFCV's writer wait forever): a file that passed the check but fails now (changed on disk) is
+    written as mid-gray of its checked size and reported through `failures`.
+    """
+
+    def __init__(self, root: Path, rows: list[dict], paths: list[str], labels: list[int], max_res: int,
+                 seed: int):
+        self.root, self.rows, self.paths, self.labels = root, rows, paths, labels
+        self.max_res, self.seed = max_res, seed
+        self.failures = mp.SimpleQueue()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        pos = row["position"]
+        # proportion mode draws jpg-or-raw with np.random inside FFCV's encoder: one stream per image
+        np.random.seed((self.seed * 1_000_003 + pos) % 2**32)
+        try:
+            rgb = cap_resolution(load_rgb(self.root / self.paths[pos])[0], self.max_res)
+        except Exception as err:  # noqa: BLE001  (see the class docstring)
+            self.failures.put((pos, f"{type(err).__name__}: {err}"))
+            rgb = np.full((row["height"], row["width"], 3), 128, np.uint8)
+        return rgb, self.labels[pos], pos
+
+
+def _page_size(rows: list[dict]) -> int:
+    """A power of two that holds the largest sample (raw pixels, or a JPEG of them, which can be
+    larger than the pixels for noise at high quality) with room to spare."""
+    largest = max(r["height"] * r["width"] * 3 for r in rows)
+    return max(MIN_PAGE, 1 << math.ceil(math.log2(2 * largest + (1 << 20))))
+
+
+def _write(writer, samples: _Samples, chunksize: int, progress: bool) -> None:
+    """FFCV's DatasetWriter.from_indexed_dataset, made safe to interrupt and to fail.
+
+    FFCV's writer polls a shared counter until every sample is written, so a worker process that
+    dies (killed, or an error inside FFCV's encoder) makes it wait forever. A watchdog thread
+    interrupts the main thread when a worker exits with an error; on any interruption the workers
+    are stopped and FFCV's shared-memory metadata block is released.
+    """
+    from ffcv import writer as ffcv_writer
+    before = set(mp.active_children())
+    crashed, done = [], threading.Event()
+
+    def watch():
+        # waitid(WNOWAIT) reads a child's exit status without reaping it (FFCV never joins them)
+        while not done.wait(0.5):
+            for child in psutil.Process().children():
+                try:
+                    status = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:
+                    continue
+                if status is not None and status.si_status != 0:
+                    crashed.append(status.si_status)
+                    _thread.interrupt_main()
+                    return
+
+    threading.Thread(target=watch, daemon=True).start()
+    bar = ffcv_writer.tqdm                              # FFCV's own progress bar: label it, or silence it
+    ffcv_writer.tqdm = functools.partial(bar, desc="ffcv: writing", unit="img", disable=not progress)
+    try:
+        writer.from_indexed_dataset(samples, chunksize=chunksize)
+    except BaseException as err:
+        done.set()
+        for proc in set(mp.active_children()) - before:
+            proc.terminate()
+        shm = getattr(writer, "metadata_sm", None)
+        if isinstance(shm, shared_memory.SharedMemory):
+            shm.close()
+            shm.unlink()
+        if crashed and isinstance(err, KeyboardInterrupt):
+            raise DataError(f"an FFCV writer process failed (exit status {crashed[0]}; its error is "
+                            f"printed above)") from None
+        raise
+    finally:
+        done.set()
+        ffcv_writer.tqdm = bar
+
+
+def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int = 256, quality: int = 90,
+            compress_prob: float = 0.5, smart_threshold: int = 0, workers: int = 0, max_images: int = 0,
+            seed: int = 0, force: bool = False, progress: bool = True) -> dict:
+    """Convert the ImageFolder split `src` into the .beton `out`; returns the sidecar report."""
+    import pipelines.ffcv_loader  # noqa: F401  (a clear message when FFCV is missing)
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality {quality}: must be in 1..100")
+    if mode == "proportion" and not 0 <= compress_prob <= 1:
+        raise ValueError(f"--compress-prob {compress_prob}: must be in [0, 1]")
+    if mode == "smart" and smart_threshold <= 0:
+        raise ValueError("--mode smart needs --smart-threshold BYTES (raw images larger than it become jpg)")
+    sidecar = out.with_name(out.name + ".json")
+    if (out.exists() or sidecar.exists()) and not force:
+        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    if not src.is_dir():
+        raise DataError(f"--src {src} is not a folder")
+    if (src / "train").is_dir() and (src / "val").is_dir():
+        raise DataError(f"--src {src} holds train/ and val/: convert one split, e.g. --src {src / 'train'}")
+    images = scan_image_folder(src, max_images)
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    t0 = time.perf_counter()
+
+    # pass 1: decode everything once, in parallel, keeping the input order
+    items = [(pos, str(src / p), max_res) for pos, p in enumerate(images.paths)]
+    checks = tqdm(total=len(items), desc="ffcv: checking", unit="img", disable=not progress)
+    results = []
+    if workers == 1:
+        for item in items:
+            results.append(_check(item))
+            checks.update()
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for res in pool.imap(_check, items, chunksize=max(1, min(32, len(items) // (8 * workers)))):
+                results.append(res)
+                checks.update()
+    checks.close()
+    good = [r for r in results if "error" not in r]
+    skipped = [{"path": images.paths[r["position"]], "reason": r["error"]} for r in results if "error" in r]
+    for s in skipped:
+        print(f"ffcv: skipping {src / s['path']}: {s['reason']}", file=sys.stderr)
+    if not good:
+        raise DataError(f"no decodable images in {src} ({len(skipped)} files failed; first: "
+                        f"{skipped[0]['path']}: {skipped[0]['reason']})")
+
+    # pass 2: FFCV's writer, into a temporary name
+    partial = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
+    page_size = _page_size(good)
+    fields = {
+        "image": RGBImageField(write_mode=mode, max_resolution=max_res or None, jpeg_quality=quality,
+                               compress_probability=compress_prob,
+                               smart_threshold=smart_threshold if mode == "smart" else None),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    samples = _Samples(src, good, images.paths, images.labels, max_res, seed)
+    writer = DatasetWriter(str(partial), fields, page_size=page_size, num_workers=workers)
+    try:
+        _write(writer, samples, max(1, min(100, math.ceil(len(good) / (4 * workers)))), progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    replaced = []
+    while not samples.failures.empty():
+        pos, reason = samples.failures.get()
+        replaced.append({"path": images.paths[pos], "reason": reason})
+        print(f"ffcv: {src / images.paths[pos]} failed while writing, stored as gray: {reason}", file=sys.stderr)
+
+    # read the result back: the modes FFCV chose and the sizes it stored
+    meta = Reader(str(partial)).metadata
+    stored_modes = Counter(int(m) for m in meta["f0"]["mode"])
+    per_class = Counter(int(label) for label in meta["f1"])
+    report = {
+        "format": "ffcv-beton",
+        "source": str(src.resolve()),
+        "classes": images.classes,
+        "counts": {
+            "found": len(images), "written": int(len(meta)), "skipped": len(skipped), "replaced": len(replaced),
+            "stored_jpg": stored_modes.get(0, 0), "stored_raw": stored_modes.get(1, 0),
+            "per_class": {images.classes[c]: per_class.get(c, 0) for c in range(len(images.classes))},
+            "exif_rotated": sum(r["rotated"] for r in good),
+            "misnamed": sum(r["misnamed"] for r in good),
+            "source_modes": dict(Counter(r["mode"] for r in good)),
+        },
+        "bytes": {
+            "source": sum(r["bytes"] for r in good),
+            "beton": partial.stat().st_size,
+            "per_image": partial.stat().st_size / len(meta),
+        },
+        "max_stored_side": int(max(meta["f0"]["height"].max(), meta["f0"]["width"].max())),
+        "skipped": skipped,
+        "replaced": replaced,
+        "options": {"mode": mode, "max_res": max_res, "quality": quality, "compress_prob": compress_prob,
+                    "smart_threshold": smart_threshold, "max_images": max_images, "seed": seed,
+                    "workers": workers, "page_size": page_size},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    tmp = sidecar.with_name(sidecar.name + ".partial")
+    tmp.write_text(json.dumps(report, indent=2))
+    out.unlink(missing_ok=True)         # --force: never an old .beton beside the new report
+    os.replace(tmp, sidecar)
+    os.replace(partial, out)            # the commit point: a .beton exists only once complete
+    return report
+
+
+# ---- convert.py command -------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--src", required=True, help="ImageFolder split: SRC/<class>/<image>")
+    p.add_argument("--out", required=True, help="output .beton (the report goes to OUT.json)")
+    p.add_argument("--mode", default="jpg", choices=MODES, help="how images are stored (default jpg)")
+    p.add_argument("--max-res", type=int, default=256, help="cap the longer side (0 = keep)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality for stored jpg images")
+    p.add_argument("--compress-prob", type=float, default=0.5, help="proportion mode: P(jpg)")
+    p.add_argument("--smart-threshold", type=int, default=0, help="smart mode: raw bytes above which jpg")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p.add_argument("--max-images", type=int, default=0, help="convert only N images spread over classes")
+    p.add_argument("--seed", type=int, default=0, help="proportion mode's per-image draw")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args) -> int:
+    try:
+        report = convert(args.src, args.out, mode=args.mode, max_res=args.max_res, quality=args.quality,
+                         compress_prob=args.compress_prob, smart_threshold=args.smart_threshold,
+                         workers=args.workers, max_images=args.max_images, seed=args.seed,
+                         force=args.force, progress=args.progress)
+    except (DataError, ValueError) as err:
+        print(f"convert.py ffcv: {err}", file=sys.stderr)
+        return 2
+    c, b = report["counts"], report["bytes"]
+    print(f"ffcv: wrote {args.out}: {c['written']} images ({c['stored_jpg']} jpg, {c['stored_raw']} raw), "
+          f"{len(report['classes'])} classes, {b['beton'] / 2**20:.1f} MiB "
+          f"({b['per_image'] / 1024:.1f} KiB/image; source {b['source'] / 2**20:.1f} MiB), "
+          f"{c['skipped']} skipped, {report['seconds']:.1f} s; report in {args.out}.json")
+    return 0
+
+
+COMMANDS = {"ffcv": (HELP, add_arguments, run)}
