@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+import yaml
 
 import masksiam  # noqa: F401
 from masksiam.config import Config, apply
@@ -382,6 +383,105 @@ def cmd_augment(args) -> dict:
     return payload
 
 
+# ---- model and train modes: the real training loop, end to end or on synthetic data ------------
+
+def _overrides(args) -> list[str]:
+    """The train.py overrides of a bench run: its own out_dir, no checkpoints, no final kNN."""
+    return [f"out_dir={args.out_dir}", "run_name=bench", f"max_steps={args.warmup + args.batches}",
+            f"log_every={args.warmup}", "final_eval=false", "ckpt_every=0", "knn_every=0",
+            "progress=false", "resume=false", *args.set]
+
+
+def bench_loop(label: str, config: str | None, overrides: list[str], args, device: torch.device) -> dict:
+    """Run train.py for warmup + batches steps; rates from its metrics after the warm-up interval."""
+    import shutil
+    import train
+    run_dir = Path(args.out_dir) / "bench"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    meter = Meter(device)
+    meter.start()
+    t0 = time.perf_counter()
+    argv = (["--config", config] if config else []) + overrides + _overrides(args)
+    result = train.main(argv)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "images_per_s" in r and r["step"] > args.warmup]
+    if not rows:
+        raise SystemExit(f"bench.py: the {label} run logged nothing after its {args.warmup} warm-up steps")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    images = cfg["batch_size"] * args.warmup  # per logged interval (log_every = warmup)
+    seconds = [images / r["images_per_s"] for r in rows]
+    res = meter.result(cfg["batch_size"])  # CPU and memory over the whole run
+    res.update(
+        label=label, steps=sum(args.warmup for _ in rows), images_per_s=images * len(rows) / sum(seconds),
+        s_per_batch_p50=float(np.percentile(seconds, 50)) / args.warmup,
+        s_per_batch_p95=float(np.percentile(seconds, 95)) / args.warmup,
+        data_wait=sum(r["data_wait"] * t for r, t in zip(rows, seconds)) / sum(seconds),
+        startup_s=wall - sum(seconds), loader=cfg["loader"], recipe=cfg["recipe"], arch=cfg["arch"],
+        batch_size=cfg["batch_size"], size=cfg["size"], views=cfg["views"], device=str(device),
+        exit=result["exit"])
+    res.pop("batches", None)
+    return res
+
+
+def _model_overrides(args) -> list[str]:
+    """The same network and step on synthetic uint8 batches already on the device, normalise only."""
+    return ["loader=synthetic", "recipe=plain"]
+
+
+def cmd_model(args) -> dict:
+    device = _device(args.device)
+    rows = [bench_loop("model-only", args.config, _model_overrides(args), args, device)]
+    return _report("model", rows, args, ["label", "arch", "batch_size", "images_per_s", "s_per_batch_p50",
+                                          "s_per_batch_p95", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else []))
+
+
+def cmd_train(args) -> dict:
+    """End to end per loader backend, and model-only on the same config: efficiency = their ratio."""
+    device = _device(args.device)
+    model = bench_loop("model-only", args.config, _model_overrides(args), args, device)
+    rows = []
+    for backend in (args.compare.split(",") if args.compare else [None]):
+        label = f"end-to-end ({backend})" if backend else "end-to-end"
+        row = bench_loop(label, args.config, [f"loader={backend}"] if backend else [], args, device)
+        row["efficiency"] = row["images_per_s"] / model["images_per_s"]
+        rows.append(row)
+    model["efficiency"] = 1.0
+    columns = ["label", "loader", "recipe", "images_per_s", "efficiency", "data_wait", "s_per_batch_p50",
+               "s_per_batch_p95", "cpu_percent", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+    return _report("train", rows + [model], args, columns)
+
+
+def _report(mode: str, rows: list[dict], args, columns: list[str]) -> dict:
+    table = _print_table(rows, columns)
+    payload = {"mode": mode, "config": getattr(args, "config", None), "results": rows, "table": table}
+    _write_json(args.json, payload)
+    if args.json:
+        _chart(rows, Path(args.json).with_suffix(".png"), f"bench.py {mode}")
+        Path(args.json).with_suffix(".md").write_text(table + "\n")
+    return payload
+
+
+def _chart(rows: list[dict], out: Path, title: str) -> None:
+    """Horizontal bars of images/s per row, labelled with the ratio to the first row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [str(r.get("label") or r.get("backend") or r.get("recipe")) for r in rows]
+    rates = [r["images_per_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    ax.barh(labels[::-1], rates[::-1], color="#4c72b0")
+    for y, rate in enumerate(rates[::-1]):
+        ax.text(rate, y, f" {rate:,.0f}/s  x{rate / rates[0]:.2f}", va="center", fontsize=8)
+    ax.set(xlabel="images / s", title=title, xlim=(0, max(rates) * 1.35))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
@@ -421,6 +521,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="also profile one batch: time per stage, top ops")
     p.add_argument("--json", default=None)
     p.set_defaults(run=cmd_augment)
+
+    for name, run, help_text in (("model", cmd_model, "the training step on synthetic data on the device: the ceiling"),
+                                 ("train", cmd_train, "the real loop end to end, per loader, vs model-only")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+        p.add_argument("--compare", default="", help="train mode: comma-separated loaders, end to end each")
+        p.add_argument("--batches", type=int, default=20, help="measured steps (a multiple of --warmup)")
+        p.add_argument("--warmup", type=int, default=5, help="steps excluded, also the logging interval")
+        p.add_argument("--out-dir", default="runs/bench-tmp")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", default=None)
+        p.set_defaults(run=run)
 
     args = parser.parse_args(argv)
     return args.run(args)

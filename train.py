@@ -32,8 +32,7 @@ from masksiam import dist
 from masksiam.config import ConfigError, load_config, save_config, to_dict
 from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr
 from masksiam.runinfo import write_run_info
-from losses import Embeddings, get_method, hparams, moco
-from losses.mixed import mixed_loss
+from losses import Embeddings, get_method, hparams
 from models.ema import ema_update, make_target, momentum_at
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone_from_config, use_small_stem
@@ -109,10 +108,9 @@ def main(argv=None) -> dict:
     if cfg.sync_bn and info.world_size > 1:        # BN statistics over the global batch
         net = convert_sync_batchnorm(net, info.device)
     net = net.to(info.device, memory_format=memory_format)
-    target = make_target(net) if method.target == "ema" else None   # EMA copy (no predictor used)
-    queue, queue_ptr = None, 0
-    if method.queue:                                # MoCo negatives, identical on every rank
-        queue = moco.init_queue(hp["queue_size"], hp["proj_dim"], info.device, cfg.seed)
+    # EMA target: a momentum copy of backbone + projector (BYOL / MoCo never run a target predictor)
+    target = SiameseNet(make_target(net.backbone), make_target(net.projector)) if method.target == "ema" else None
+    queue = method.make_queue(hp, info.device) if method.queue else None   # MoCo negatives
     model = DDP(net, device_ids=[info.local_rank] if cuda else None) if info.world_size > 1 else net
     if cfg.compile:
         model = torch.compile(model)
@@ -134,8 +132,7 @@ def main(argv=None) -> dict:
         if target is not None:
             target.load_state_dict(state["target"])
         if queue is not None:
-            queue.copy_(state["queue"])
-            queue_ptr = state["queue_ptr"]
+            queue.load_state_dict(state["queue"])
         augment.load_state_dict(state["augment"][info.rank])
         torch.set_rng_state(state["rng_cpu"][info.rank].cpu())
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -154,7 +151,7 @@ def main(argv=None) -> dict:
                 "batch_in_epoch": batch_in_epoch, "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "target": target.state_dict() if target is not None else None,
-                "queue": queue, "queue_ptr": queue_ptr,
+                "queue": queue.state_dict() if queue is not None else None,
                 "augment": aug_states, "rng_cpu": rng_states,
                 "backbone": {k: v.detach().cpu() for k, v in net.backbone.state_dict().items()},
             }, ckpt_path)
@@ -167,8 +164,7 @@ def main(argv=None) -> dict:
         stop["signal"] = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)       # a second Ctrl-C kills at once
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     # ---- 8. the loop ---------------------------------------------------------------------------
     log = _Logger(metrics_path, info.is_main, cfg.progress)
@@ -197,11 +193,10 @@ def main(argv=None) -> dict:
                 if target is not None:
                     with torch.no_grad():
                         zt, _, _, _ = _embed(target, out.views, target_views)
-                emb = Embeddings(z=z, p=p, zt=zt, pairs=out.pairs, queue=queue)
+                emb = Embeddings(z=z, p=p, zt=zt, pairs=out.pairs, queue=queue.tensor if queue else None)
                 loss, logs = method.loss(emb, **hp)
                 if mixing:                          # MixMask / Un-Mix: the mixed view's extra term
-                    loss_mix, mix_logs = mixed_loss(method, emb, z_m, out.mix_lam, p_m=p_m,
-                                                    view=_partner(out.pairs, out.mix_source), **hp)
+                    loss_mix, mix_logs = method.mixed_loss(emb, z_m, p_m, out.mix_lam, out.mix_source, hp)
                     loss = loss + cfg.mix_weight * loss_mix
                     logs.update(mix_logs)
 
@@ -223,9 +218,11 @@ def main(argv=None) -> dict:
                 del optimizer.found_inf, optimizer.grad_scale
             scaler.update()
             if target is not None:                  # EMA target follows the online net
-                ema_update(target, net, momentum_at(step, total_steps, hp["ema_momentum"], hp["ema_schedule"]))
+                m = momentum_at(step, total_steps, hp["ema_momentum"], hp["ema_schedule"])
+                ema_update(target.backbone, net.backbone, m)
+                ema_update(target.projector, net.projector, m)
             if queue is not None:                   # MoCo: this step's keys from every rank
-                queue_ptr = moco.enqueue(queue, queue_ptr, moco.step_keys(emb, **hp))
+                queue.push(zt, out.pairs)
             bad_in_row = (bad_in_row + 1) * nonfinite
             bad_total += nonfinite
             since_log["loss"] += torch.where(nonfinite, 0.0, loss.detach().float())
@@ -238,6 +235,10 @@ def main(argv=None) -> dict:
             # interval short only in a single process
             if step % cfg.log_every == 0 or last_of_epoch or (stop["signal"] and info.world_size == 1):
                 n_bad = int(bad_in_row.item())      # the sync happens here, at log intervals only
+                # global values: each rank's loss is its share (losses/__init__.py), so average;
+                # z_std is a per-rank collapse monitor and stays local
+                since_log["loss"] = dist.all_reduce_mean(since_log["loss"])
+                logs = {k: v if k == "z_std" else dist.all_reduce_mean(v.float()) for k, v in logs.items()}
                 log.step(step, epoch, lr, since_log, logs, cfg.batch_size, int(bad_total.item()))
                 since_log = {"loss": torch.zeros((), device=info.device), "steps": 0, "data": 0.0,
                              "t": time.perf_counter()}
@@ -262,15 +263,16 @@ def main(argv=None) -> dict:
             epoch, start_batch = epoch + 1, 0
             if cfg.knn_every and epoch % cfg.knn_every == 0 and epoch < cfg.epochs:
                 log.knn(step, epoch, _knn(cfg, info, net.backbone))
-            if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
+            if cfg.ckpt_every and (epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs):
                 save_checkpoint(0)
         else:                                       # max_steps inside an epoch
-            save_checkpoint(batch_in_epoch)
+            if cfg.ckpt_every:
+                save_checkpoint(batch_in_epoch)
             start_batch = batch_in_epoch
 
     # ---- 9. the end: kNN of the final backbone, exported weights, plot -------------------------
     result = {"run_dir": str(run_dir), "step": step, "epoch": epoch, "exit": exit_reason}
-    if exit_reason == "finished" or exit_reason.startswith("reached"):
+    if cfg.final_eval and (exit_reason == "finished" or exit_reason.startswith("reached")):
         if info.is_main:
             ckpt_io.save_atomic({k: v.detach().cpu() for k, v in net.backbone.state_dict().items()},
                                 run_dir / "backbone.pt")
@@ -279,6 +281,8 @@ def main(argv=None) -> dict:
         if info.is_main:
             _plot(metrics_path, run_dir / "curves.png")
     log.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
     if info.is_main:
         print(json.dumps(result), flush=True)
         with open(run_dir / "result.json", "w") as f:
@@ -307,14 +311,6 @@ def _embed(net, views: list[torch.Tensor], which: list[int], mixed: torch.Tensor
     if mixed is not None:
         return z, (p if p_all is not None else None), z_parts[-1], p_parts[-1]
     return z, (p if p_all is not None else None), None, None
-
-
-def _partner(pairs, view: int) -> int:
-    """The view compared with `view` in the first pair holding it: the mixed loss's target view."""
-    for i, j in pairs:
-        if view in (i, j):
-            return j if i == view else i
-    raise ValueError(f"the mixed view {view} is in no pair {pairs}")
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

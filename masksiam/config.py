@@ -33,7 +33,7 @@ class Config:
     seed: int = 0
     resume: bool = False                   # continue from run_dir/checkpoint.pt when it exists
     log_every: int = 20                    # steps between metric logs (the only host syncs)
-    ckpt_every: int = 1                    # epochs between checkpoints (and always at the end)
+    ckpt_every: int = 1                    # epochs between checkpoints and at the end (0 = never: benchmarks)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = no limit)
     progress: bool = True                  # progress bar on rank 0
     max_bad_steps: int = 10                # stop after this many non-finite losses in a row
@@ -42,7 +42,7 @@ class Config:
     data: str = "data/fashion-mnist"       # ImageFolder root with train/ and val/ inside
     train_split: str = "train"
     val_split: str = "val"
-    loader: Literal["torchvision", "dali", "ffcv"] = "torchvision"
+    loader: Literal["torchvision", "dali", "ffcv", "synthetic"] = "torchvision"
     workers: int = 4                       # CPU workers / threads per rank for the loader
     batch_size: int = 256                  # global batch, split evenly across ranks
     views: int = 2                         # crops per image from one decode
@@ -107,6 +107,7 @@ class Config:
 
     # ---- evaluation -----------------------------------------------------------------------------
     knn_every: int = 0                     # epochs between kNN monitors (0 = only at the end)
+    final_eval: bool = True                # kNN, exported backbone and plot at the end of the run
     knn_k: int = 200
     knn_t: float = 0.1
     knn_max_train: int = 0                 # cap the kNN memory bank (0 = whole train split)

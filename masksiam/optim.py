@@ -45,7 +45,7 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        keep = None if found_inf is None else 1.0 - found_inf.float()    # 0-dim: 0 = skip this step
+        skip = None if found_inf is None else found_inf.bool()          # 0-dim, on the device
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -69,12 +69,14 @@ class LARS(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
             new_bufs = torch._foreach_mul(bufs, group["momentum"])
             torch._foreach_add_(new_bufs, grads)
-            if keep is None:
+            if skip is None:
                 torch._foreach_copy_(bufs, new_bufs)
                 torch._foreach_add_(params, new_bufs, alpha=-group["lr"])
             else:
-                torch._foreach_lerp_(bufs, new_bufs, keep)               # keep=1: take new; 0: unchanged
-                torch._foreach_add_(params, torch._foreach_mul(new_bufs, keep * -group["lr"]))
+                # select, not blend: a NaN gradient times 0 is still NaN
+                for p, buf, new in zip(params, bufs, new_bufs):
+                    buf.copy_(torch.where(skip, buf, new))
+                    p.copy_(torch.where(skip, p, p - group["lr"] * new))
         return None
 
 

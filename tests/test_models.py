@@ -86,7 +86,6 @@ def test_lars_step_matches_formula_and_skips_nonfinite():
     w1, buf1 = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
     w.grad = torch.full_like(gw, float("nan"))
     opt.found_inf, opt.grad_scale = torch.tensor(1.0), None
-    w.grad = torch.zeros_like(gw)
     opt.step()
     torch.testing.assert_close(w.detach(), w1)
     torch.testing.assert_close(opt.state[w]["momentum_buffer"], buf1)
@@ -102,3 +101,23 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(100, 100, 10, 1.0, min_ratio=0.1) == pytest.approx(0.1)
     mid = lr_at(10 + 45 // 2, 100, 10, 1.0)
     assert mid == pytest.approx(0.5 * (1 + math.cos(math.pi * (45 // 2) / 90)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_every_optimizer_skips_a_nan_step_without_touching_state(name):
+    from masksiam.config import Config, apply
+    from masksiam.optim import build_optimizer
+    net = torch.nn.Linear(4, 3)
+    opt = build_optimizer(net, apply(Config(), {"optimizer": name, "weight_decay": 0.01}, "test"), lr=0.1)
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    state = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for s in opt.state.values()]
+    for p in net.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf, opt.grad_scale = torch.tensor(1.0), None
+    opt.step()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for old, new in zip(state, opt.state.values()):
+        assert all(torch.equal(old[k], new[k]) for k in old)

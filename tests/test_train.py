@@ -1,0 +1,173 @@
+"""train.py end to end on a tiny real-photo folder: learning, exact resume, signals, NaN guard, DDP.
+
+Tiny network (ResNet-10 at width 8, 24 px) so every run takes seconds on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import masksiam  # noqa: F401
+import train
+from losses import METHODS
+from masksiam import checkpoint as ckpt_io
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["arch=resnet10", "width=8", "size=24", "stem=small", "batch_size=8", "workers=0", "views=2",
+        "proj_hidden=32", "proj_dim=16", "optimizer=lars", "lr=0.5", "warmup_epochs=0.5", "log_every=1",
+        "progress=false", "knn_k=5", "recipe=simclr", "crop_scale=[0.3,1.0]", "seed=0"]
+
+
+def _args(folder, out, name, *extra):
+    return [f"data={folder}", f"out_dir={out}", f"run_name={name}", *TINY, *extra]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
+
+
+def test_training_lowers_the_loss_and_writes_the_run(image_folder, tmp_path):
+    res = train.main(_args(image_folder, tmp_path, "learn", "epochs=7", "recipe=plain", "crop_scale=[0.5,1.0]"))
+    run = Path(res["run_dir"])
+    losses = list(_losses(run).values())
+    assert len(losses) == 21                                     # 24 images / batch 8 = 3 steps x 7 epochs
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    assert res["exit"] == "finished" and 0 <= res["knn_top1"] <= 1
+    for name in ("config.yaml", "run_info.json", "checkpoint.pt", "backbone.pt", "curves.png", "result.json"):
+        assert (run / name).exists(), name
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["packages"]["torch"] and "sha" in info["git"]
+    # the exported backbone loads into a stock torchvision-layout model of the same shape
+    from models.resnet import build_backbone, load_backbone_state
+    load_backbone_state(build_backbone("resnet10", small_stem=True, width=8),
+                        torch.load(run / "backbone.pt", weights_only=True))
+
+
+def test_resume_continues_at_the_same_step_bitwise(image_folder, tmp_path):
+    """An interrupted run (stopped mid-epoch) resumes with model, optimizer, EMA target, augment RNG
+    and loader position restored: the following steps repeat the uninterrupted run's (bitwise on CPU)."""
+    common = ["epochs=3", "method=byol", "pred_hidden=32", "recipe=byol"]
+    full = train.main(_args(image_folder, tmp_path, "full", *common))
+    first = train.main(_args(image_folder, tmp_path, "cut", *common, "max_steps=4"))
+    assert first["step"] == 4
+    state = ckpt_io.load(Path(first["run_dir"]) / "checkpoint.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 1)
+    resumed = train.main(_args(image_folder, tmp_path, "cut", *common, "resume=true"))
+    assert resumed["step"] == full["step"] == 9
+    a, b = _losses(Path(full["run_dir"])), _losses(Path(resumed["run_dir"]))
+    assert a == b                                                # every step, before and after the cut
+    sa = torch.load(Path(full["run_dir"]) / "backbone.pt", weights_only=True)
+    sb = torch.load(Path(resumed["run_dir"]) / "backbone.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_existing_run_needs_resume_and_foreign_checkpoints_are_refused(image_folder, tmp_path):
+    train.main(_args(image_folder, tmp_path, "one", "epochs=1", "final_eval=false"))
+    with pytest.raises(SystemExit, match="resume=true"):
+        train.main(_args(image_folder, tmp_path, "one", "epochs=1"))
+    with pytest.raises(ckpt_io.CheckpointError, match="arch='resnet10'.*this run: 'resnet18'"):
+        train.main(_args(image_folder, tmp_path, "one", "epochs=2", "resume=true", "arch=resnet18"))
+    with pytest.raises(ckpt_io.CheckpointError, match="method"):
+        train.main(_args(image_folder, tmp_path, "one", "epochs=2", "resume=true", "method=barlow"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt_io.CheckpointError, match="bad.pt"):
+        ckpt_io.load(bad)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(image_folder, tmp_path, monkeypatch):
+    """Steps 4-5 return NaN: skipped (weights unchanged) and counted. From step 7 on every loss is
+    NaN: after max_bad_steps in a row the run stops, naming the step, and keeps its checkpoint."""
+    simclr = METHODS["simclr"]
+    calls = {"n": 0}
+
+    def flaky(emb, **hp):
+        calls["n"] += 1
+        loss, logs = simclr.loss(emb, **hp)
+        if calls["n"] in (4, 5) or calls["n"] >= 7:
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setitem(METHODS, "simclr", simclr.__class__(**{**simclr.__dict__, "loss": flaky}))
+    with pytest.raises(SystemExit, match=r"3 non-finite losses in a row up to step 9"):
+        train.main(_args(image_folder, tmp_path, "nan", "epochs=5", "max_bad_steps=3"))
+    rows = [r for r in _metrics(tmp_path / "nan") if "loss" in r]
+    assert rows[4]["nonfinite_total"] == 2 and rows[-1]["nonfinite_total"] == 5
+    state = ckpt_io.load(tmp_path / "nan" / "checkpoint.pt")      # the end of epoch 2, all finite
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                      if v.is_floating_point())
+
+
+def _wait_for(path: Path, pred, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text()
+            if pred(text):
+                return text
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never satisfied the condition")
+
+
+def _spawn(args: list[str], **kw) -> subprocess.Popen:
+    # the same thread count as this process: float sums then run in the same order (bitwise results)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(image_folder, tmp_path):
+    proc = _spawn(["train.py", *_args(image_folder, tmp_path, "term", "epochs=50", "final_eval=false")])
+    _wait_for(tmp_path / "term" / "metrics.jsonl", lambda t: t.count("\n") >= 5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    result = json.loads((tmp_path / "term" / "result.json").read_text())
+    assert "stopped by SIGTERM" in result["exit"]
+    state = ckpt_io.load(tmp_path / "term" / "checkpoint.pt")
+    assert state["step"] == result["step"] >= 5
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
+    common = ["epochs=4", "final_eval=false"]
+    full = train.main(_args(image_folder, tmp_path, "full", *common))
+    proc = _spawn(["train.py", *_args(image_folder, tmp_path, "killed", *common)])
+    # kill as soon as the first epoch's checkpoint exists (mid-way through epoch 2 at the latest)
+    _wait_for(tmp_path / "killed" / "metrics.jsonl", lambda t: '"step": 4' in t)
+    proc.kill()
+    proc.wait(timeout=60)
+    resumed = train.main(_args(image_folder, tmp_path, "killed", *common, "resume=true"))
+    assert resumed["step"] == full["step"]
+    assert _losses(tmp_path / "killed") == _losses(Path(full["run_dir"]))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(image_folder, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) with synchronised BatchNorm takes the steps one process
+    takes on the whole batch (float32 round-off apart). The recipe draws no random augmentation
+    (each rank's generator differs from the single process's), so the inputs are identical."""
+    common = ["epochs=2", "recipe=plain", "sync_bn=true", "final_eval=false"]
+    single = train.main(_args(image_folder, tmp_path, "one", *common))
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=0",
+                "train.py", *_args(image_folder, tmp_path, "two", *common)]
+    out = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    a, b = _losses(Path(single["run_dir"])), _losses(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 6
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
