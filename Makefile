@@ -36,7 +36,8 @@ data: install
 	@[ -f $(DATA)/fashion-mnist/.complete ] || $(PY) convert.py fashion-mnist --out $(DATA)/fashion-mnist --force
 
 demo: data
-	$(PY) train.py --config configs/demo_fmnist.yaml
+	@# resume=true: a second `make demo` finds the finished run and only re-evaluates it
+	$(PY) train.py --config configs/demo_fmnist.yaml resume=true
 	$(PY) -m eval.demo_report --run runs/demo
 
 test: install

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     # ---- 3. data and augmentation --------------------------------------------------------------
     loader = build_loader(cfg, info)
     augment = build_augmenter(cfg.recipe, size=cfg.size, device=info.device, dtype=aug_dtype,
-                              seed=cfg.seed, rank=info.rank)
+                              seed=cfg.seed, rank=info.rank, mix=cfg.mix)
     if augment.sources != cfg.views:
         sys.exit(f"train.py: recipe {cfg.recipe!r} takes {augment.sources} crops per image but views={cfg.views}")
     steps_per_epoch = len(loader)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 
@@ -81,8 +82,9 @@ def knn_accuracy_from_config(cfg: Config, info, backbone) -> float:
                                      cfg.train_split, train=False)
     val_loader = build_eval_loader(dataclasses.replace(base, max_images=cfg.knn_max_val), info,
                                    cfg.val_split, train=False)
-    transform = build_augmenter(cfg.recipe, size=cfg.eval_size or cfg.size, device=info.device,
-                                dtype=torch.float32, seed=cfg.seed, rank=info.rank).eval_transform
+    augmenter = build_augmenter(cfg.recipe, size=cfg.eval_size or cfg.size, device=info.device,
+                                dtype=torch.float32, seed=cfg.seed, rank=info.rank)
+    transform = functools.partial(augmenter.eval_transform, highpass=cfg.highpass_eval)
     return knn_accuracy(backbone, train_loader, val_loader, transform, info.device,
                         len(train_loader.classes), cfg.knn_k, cfg.knn_t)
 

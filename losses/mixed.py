@@ -1,6 +1,6 @@
 """Mixed-image losses (MixMask, Un-Mix) around any registered method.
 
-On a step with mixing (probability mix_prob, decided on the host) the training loop provides:
+On a step whose recipe mixes (MixMask, Un-Mix; or config `mix`) the training loop provides:
 
     x_m    = M * x_a + (1 - M) * x_a.flip(0)   view a = `source` mixed with this rank's batch of view a
              reversed (MixMask: M a block mask on an 8 x 8 grid; Un-Mix: mixup, M = lam, or a cutmix box)

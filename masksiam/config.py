@@ -61,7 +61,8 @@ class Config:
 
     # ---- augmentation (batched, on the training device) -----------------------------------------
     recipe: str = "simclr"                 # name in pipelines/recipes/ or a yaml path
-    highpass_eval: bool = False            # high-pass filter eval inputs too (MSCN models)
+    mix: Literal["none", "mixmask", "unmix"] = "none"   # add this mixing to a recipe without one ("none": the recipe's own)
+    highpass_eval: Optional[bool] = None   # high-pass kNN / eval inputs (None: when the recipe high-passes, MSCN)
 
     # ---- model ----------------------------------------------------------------------------------
     arch: str = "resnet50"
@@ -88,8 +89,6 @@ class Config:
     sim_coeff: Optional[float] = None      # VICReg invariance
     std_coeff: Optional[float] = None      # VICReg variance
     cov_coeff: Optional[float] = None      # VICReg covariance
-    mix: Literal["none", "mixmask", "unmix"] = "none"   # mixed loss around the method
-    mix_prob: float = 0.5                  # probability of the mixed branch per step (Un-Mix)
     mix_weight: float = 1.0                # weight of the mixed loss term
 
     # ---- optimisation ---------------------------------------------------------------------------

@@ -171,3 +171,17 @@ def test_torchrun_two_processes_match_one(image_folder, tmp_path):
     assert a.keys() == b.keys() and len(a) == 6
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+
+
+def test_demo_report_compares_with_random_init_and_fails_without_a_gain(image_folder, tmp_path):
+    from eval import demo_report
+    res = train.main(_args(image_folder, tmp_path, "demo", "epochs=1"))
+    run = Path(res["run_dir"])
+    report = demo_report.main(["--run", str(run), "--min-margin", "-1"])
+    assert report["knn_top1_pretrained"] == res["knn_top1"]
+    assert 0 <= report["knn_top1_random_init"] <= 1
+    assert report["margin"] == pytest.approx(report["knn_top1_pretrained"] - report["knn_top1_random_init"])
+    assert json.loads((run / "demo_report.json").read_text()) == report
+    assert (run / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="less than the required 200.0"):   # no run gains 2.0
+        demo_report.main(["--run", str(run), "--min-margin", "2"])
