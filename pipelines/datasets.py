@@ -18,7 +18,9 @@ mate-backgrounds. Files that are not colour photos are skipped by the rules in `
 (size, transparency, colourfulness, flat fills, noise floor); of near-duplicates only the largest
 file is kept. Each image is a random crop of its class's region, resized to an ImageNet-like size,
 flipped at random and saved as a baseline 4:2:0 JPEG at quality 90 (`sample_output_size`,
-`sample_crop` give the distributions).
+`sample_crop` give the distributions). --max-res N caps the longer side (the same crops, resized
+smaller; the size rule of FFCV's converter): a folder of the images a .beton made with --max-res N
+holds, for comparing loaders on the same pixels.
 """
 from __future__ import annotations
 
@@ -592,6 +594,16 @@ def sample_crop(width: int, height: int, aspect: float, rng: np.random.Generator
     return left, top, left + cw, top + ch
 
 
+def capped_output_size(width: int, height: int, max_res: int) -> tuple[int, int]:
+    """(width, height) with the longer side capped at max_res (0: unchanged), truncated to whole
+    pixels as FFCV's converter does (pipelines/ffcv_convert.capped_size), so that its --max-res
+    leaves these images as they are."""
+    ratio = max_res / max(width, height) if max_res > 0 else 1.0
+    if ratio >= 1:
+        return width, height
+    return max(1, int(ratio * width)), max(1, int(ratio * height))
+
+
 def _work_image(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """The class region, resized once so its short side is at most WORK_SIDE."""
     region = img.crop(box)
@@ -604,7 +616,7 @@ def _work_image(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image
 
 def _build_photo_task(task) -> tuple[int, list[dict]]:
     """All classes cut from one source photo: -> (images written, per-class stats)."""
-    path, classes, counts, seed, quality, root = task
+    path, classes, counts, seed, quality, max_res, root = task
     try:
         img = open_oriented(path).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
@@ -619,7 +631,9 @@ def _build_photo_task(task) -> tuple[int, list[dict]]:
             for i in range(n):
                 rng = np.random.default_rng([seed, index, SPLIT_IDS[split], i])
                 w, h = sample_output_size(rng)
-                crop = work.resize((w, h), Image.LANCZOS, box=sample_crop(work.width, work.height, w / h, rng))
+                box = sample_crop(work.width, work.height, w / h, rng)
+                w, h = capped_output_size(w, h, max_res)     # after the draws: the same crops
+                crop = work.resize((w, h), Image.LANCZOS, box=box)
                 if rng.random() < 0.5:
                     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 data = jpeg_bytes(crop, quality)
@@ -631,14 +645,16 @@ def _build_photo_task(task) -> tuple[int, list[dict]]:
 
 
 def build_photos(out: str | Path, *, classes: int = 100, train_per_class: int = 100, val_per_class: int = 10,
-                 seed: int = 0, quality: int = PHOTO_QUALITY, force: bool = False, workers: int | None = None,
-                 packages: dict[str, Path] | None = None) -> dict:
+                 seed: int = 0, quality: int = PHOTO_QUALITY, max_res: int = 0, force: bool = False,
+                 workers: int | None = None, packages: dict[str, Path] | None = None) -> dict:
     """Write OUT/{train,val}/<class>/<index>.jpg from the packages' photos; return the report."""
     workers = default_workers() if workers is None else workers
     packages = dict(PHOTO_PACKAGES) if packages is None else packages
     if train_per_class < 1 or val_per_class < 0:
         raise DataError(f"--train-per-class must be >= 1 and --val-per-class >= 0 "
                         f"(got {train_per_class}, {val_per_class})")
+    if max_res < 0:
+        raise DataError(f"--max-res must be >= 0 (0: no cap), got {max_res}")
     check_quality(quality)
     check_output(Path(out).absolute(), force)  # before the scan: refuse early
     sources, summary = find_sources(packages, workers)
@@ -652,12 +668,12 @@ def build_photos(out: str | Path, *, classes: int = 100, train_per_class: int = 
         for split in SPLITS:
             (tmp / split).mkdir()
         # biggest jobs first so that the pool's last tasks are short ones
-        tasks = sorted(((p, c, counts, seed, quality, tmp) for p, c in by_photo.items()),
+        tasks = sorted(((p, c, counts, seed, quality, max_res, tmp) for p, c in by_photo.items()),
                        key=lambda t: (-len(t[1]), t[0]))
         results = [s for stats in run_tasks(_build_photo_task, tasks, workers,
                                             classes * sum(counts.values()), "photos: writing")
                    for s in stats]
-        report = {"dataset": "photos", "seed": seed, "quality": quality, "classes": classes,
+        report = {"dataset": "photos", "seed": seed, "quality": quality, "max_res": max_res, "classes": classes,
                   "train_per_class": train_per_class, "val_per_class": val_per_class,
                   "sources": {p: s["accepted"] for p, s in summary.items()},
                   "source_scan": summary, "splits": {},
@@ -687,6 +703,8 @@ def _photos_arguments(p) -> None:
     p.add_argument("--val-per-class", type=int, default=10, help="val images per class (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--quality", type=int, default=PHOTO_QUALITY, help=f"JPEG quality (default {PHOTO_QUALITY})")
+    p.add_argument("--max-res", type=int, default=0,
+                   help="cap the longer side at N px, as `convert.py ffcv --max-res N` does (default 0: no cap)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, at most 8)")
     p.add_argument("--packages", default=",".join(PHOTO_PACKAGES),
@@ -703,7 +721,7 @@ def _photos_run(args) -> int:
                             f"choose from {', '.join(PHOTO_PACKAGES)}")
         report = build_photos(args.out, classes=args.classes, train_per_class=args.train_per_class,
                               val_per_class=args.val_per_class, seed=args.seed, quality=args.quality,
-                              force=args.force, workers=args.workers,
+                              max_res=args.max_res, force=args.force, workers=args.workers,
                               packages={p: PHOTO_PACKAGES[p] for p in wanted})
     except DataError as err:
         return _fail("photos", err)

@@ -373,3 +373,26 @@ def test_photos_refuses_non_empty_output_and_bad_arguments(photos, tmp_path, cap
     assert "--classes 5000" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not list(tmp_path.glob("*.partial-*"))
+
+
+@needs_opencv_doc
+def test_photos_max_res_caps_the_same_crops(photos, tmp_path):
+    """--max-res: the same files and crops, resized so the longer side fits, to the sizes FFCV's
+    converter would give the full-size images (a .beton of either holds the same-sized images)."""
+    from pipelines.ffcv_convert import capped_size
+    small = tmp_path / "small"
+    assert convert.main(["photos", "--out", str(small), *PHOTO_ARGS, "--max-res", "128", "--workers", "2"]) == 0
+    full_files = sorted(p.relative_to(photos) for p in photos.rglob("*.jpg"))
+    assert sorted(p.relative_to(small) for p in small.rglob("*.jpg")) == full_files
+    capped = 0
+    for rel in full_files:
+        with Image.open(photos / rel) as a, Image.open(small / rel) as b:
+            assert b.size[::-1] == capped_size(a.height, a.width, 128)
+            capped += max(a.size) > 128
+            # same crop: the full image brought to the small size matches within JPEG/resampling error
+            diff = np.abs(np.asarray(a.convert("RGB").resize(b.size, Image.LANCZOS), np.float32)
+                          - np.asarray(b.convert("RGB"), np.float32))
+            assert diff.mean() < 6, (rel, diff.mean())
+    assert capped == len(full_files)                 # every photo here is 200-500 px: all were capped
+    assert json.loads((small / ".complete").read_text())["max_res"] == 128
+    assert convert.main(["photos", "--out", str(tmp_path / "bad"), *PHOTO_ARGS, "--max-res", "-1"]) == 2
