@@ -3,18 +3,25 @@
     python bench.py loader --backend torchvision --data DIR --views 2 --size 224 --batch-size 256 --batches 20
     python bench.py loader --compare torchvision,dali,ffcv --data DIR ...     # side by side, ratios to the first
     python bench.py augment --recipe mscn --batch-size 256 --size 224 --device cpu
+    python bench.py train --compare torchvision,dali,ffcv --set data=DIR arch=resnet18 ...  # vs model-only
+    python bench.py loader ... --sweep workers=1,2 --sweep batch_size=32,64    # one row per combination
+    python bench.py readme --results runs/bench --readme README.md   # the numbers table of a `make bench` run
 
 Every mode excludes warm-up batches (and pipeline start-up: worker spawn, numba/DALI compile) from
-the rates and reports them separately; rates are images/s (an image = all of its views), with
-seconds per batch p50/p95. Results go to --json (and a markdown table on stdout). Goals are ratios
-measured side by side in one run, since these machines are shared and noisy.
+the rates and reports them separately as startup_s; rates are images/s (an image = all of its
+views; views/s in augment mode), with seconds per batch p50/p95, CPU use, peak host RSS and, on
+CUDA, peak GPU memory. Each run writes --json (default runs/bench/<mode>.json), a markdown table
+next to it (.md, also printed) and a bar chart (.png). `ratio` is a row's rate over the first row's:
+goals are ratios measured side by side in one run, since these machines are shared and noisy.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +29,7 @@ import numpy as np
 import psutil
 import torch
 import yaml
+from tqdm import tqdm
 
 import masksiam  # noqa: F401
 from masksiam.config import Config, apply
@@ -36,12 +44,23 @@ def _sync(device: torch.device) -> None:
 
 
 class Meter:
-    """Per-batch wall times after warm-up, CPU time and peak RSS of this process and its children."""
+    """Per-batch wall times after warm-up, CPU time of this process and its children, and their peak
+    RSS, sampled by a thread from construction on (loader workers come and go between batches).
+    On CUDA the peak GPU memory counts from construction too."""
 
     def __init__(self, device: torch.device):
         self.device, self.times = device, []
         self.proc = psutil.Process()
         self.peak_rss = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            self._rss()
 
     def _rss(self) -> int:
         total = self.proc.memory_info().rss
@@ -74,10 +93,10 @@ class Meter:
         now = time.perf_counter()
         self.times.append(now - self.last)
         self.last = now
-        if len(self.times) % 5 == 0:
-            self._rss()
 
     def result(self, images_per_batch: int) -> dict:
+        self._stop.set()
+        self._watcher.join()
         self._rss()
         wall = time.perf_counter() - self.t0
         t = np.array(self.times)
@@ -108,19 +127,47 @@ def _print_table(rows: list[dict], columns: list[str]) -> str:
         cells = []
         for c in columns:
             v = r.get(c, "")
-            cells.append(f"{v:,.1f}" if isinstance(v, float) else str(v))
+            cells.append((f"{v:.2f}" if c in ("ratio", "speedup", "efficiency", "data_wait") else f"{v:,.1f}")
+                         if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     return table
 
 
-def _write_json(path: str | None, payload: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {path}")
+def _machine() -> dict:
+    """What the numbers were measured on (stored in every JSON; the README block quotes it)."""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _combos(args, allowed: tuple[str, ...] | None = None) -> list[dict]:
+    """--sweep KEY=V1,V2 (repeatable) -> the cartesian product, one {key: value} per row group ([{}]
+    without sweeps). allowed: the keys a mode can sweep (None: train.py config keys, checked there)."""
+    axes = []
+    for item in args.sweep:
+        key, _, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not key or not values:
+            sys.exit(f"bench.py: --sweep {item!r}: expected KEY=V1,V2,...")
+        if allowed is not None and key not in allowed:
+            sys.exit(f"bench.py {args.mode}: --sweep {key}: choose from {', '.join(allowed)}")
+        cast = int if allowed is not None else str      # loader/augment keys are ints; train.py parses its own
+        try:
+            axes.append([(key, cast(v)) for v in values.split(",")])
+        except ValueError:
+            sys.exit(f"bench.py: --sweep {item!r}: {key} takes integers")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _label(name: str, combo: dict) -> str:
+    return " ".join([name, *(f"{k}={v}" for k, v in combo.items())])
 
 
 # ---- loader mode --------------------------------------------------------------------------------
@@ -128,22 +175,24 @@ def _write_json(path: str | None, payload: dict) -> None:
 def bench_loader(backend: str, args, device: torch.device) -> dict:
     from pipelines import build_loader
     cfg = apply(Config(), {"data": args.data, "loader": backend, "views": args.views, "size": args.size,
-                           "batch_size": args.batch_size, "workers": args.workers,
-                           "prefetch": args.prefetch, "train_split": args.split, "seed": 0}, "bench.py")
+                           "batch_size": args.batch_size, "workers": args.workers, "prefetch": args.prefetch,
+                           "train_split": args.split, "ffcv_path": args.ffcv_path, "seed": 0}, "bench.py")
     info = DistInfo(0, 1, 0, device)
+    meter = Meter(device)                            # from here: the start-up's memory peak counts too
     t0 = time.perf_counter()
     loader = build_loader(cfg, info)
-    loader.set_epoch(0)
-    meter = Meter(device)
-    it = iter(loader)
-    for _ in range(args.warmup):                     # worker spawn, compile, first reads
-        next(it)
-    _sync(device)
-    startup = time.perf_counter() - t0
-    meter.start()
-    done = 0
     epoch = 0
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    progress = tqdm(total=args.warmup + args.batches, desc=f"{backend} warm-up", file=sys.stderr,
+                    unit="batch", leave=False)
+    done, startup = -args.warmup, None               # warm-up: worker spawn, compile, first reads
     while done < args.batches:
+        if done == 0 and startup is None:
+            _sync(device)
+            startup = time.perf_counter() - t0
+            progress.set_description(backend)
+            meter.start()
         try:
             batch = next(it)
         except StopIteration:                        # small folders: keep going into the next epoch
@@ -151,34 +200,36 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
             loader.set_epoch(epoch)
             it = iter(loader)
             continue
-        meter.tick()
         done += 1
+        progress.update()
+        if done > 0:
+            meter.tick()
+    progress.close()
     res = meter.result(cfg.batch_size)
     res.update(backend=backend, startup_s=startup, views=args.views, size=args.size,
                batch_size=args.batch_size, workers=args.workers, device=str(device))
-    for key in ("compile_seconds",):
-        if hasattr(loader, key):
-            res[key] = getattr(loader, key)
+    if hasattr(loader, "compile_seconds"):           # ffcv: numba compile, part of startup_s
+        res["compile_seconds"] = loader.compile_seconds
     del batch, it, loader
     return res
+
+
+LOADER_SWEEPS = ("workers", "batch_size", "views", "size", "prefetch")
 
 
 def cmd_loader(args) -> dict:
     device = _device(args.device)
     backends = args.compare.split(",") if args.compare else [args.backend]
     rows = []
-    for backend in backends:
-        print(f"[bench loader] {backend}: {args.warmup} warm-up + {args.batches} batches of "
-              f"{args.batch_size} x {args.views} views @ {args.size}px, {args.workers} workers", flush=True)
-        rows.append(bench_loader(backend, args, device))
-    base = rows[0]["images_per_s"]
-    for r in rows:
-        r["ratio"] = r["images_per_s"] / base
-    table = _print_table(rows, ["backend", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95",
-                                "cpu_percent", "peak_rss_mb", "startup_s"])
-    payload = {"mode": "loader", "data": args.data, "results": rows, "table": table}
-    _write_json(args.json, payload)
-    return payload
+    for combo in _combos(args, LOADER_SWEEPS):
+        run = argparse.Namespace(**{**vars(args), **combo})
+        for backend in backends:
+            print(f"[bench loader] {_label(backend, combo)}: {run.warmup} warm-up + {run.batches} batches of "
+                  f"{run.batch_size} x {run.views} views @ {run.size}px, {run.workers} workers", flush=True)
+            rows.append({"label": _label(backend, combo), **bench_loader(backend, run, device)})
+    columns = ["label", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95", "cpu_percent",
+               "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+    return _report("loader", rows, args, columns)
 
 
 # ---- augment mode -------------------------------------------------------------------------------
@@ -320,11 +371,28 @@ def _augment_profile(aug, views, device: torch.device) -> list[dict]:
     return stages + ops
 
 
+def _augment_gpu_bytes(aug, views, device: torch.device) -> int:
+    """Peak memory one augment call allocates above what was allocated before it (the input batch,
+    the stage's cached constants): its working buffers and outputs."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = aug(views)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return peak - before
+
+
 def bench_augment(recipe: str, args, device: torch.device) -> dict:
     from pipelines.recipes import build_augmenter
+    if args.threads:
+        torch.set_num_threads(args.threads)        # before the build: the CPU chunk pool takes its size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    t_build = time.perf_counter()
     aug = build_augmenter(recipe, size=args.size, device=device, dtype=dtype, seed=0, chunk=args.chunk or None,
                           compile=args.compile)
+    t_build = time.perf_counter() - t_build
     views = _bench_images(aug.sources, args.batch_size, args.size, device)
     ref_n = min(args.reference_images, args.batch_size)
     ref = _PerSampleReference(aug.recipe, args.size) if ref_n > 0 else None
@@ -334,13 +402,17 @@ def bench_augment(recipe: str, args, device: torch.device) -> dict:
     _sync(device)
     first_call = time.perf_counter() - t0
     per_image = len(out.views) + (out.mixed is not None)            # views produced per input image
+    del out
     for _ in range(max(0, args.warmup - 1)):
         aug(views)
     if ref is not None:
         ref(ref_views)
+    _sync(device)
+    startup = t_build + time.perf_counter() - t0                    # build, compile, warm-up batches
+    gpu_bytes = _augment_gpu_bytes(aug, views, device) if device.type == "cuda" else None
     # batched and per-sample batches alternate, so load changes on a shared machine hit both alike
     t_batched, t_ref = [], []
-    for _ in range(args.batches):
+    for _ in tqdm(range(args.batches), desc=recipe, file=sys.stderr, unit="batch", leave=False):
         _sync(device)
         t0 = time.perf_counter()
         aug(views)
@@ -352,35 +424,40 @@ def bench_augment(recipe: str, args, device: torch.device) -> dict:
             t_ref.append(time.perf_counter() - t0)
     res = {"recipe": recipe, "device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
            "size": args.size, "views_per_image": per_image, "threads": torch.get_num_threads(),
-           "chunk": aug.chunk, "compile": args.compile, "first_call_s": first_call, "batches": args.batches,
-           "views_per_s": per_image * args.batch_size * len(t_batched) / sum(t_batched),
+           "chunk": aug.chunk, "compile": args.compile, "startup_s": startup, "first_call_s": first_call,
+           "batches": args.batches, "views_per_s": per_image * args.batch_size * len(t_batched) / sum(t_batched),
            "s_per_batch_p50": float(np.percentile(t_batched, 50))}
     if ref is not None:
         res.update(reference_images=ref_n,
                    reference_views_per_s=per_image * ref_n * len(t_ref) / sum(t_ref))
         res["speedup"] = res["views_per_s"] / res["reference_views_per_s"]
-    if device.type == "cuda":
-        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if gpu_bytes is not None:
+        res["augment_gpu_mb_per_image"] = gpu_bytes / args.batch_size / 2**20
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20   # since that call
     if args.profile:
         res["profile"] = _augment_profile(aug, views, device)
     return res
 
 
+AUGMENT_SWEEPS = ("threads", "batch_size", "size", "chunk")
+
+
 def cmd_augment(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = _device(args.device)
     rows = []
-    for recipe in args.recipe.split(","):
-        print(f"[bench augment] {recipe}: {args.warmup} warm-up + {args.batches} batches of {args.batch_size} "
-              f"@ {args.size}px on {device} ({torch.get_num_threads()} threads), per-sample torchvision v2 "
-              f"reference on {min(args.reference_images, args.batch_size)} images per batch", flush=True)
-        rows.append(bench_augment(recipe, args, device))
-    table = _print_table(rows, ["recipe", "device", "views_per_image", "views_per_s", "reference_views_per_s",
-                                "speedup", "s_per_batch_p50", "threads", "chunk", "compile"])
-    payload = {"mode": "augment", "results": rows, "table": table}
-    _write_json(args.json, payload)
-    return payload
+    for combo in _combos(args, AUGMENT_SWEEPS):
+        run = argparse.Namespace(**{**vars(args), **combo})
+        for recipe in args.recipe.split(","):
+            print(f"[bench augment] {_label(recipe, combo)}: {run.warmup} warm-up + {run.batches} batches of "
+                  f"{run.batch_size} @ {run.size}px on {device} ({run.threads or torch.get_num_threads()} threads), "
+                  f"per-sample torchvision v2 reference on {min(run.reference_images, run.batch_size)} images "
+                  f"per batch", flush=True)
+            rows.append({"label": _label(recipe, combo), **bench_augment(recipe, run, device)})
+    columns = ["label", "views_per_image", "views_per_s", "ratio", "reference_views_per_s", "speedup",
+               "s_per_batch_p50", "startup_s", "threads", "chunk"]
+    if device.type == "cuda":
+        columns += ["augment_gpu_mb_per_image", "peak_gpu_mb"]
+    return _report("augment", rows, args, columns, rate="views_per_s")
 
 
 # ---- model and train modes: the real training loop, end to end or on synthetic data ------------
@@ -392,94 +469,177 @@ def _overrides(args) -> list[str]:
             "progress=false", "resume=false", *args.set]
 
 
-def bench_loop(label: str, config: str | None, overrides: list[str], args, device: torch.device) -> dict:
-    """Run train.py for warmup + batches steps; rates from its metrics after the warm-up interval."""
+def bench_loop(label: str, overrides: list[str], args, device: torch.device) -> dict:
+    """Run train.py for warmup + batches steps; rates from its metrics after the warm-up interval.
+    overrides come last: a row's loader and sweep values win over --set."""
     import shutil
     import train
     run_dir = Path(args.out_dir) / "bench"
     shutil.rmtree(run_dir, ignore_errors=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     meter = Meter(device)
     meter.start()
-    t0 = time.perf_counter()
-    argv = (["--config", config] if config else []) + overrides + _overrides(args)
+    argv = (["--config", args.config] if args.config else []) + _overrides(args) + overrides
     result = train.main(argv)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "images_per_s" in r and r["step"] > args.warmup]
+    wall = time.perf_counter() - meter.t0
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "images_per_s" in r]
+    # intervals after the warm-up (logged every --warmup steps and at epoch ends): (record, steps in it)
+    rows = [(r, r["step"] - prev["step"]) for prev, r in zip([{"step": 0}] + logged, logged)
+            if prev["step"] >= args.warmup]
     if not rows:
         raise SystemExit(f"bench.py: the {label} run logged nothing after its {args.warmup} warm-up steps")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    images = cfg["batch_size"] * args.warmup  # per logged interval (log_every = warmup)
-    seconds = [images / r["images_per_s"] for r in rows]
+    seconds = [cfg["batch_size"] * n / r["images_per_s"] for r, n in rows]
+    per_step = [t / n for t, (_, n) in zip(seconds, rows)]
+    steps = sum(n for _, n in rows)
     res = meter.result(cfg["batch_size"])  # CPU and memory over the whole run
+    res.pop("batches")
     res.update(
-        label=label, steps=sum(args.warmup for _ in rows), images_per_s=images * len(rows) / sum(seconds),
-        s_per_batch_p50=float(np.percentile(seconds, 50)) / args.warmup,
-        s_per_batch_p95=float(np.percentile(seconds, 95)) / args.warmup,
-        data_wait=sum(r["data_wait"] * t for r, t in zip(rows, seconds)) / sum(seconds),
-        startup_s=wall - sum(seconds), loader=cfg["loader"], recipe=cfg["recipe"], arch=cfg["arch"],
-        batch_size=cfg["batch_size"], size=cfg["size"], views=cfg["views"], device=str(device),
-        exit=result["exit"])
-    res.pop("batches", None)
+        label=label, steps=steps, images_per_s=cfg["batch_size"] * steps / sum(seconds),
+        s_per_batch_p50=float(np.percentile(per_step, 50)), s_per_batch_p95=float(np.percentile(per_step, 95)),
+        data_wait=sum(r["data_wait"] * t for (r, _), t in zip(rows, seconds)) / sum(seconds),
+        startup_s=wall - sum(seconds),        # model build, loader start-up, the warm-up steps
+        loader=cfg["loader"], recipe=cfg["recipe"], arch=cfg["arch"], width=cfg["width"],
+        batch_size=cfg["batch_size"], size=cfg["size"], views=cfg["views"], workers=cfg["workers"],
+        device=str(device), exit=result["exit"])
+    for key in (k.split("=", 1)[0] for k in overrides):
+        res.setdefault(key, cfg.get(key))     # swept keys beyond the ones above
+    print(f"[bench {args.mode}] {label}: {res['images_per_s']:,.1f} images/s, data wait {res['data_wait']:.0%}, "
+          f"start-up {res['startup_s']:.1f} s", flush=True)
     return res
 
 
-def _model_overrides(args) -> list[str]:
-    """The same network and step on synthetic uint8 batches already on the device, normalise only."""
-    return ["loader=synthetic", "recipe=plain"]
+# The same network and step on synthetic uint8 batches already on the device, normalise only.
+MODEL_ONLY = ["loader=synthetic", "recipe=plain"]
 
 
 def cmd_model(args) -> dict:
     device = _device(args.device)
-    rows = [bench_loop("model-only", args.config, _model_overrides(args), args, device)]
-    return _report("model", rows, args, ["label", "arch", "batch_size", "images_per_s", "s_per_batch_p50",
-                                          "s_per_batch_p95", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else []))
+    rows = [bench_loop(_label("model-only", combo), [f"{k}={v}" for k, v in combo.items()] + MODEL_ONLY,
+                       args, device) for combo in _combos(args)]
+    columns = ["label", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95",
+               "startup_s", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+    return _report("model", rows, args, columns)
 
 
 def cmd_train(args) -> dict:
-    """End to end per loader backend, and model-only on the same config: efficiency = their ratio."""
+    """End to end per loader backend, and model-only on the same config: efficiency = their ratio
+    (per sweep combination: the ceiling moves with the batch size)."""
     device = _device(args.device)
-    model = bench_loop("model-only", args.config, _model_overrides(args), args, device)
     rows = []
-    for backend in (args.compare.split(",") if args.compare else [None]):
-        label = f"end-to-end ({backend})" if backend else "end-to-end"
-        row = bench_loop(label, args.config, [f"loader={backend}"] if backend else [], args, device)
-        row["efficiency"] = row["images_per_s"] / model["images_per_s"]
-        rows.append(row)
-    model["efficiency"] = 1.0
-    columns = ["label", "loader", "recipe", "images_per_s", "efficiency", "data_wait", "s_per_batch_p50",
-               "s_per_batch_p95", "cpu_percent", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
-    return _report("train", rows + [model], args, columns)
+    for combo in _combos(args):
+        sweep = [f"{k}={v}" for k, v in combo.items()]
+        model = bench_loop(_label("model-only", combo), sweep + MODEL_ONLY, args, device)
+        for backend in (args.compare.split(",") if args.compare else [None]):
+            label = _label(f"end-to-end ({backend})" if backend else "end-to-end", combo)
+            row = bench_loop(label, sweep + ([f"loader={backend}"] if backend else []), args, device)
+            row["efficiency"] = row["images_per_s"] / model["images_per_s"]
+            rows.append(row)
+        model["efficiency"] = 1.0
+        rows.append(model)
+    columns = ["label", "recipe", "images_per_s", "ratio", "efficiency", "data_wait", "s_per_batch_p50",
+               "s_per_batch_p95", "startup_s", "cpu_percent", "peak_rss_mb"]
+    return _report("train", rows, args, columns + (["peak_gpu_mb"] if device.type == "cuda" else []))
 
 
-def _report(mode: str, rows: list[dict], args, columns: list[str]) -> dict:
+# ---- reports: JSON, markdown table, chart -------------------------------------------------------
+
+def _report(mode: str, rows: list[dict], args, columns: list[str], rate: str = "images_per_s") -> dict:
+    """ratio = rate / the first row's; then --json, the table (.md, and stdout) and the chart (.png)."""
+    for r in rows:
+        r["ratio"] = r[rate] / rows[0][rate]
     table = _print_table(rows, columns)
-    payload = {"mode": mode, "config": getattr(args, "config", None), "results": rows, "table": table}
-    _write_json(args.json, payload)
-    if args.json:
-        _chart(rows, Path(args.json).with_suffix(".png"), f"bench.py {mode}")
-        Path(args.json).with_suffix(".md").write_text(table + "\n")
+    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    payload = {"mode": mode, "machine": _machine(), "args": settings, "results": rows, "table": table}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
+    if mode == "augment":   # batched vs the per-sample reference (grey), per row
+        bars = []
+        for r in rows:
+            bars.append((f"{r['label']} batched", r["views_per_s"],
+                         f"x{r['speedup']:.1f} vs per-sample" if "speedup" in r else f"x{r['ratio']:.2f}", BLUE))
+            if "reference_views_per_s" in r:
+                bars.append((f"{r['label']} per-sample", r["reference_views_per_s"], "", GREY))
+    else:                   # train: model-only (grey) is the ceiling the other rows are a fraction of
+        bars = [(r["label"], r[rate], f"{r['efficiency']:.2f} of model-only" if "efficiency" in r
+                 else f"x{r['ratio']:.2f}", GREY if r.get("loader") == "synthetic" else BLUE) for r in rows]
+    _chart(bars, out.with_suffix(".png"), f"bench.py {mode}", "views / s" if mode == "augment" else "images / s")
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return payload
 
 
-def _chart(rows: list[dict], out: Path, title: str) -> None:
-    """Horizontal bars of images/s per row, labelled with the ratio to the first row."""
+BLUE, GREY = "#4c72b0", "#a0a0a0"
+
+
+def _chart(bars: list[tuple[str, float, str, str]], out: Path, title: str, unit: str) -> None:
+    """Horizontal bars (label, rate, note, colour), top to bottom in row order, labelled rate and note."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [str(r.get("label") or r.get("backend") or r.get("recipe")) for r in rows]
-    rates = [r["images_per_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
-    ax.barh(labels[::-1], rates[::-1], color="#4c72b0")
-    for y, rate in enumerate(rates[::-1]):
-        ax.text(rate, y, f" {rate:,.0f}/s  x{rate / rates[0]:.2f}", va="center", fontsize=8)
-    ax.set(xlabel="images / s", title=title, xlim=(0, max(rates) * 1.35))
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(bars)))
+    labels, rates, notes, colours = zip(*bars[::-1])
+    ax.barh(range(len(bars)), rates, color=colours, tick_label=labels)
+    for y, (rate, note) in enumerate(zip(rates, notes)):
+        ax.text(rate, y, f" {rate:,.0f}/s  {note}", va="center", fontsize=8)
+    ax.set(xlabel=unit, title=title, xlim=(0, max(rates) * 1.4))
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    print(f"wrote {out}")
+
+
+# ---- readme: the numbers table of a `make bench` run ---------------------------------------------
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def readme_block(runs: dict[str, dict], results: str) -> str:
+    """The markdown between the README markers from the JSON payloads of one run (mode -> payload)."""
+    m = next(iter(runs.values()))["machine"]
+    where = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if m["gpu"] else "")
+    lines = [f"Measured by `make bench` (tools/bench.sh) on {m['date']}: {where}, torch {m['torch']}. "
+             "Rates exclude warm-up batches and start-up (worker spawn, numba compile, DALI pipeline "
+             f"build); ratios compare rows measured side by side in one run. Full tables and charts: "
+             f"`{results}/*.md`, `*.png`.", "",
+             "| measured | setting | rate | ratio |", "|---|---|---|---|"]
+    for r in runs.get("loader", {}).get("results", []):
+        lines.append(f"| loader: {r['label']} | {r['views']} views x {r['size']} px, batch {r['batch_size']}, "
+                     f"{r['workers']} workers, {r['device']} | {r['images_per_s']:,.0f} images/s | "
+                     f"x{r['ratio']:.2f} |")
+    for r in runs.get("augment", {}).get("results", []):
+        ref = (f" vs {r['reference_views_per_s']:,.0f} per sample (torchvision v2)"
+               if "reference_views_per_s" in r else "")
+        lines.append(f"| augment: {r['label']} batched vs per-sample | batch {r['batch_size']} x {r['size']} px, "
+                     f"{r['device']}, {r['threads']} threads | {r['views_per_s']:,.0f} views/s{ref} | "
+                     + (f"x{r['speedup']:.1f} speed-up |" if "speedup" in r else "|"))
+    for mode in ("train", "model"):
+        for r in runs.get(mode, {}).get("results", []):
+            what = "synthetic batches on the device, normalise only" if r["loader"] == "synthetic" \
+                else f"recipe {r['recipe']}, {r['workers']} workers"
+            eff = f"{r['efficiency']:.2f} of model-only" if "efficiency" in r else f"x{r['ratio']:.2f}"
+            lines.append(f"| train: {r['label']} | {r['arch']} width {r['width']}, {r['size']} px, batch "
+                         f"{r['batch_size']}, {what} | {r['images_per_s']:,.1f} images/s | {eff} |")
+    return "\n".join(lines)
+
+
+def cmd_readme(args) -> dict:
+    runs = {mode: json.loads(p.read_text()) for mode in ("loader", "augment", "train", "model")
+            if (p := Path(args.results) / f"{mode}.json").exists()}
+    if not runs:
+        sys.exit(f"bench.py readme: no loader/augment/train/model .json in {args.results}")
+    block = readme_block(runs, args.results)
+    readme = Path(args.readme)
+    text = readme.read_text() if readme.exists() else ""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        print(block)
+        print(f"bench.py readme: {readme} has no {BEGIN} ... {END} block; the table is above, "
+              f"put the markers where it belongs and run again", file=sys.stderr)
+        return {"block": block, "written": False}
+    readme.write_text(text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:])
+    print(f"wrote the bench block of {readme} from {', '.join(f'{m}.json' for m in runs)} in {args.results}")
+    return {"block": block, "written": True}
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -488,12 +648,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
+    sweep_help = "KEY=V1,V2: one row (group) per value; repeat for the cartesian product"
 
     p = sub.add_parser("loader", help="images/s of a loader backend (or several, side by side)")
     p.add_argument("--backend", default="torchvision", choices=["torchvision", "dali", "ffcv"])
     p.add_argument("--compare", default="", help="comma-separated backends, ratios to the first")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
+    p.add_argument("--ffcv-path", default="", help="the .beton for ffcv (default DATA/SPLIT.beton)")
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
@@ -502,7 +664,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="append", default=[], help=f"{sweep_help} ({', '.join(LOADER_SWEEPS)})")
+    p.add_argument("--json", default="runs/bench/loader.json", help="also writes .md and .png next to it")
     p.set_defaults(run=cmd_loader)
 
     p = sub.add_parser("augment", help="views/s of an augment recipe vs per-sample torchvision v2")
@@ -519,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk", type=int, default=0, help="rows per CPU chunk (0 = sized to the cache)")
     p.add_argument("--compile", action="store_true", help="torch.compile the colour-jitter kernels")
     p.add_argument("--profile", action="store_true", help="also profile one batch: time per stage, top ops")
-    p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="append", default=[], help=f"{sweep_help} ({', '.join(AUGMENT_SWEEPS)})")
+    p.add_argument("--json", default="runs/bench/augment.json", help="also writes .md and .png next to it")
     p.set_defaults(run=cmd_augment)
 
     for name, run, help_text in (("model", cmd_model, "the training step on synthetic data on the device: the ceiling"),
@@ -532,8 +696,15 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--warmup", type=int, default=5, help="steps excluded, also the logging interval")
         p.add_argument("--out-dir", default="runs/bench-tmp")
         p.add_argument("--device", default="auto")
-        p.add_argument("--json", default=None)
+        p.add_argument("--sweep", action="append", default=[],
+                       help=f"{sweep_help} (train.py config keys: batch_size, workers, ...)")
+        p.add_argument("--json", default=f"runs/bench/{name}.json", help="also writes .md and .png next to it")
         p.set_defaults(run=run)
+
+    p = sub.add_parser("readme", help=f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
+    p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json")
+    p.add_argument("--readme", default="README.md", help="only the marked block changes; never created")
+    p.set_defaults(run=cmd_readme)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,167 @@
+"""bench.py on tiny data: every mode writes well-formed JSON (rates > 0, ratios to the first row of
+the same run), a markdown table with one line per row and a PNG chart; sweeps give the cartesian
+product of rows; `readme` rewrites only the marked block. Speed is never asserted: these runs are
+too short and the machines too noisy for that, the numbers only have to be measured consistently."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import bench
+
+try:
+    import nvidia.dali  # noqa: F401
+    HAVE_DALI = True
+except ImportError:
+    HAVE_DALI = False
+
+TINY_LOADER = ["--views", "2", "--size", "32", "--batch-size", "8", "--workers", "0", "--warmup", "2",
+               "--batches", "2", "--device", "cpu"]
+TINY_AUGMENT = ["--batch-size", "8", "--size", "32", "--batches", "2", "--warmup", "1", "--reference-images", "4",
+                "--device", "cpu"]
+TINY_TRAIN = ["arch=resnet10", "width=8", "size=24", "stem=small", "batch_size=8", "workers=0", "views=2",
+              "proj_hidden=32", "proj_dim=16", "recipe=simclr", "seed=0"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """augment --threads / --sweep threads set torch's thread count for the whole process."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def results(image_folder, tmp_path_factory) -> Path:
+    """One small `make bench`: loader, augment and train JSON files in one folder."""
+    out = tmp_path_factory.mktemp("bench")
+    n = torch.get_num_threads()
+    bench.main(["loader", "--data", str(image_folder), *TINY_LOADER, "--json", str(out / "loader.json")])
+    bench.main(["augment", "--recipe", "mscn,simclr", *TINY_AUGMENT, "--json", str(out / "augment.json")])
+    torch.set_num_threads(n)
+    bench.main(["train", "--compare", "torchvision", "--warmup", "2", "--batches", "2",
+                "--out-dir", str(out / "runs"), "--device", "cpu", "--json", str(out / "train.json"),
+                "--set", f"data={image_folder}", *TINY_TRAIN])
+    return out
+
+
+def check_outputs(json_path: Path, rate: str = "images_per_s") -> list[dict]:
+    """The three files of a run: returns its rows after checking what every mode promises."""
+    payload = json.loads(json_path.read_text())
+    rows = payload["results"]
+    assert rows and payload["mode"] == json_path.stem
+    assert {"cpu", "cores", "torch", "date"} <= payload["machine"].keys()
+    assert payload["machine"]["torch"] == torch.__version__
+    for r in rows:
+        assert r[rate] > 0 and r["startup_s"] >= 0
+        assert r["ratio"] == pytest.approx(r[rate] / rows[0][rate], rel=1e-12)
+    assert rows[0]["ratio"] == 1.0
+    table = json_path.with_suffix(".md").read_text().splitlines()
+    assert table == payload["table"].splitlines() and len(table) == len(rows) + 2
+    assert table[0].startswith("| label |") and table[1].startswith("|---|")
+    for line, r in zip(table[2:], rows):
+        assert line.startswith(f"| {r['label']} |")
+    png = json_path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        img.verify()
+    return rows
+
+
+def test_loader_mode(results):
+    (row,) = check_outputs(results / "loader.json")
+    assert row["label"] == row["backend"] == "torchvision"
+    assert row["batches"] == 2 and row["batch_size"] == 8 and row["workers"] == 0
+    assert row["peak_rss_mb"] > 0 and row["s_per_batch_p95"] >= row["s_per_batch_p50"] > 0
+
+
+def test_augment_mode_against_the_per_sample_reference(results):
+    rows = check_outputs(results / "augment.json", rate="views_per_s")
+    assert [r["label"] for r in rows] == ["mscn", "simclr"]
+    for r in rows:
+        assert r["reference_images"] == 4 and r["reference_views_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["views_per_s"] / r["reference_views_per_s"])
+        assert r["startup_s"] >= r["first_call_s"] > 0
+    assert rows[0]["views_per_image"] > rows[1]["views_per_image"] == 2   # MSCN's extra masked copies
+
+
+def test_train_mode_end_to_end_vs_model_only(results):
+    e2e, model = check_outputs(results / "train.json")
+    assert (e2e["label"], e2e["loader"], e2e["recipe"]) == ("end-to-end (torchvision)", "torchvision", "simclr")
+    assert (model["label"], model["loader"], model["recipe"]) == ("model-only", "synthetic", "plain")
+    assert e2e["efficiency"] == pytest.approx(e2e["images_per_s"] / model["images_per_s"])
+    assert model["efficiency"] == 1.0
+    for r in (e2e, model):
+        assert r["steps"] == 2 and r["arch"] == "resnet10" and r["batch_size"] == 8
+        assert 0 <= r["data_wait"] <= 1 and r["exit"] == "reached max_steps=4"
+    assert model["data_wait"] < e2e["data_wait"]      # nothing to load: the one robust ordering here
+
+
+def test_sweeps_are_cartesian(image_folder, tmp_path):
+    out = tmp_path / "loader.json"
+    bench.main(["loader", "--data", str(image_folder), *TINY_LOADER, "--sweep", "workers=0,1",
+                "--sweep", "batch_size=4,8", "--json", str(out)])
+    rows = check_outputs(out)
+    assert [(r["workers"], r["batch_size"]) for r in rows] == [(0, 4), (0, 8), (1, 4), (1, 8)]
+    assert rows[3]["label"] == "torchvision workers=1 batch_size=8"
+    with pytest.raises(SystemExit, match="choose from"):
+        bench.main(["loader", "--data", str(image_folder), "--sweep", "threads=1,2", "--json", str(out)])
+
+    out = tmp_path / "augment.json"
+    bench.main(["augment", "--recipe", "simclr", *TINY_AUGMENT, "--reference-images", "0",
+                "--sweep", "threads=1,2", "--json", str(out)])
+    rows = check_outputs(out, rate="views_per_s")
+    assert [r["threads"] for r in rows] == [1, 2] and "speedup" not in rows[0]
+
+    out = tmp_path / "model.json"       # train.py's own keys pass through as overrides
+    bench.main(["model", "--warmup", "1", "--batches", "1", "--out-dir", str(tmp_path / "runs"), "--device",
+                "cpu", "--sweep", "batch_size=4,8", "--json", str(out), "--set", f"data={image_folder}", *TINY_TRAIN])
+    rows = check_outputs(out)
+    assert [(r["label"], r["batch_size"]) for r in rows] == [("model-only batch_size=4", 4),
+                                                             ("model-only batch_size=8", 8)]
+
+
+@pytest.mark.dali
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+def test_loader_compare_torchvision_dali(image_folder, tmp_path):
+    out = tmp_path / "loader.json"
+    bench.main(["loader", "--compare", "torchvision,dali", "--data", str(image_folder), *TINY_LOADER,
+                "--workers", "1", "--json", str(out)])
+    rows = check_outputs(out)
+    assert [r["backend"] for r in rows] == ["torchvision", "dali"]
+
+
+def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
+    before, after = "# masksiam\n\nintro text\n\n", "\n\n## Next section\nmore text\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + bench.BEGIN + "\nold numbers\n" + bench.END + after)
+    res = bench.main(["readme", "--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert res["written"] and "old numbers" not in text
+    assert text.startswith(before + bench.BEGIN + "\n") and text.endswith(bench.END + after)
+    block = text[len(before + bench.BEGIN):-len(bench.END + after)]
+    assert block.strip() == res["block"]
+    machine = json.loads((results / "loader.json").read_text())["machine"]
+    assert machine["cpu"] in block and f"torch {torch.__version__}" in block and machine["date"] in block
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| measured")]
+    assert [line.split(" | ")[0] for line in rows] == [
+        "| loader: torchvision", "| augment: mscn batched vs per-sample", "| augment: simclr batched vs per-sample",
+        "| train: end-to-end (torchvision)", "| train: model-only"]
+    assert "x1.00" in rows[0] and "of model-only" in rows[3]
+    # a second run replaces its own block: still one block, the rest of the file unchanged
+    bench.main(["readme", "--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == text
+
+    # no markers: the file stays as it is, the block goes to stdout with a note on stderr
+    readme.write_text("no markers here\n")
+    capsys.readouterr()
+    assert not bench.main(["readme", "--results", str(results), "--readme", str(readme)])["written"]
+    out, err = capsys.readouterr()
+    assert readme.read_text() == "no markers here\n" and res["block"] in out and bench.BEGIN in err
+    missing = tmp_path / "nothing" / "README.md"
+    bench.main(["readme", "--results", str(results), "--readme", str(missing)])
+    assert not missing.exists()
