@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCHVISION)" | md5sum | cu
 TESTDATA := .cache/testdata/pillow/.complete
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench data clean-venv
+.PHONY: install demo test test-fast bench data clean-venv
 
 install: $(STAMP) $(TESTDATA)
 
@@ -40,11 +40,13 @@ demo: data
 	$(PY) train.py --config configs/demo_fmnist.yaml resume=true
 	$(PY) -m eval.demo_report --run runs/demo
 
+# the whole suite (~3 min on 2 cores; GPU tests skip without CUDA); pytest fails when none ran
 test: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
-
-test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# without the multi-process / signal tests (@pytest.mark.slow): the edit-test loop
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 bench: install
 	@[ -f $(DATA)/photos/.complete ] || $(PY) convert.py photos --out $(DATA)/photos --force
