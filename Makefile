@@ -48,9 +48,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
+# the standard throughput comparison on the photos folder (~7 min on 2 cores): runs/bench/*.{json,md,png}
+# and the numbers table in README.md
 bench: install
-	@[ -f $(DATA)/photos/.complete ] || $(PY) convert.py photos --out $(DATA)/photos --force
-	$(PY) bench.py loader --compare torchvision,dali,ffcv --data $(DATA)/photos --json runs/bench/loader.json
+	PY=$(PY) DATA=$(DATA) tools/bench.sh
 
 clean-venv:
 	rm -rf $(VENV)
