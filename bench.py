@@ -43,10 +43,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _machine_busy() -> float:
+    """CPU seconds the whole machine (every process, and the hypervisor's steal) has been busy."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 class Meter:
     """Per-batch wall times after warm-up, CPU time of this process and its children, and their peak
     RSS, sampled by a thread from construction on (loader workers come and go between batches).
-    On CUDA the peak GPU memory counts from construction too."""
+    On CUDA the peak GPU memory counts from construction too. other_cpu_percent is the CPU the rest
+    of the machine used meanwhile: the sign of a contended, untrustworthy measurement."""
 
     def __init__(self, device: torch.device):
         self.device, self.times = device, []
@@ -74,7 +81,7 @@ class Meter:
 
     def _cpu(self) -> float:
         t = self.proc.cpu_times()
-        total = t.user + t.system
+        total = t.user + t.system + t.children_user + t.children_system   # + workers already gone
         for child in self.proc.children(recursive=True):
             try:
                 ct = child.cpu_times()
@@ -86,7 +93,7 @@ class Meter:
     def start(self) -> None:
         _sync(self.device)
         self.t0 = self.last = time.perf_counter()
-        self.cpu0 = self._cpu()
+        self.cpu0, self.busy0 = self._cpu(), _machine_busy()
 
     def tick(self) -> None:
         _sync(self.device)
@@ -99,13 +106,15 @@ class Meter:
         self._watcher.join()
         self._rss()
         wall = time.perf_counter() - self.t0
+        cpu, busy = self._cpu() - self.cpu0, _machine_busy() - self.busy0
         t = np.array(self.times)
         out = {
             "batches": len(t),
             "images_per_s": images_per_batch * len(t) / wall if wall > 0 else float("nan"),
             "s_per_batch_p50": float(np.percentile(t, 50)) if len(t) else float("nan"),
             "s_per_batch_p95": float(np.percentile(t, 95)) if len(t) else float("nan"),
-            "cpu_percent": 100.0 * (self._cpu() - self.cpu0) / wall if wall > 0 else float("nan"),
+            "cpu_percent": 100.0 * cpu / wall if wall > 0 else float("nan"),
+            "other_cpu_percent": max(0.0, 100.0 * (busy - cpu) / wall) if wall > 0 else float("nan"),
             "peak_rss_mb": self.peak_rss / 2**20,
         }
         if self.device.type == "cuda":
@@ -228,7 +237,7 @@ def cmd_loader(args) -> dict:
                   f"{run.batch_size} x {run.views} views @ {run.size}px, {run.workers} workers", flush=True)
             rows.append({"label": _label(backend, combo), **bench_loader(backend, run, device)})
     columns = ["label", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95", "cpu_percent",
-               "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+               "other_cpu_percent", "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
     return _report("loader", rows, args, columns)
 
 
@@ -412,6 +421,8 @@ def bench_augment(recipe: str, args, device: torch.device) -> dict:
     gpu_bytes = _augment_gpu_bytes(aug, views, device) if device.type == "cuda" else None
     # batched and per-sample batches alternate, so load changes on a shared machine hit both alike
     t_batched, t_ref = [], []
+    meter = Meter(device)                                           # CPU, memory, the machine's load
+    meter.start()
     for _ in tqdm(range(args.batches), desc=recipe, file=sys.stderr, unit="batch", leave=False):
         _sync(device)
         t0 = time.perf_counter()
@@ -427,13 +438,14 @@ def bench_augment(recipe: str, args, device: torch.device) -> dict:
            "chunk": aug.chunk, "compile": args.compile, "startup_s": startup, "first_call_s": first_call,
            "batches": args.batches, "views_per_s": per_image * args.batch_size * len(t_batched) / sum(t_batched),
            "s_per_batch_p50": float(np.percentile(t_batched, 50))}
+    res.update({k: v for k, v in meter.result(0).items()
+                if k in ("cpu_percent", "other_cpu_percent", "peak_rss_mb", "peak_gpu_mb")})
     if ref is not None:
         res.update(reference_images=ref_n,
                    reference_views_per_s=per_image * ref_n * len(t_ref) / sum(t_ref))
         res["speedup"] = res["views_per_s"] / res["reference_views_per_s"]
-    if gpu_bytes is not None:
+    if gpu_bytes is not None:                                       # peak_gpu_mb: of the timed batches
         res["augment_gpu_mb_per_image"] = gpu_bytes / args.batch_size / 2**20
-        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20   # since that call
     if args.profile:
         res["profile"] = _augment_profile(aug, views, device)
     return res
@@ -454,7 +466,7 @@ def cmd_augment(args) -> dict:
                   f"per batch", flush=True)
             rows.append({"label": _label(recipe, combo), **bench_augment(recipe, run, device)})
     columns = ["label", "views_per_image", "views_per_s", "ratio", "reference_views_per_s", "speedup",
-               "s_per_batch_p50", "startup_s", "threads", "chunk"]
+               "s_per_batch_p50", "startup_s", "threads", "chunk", "other_cpu_percent"]
     if device.type == "cuda":
         columns += ["augment_gpu_mb_per_image", "peak_gpu_mb"]
     return _report("augment", rows, args, columns, rate="views_per_s")
@@ -518,7 +530,7 @@ def cmd_model(args) -> dict:
     rows = [bench_loop(_label("model-only", combo), [f"{k}={v}" for k, v in combo.items()] + MODEL_ONLY,
                        args, device) for combo in _combos(args)]
     columns = ["label", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95",
-               "startup_s", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+               "startup_s", "other_cpu_percent", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
     return _report("model", rows, args, columns)
 
 
@@ -538,7 +550,7 @@ def cmd_train(args) -> dict:
         model["efficiency"] = 1.0
         rows.append(model)
     columns = ["label", "recipe", "images_per_s", "ratio", "efficiency", "data_wait", "s_per_batch_p50",
-               "s_per_batch_p95", "startup_s", "cpu_percent", "peak_rss_mb"]
+               "s_per_batch_p95", "startup_s", "cpu_percent", "other_cpu_percent", "peak_rss_mb"]
     return _report("train", rows, args, columns + (["peak_gpu_mb"] if device.type == "cuda" else []))
 
 
@@ -598,10 +610,13 @@ def readme_block(runs: dict[str, dict], results: str) -> str:
     """The markdown between the README markers from the JSON payloads of one run (mode -> payload)."""
     m = next(iter(runs.values()))["machine"]
     where = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if m["gpu"] else "")
+    other = max(r.get("other_cpu_percent", 0.0) for run in runs.values() for r in run["results"])
     lines = [f"Measured by `make bench` (tools/bench.sh) on {m['date']}: {where}, torch {m['torch']}. "
              "Rates exclude warm-up batches and start-up (worker spawn, numba compile, DALI pipeline "
-             f"build); ratios compare rows measured side by side in one run. Full tables and charts: "
-             f"`{results}/*.md`, `*.png`.", "",
+             f"build); ratios compare rows measured side by side in one run. Other processes used at "
+             f"most {other:.0f}% of a core during a row" + (" (a contended run: rerun on an idle machine)"
+                                                              if other > 25 else "")
+             + f". Full tables and charts: `{results}/*.md`, `*.png`.", "",
              "| measured | setting | rate | ratio |", "|---|---|---|---|"]
     for r in runs.get("loader", {}).get("results", []):
         lines.append(f"| loader: {r['label']} | {r['views']} views x {r['size']} px, batch {r['batch_size']}, "

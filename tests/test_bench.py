@@ -57,7 +57,8 @@ def check_outputs(json_path: Path, rate: str = "images_per_s") -> list[dict]:
     assert {"cpu", "cores", "torch", "date"} <= payload["machine"].keys()
     assert payload["machine"]["torch"] == torch.__version__
     for r in rows:
-        assert r[rate] > 0 and r["startup_s"] >= 0
+        assert r[rate] > 0 and r["startup_s"] >= 0 and r["peak_rss_mb"] > 0
+        assert r["cpu_percent"] > 0 and r["other_cpu_percent"] >= 0     # what else loaded the machine
         assert r["ratio"] == pytest.approx(r[rate] / rows[0][rate], rel=1e-12)
     assert rows[0]["ratio"] == 1.0
     table = json_path.with_suffix(".md").read_text().splitlines()
@@ -147,6 +148,7 @@ def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
     assert block.strip() == res["block"]
     machine = json.loads((results / "loader.json").read_text())["machine"]
     assert machine["cpu"] in block and f"torch {torch.__version__}" in block and machine["date"] in block
+    assert "Other processes used at most" in block
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| measured")]
     assert [line.split(" | ")[0] for line in rows] == [
         "| loader: torchvision", "| augment: mscn batched vs per-sample", "| augment: simclr batched vs per-sample",
