@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: the standard throughput comparison, sized for a 2-core CPU (about 7 minutes there).
+# `make bench`: the standard throughput comparison, sized for a 2-core CPU (about 6 minutes there on an idle machine).
 #   1. data: the photos folder with every image capped at 256 px (convert.py photos --max-res 256)
 #      and a .beton of the same images, so every loader decodes the same pixels at the same size
 #   2. loader: torchvision vs DALI vs FFCV, 2 views x 224 px, batch 64, 2 workers
