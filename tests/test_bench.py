@@ -58,7 +58,8 @@ def check_outputs(json_path: Path, rate: str = "images_per_s") -> list[dict]:
     assert payload["machine"]["torch"] == torch.__version__
     for r in rows:
         assert r[rate] > 0 and r["startup_s"] >= 0 and r["peak_rss_mb"] > 0
-        assert r["cpu_percent"] > 0 and r["other_cpu_percent"] >= 0     # what else loaded the machine
+        # CPU times tick every 10 ms, a tiny loader run can take less: present and >= 0 is all there is
+        assert r["cpu_percent"] >= 0 and r["other_cpu_percent"] >= 0
         assert r["ratio"] == pytest.approx(r[rate] / rows[0][rate], rel=1e-12)
     assert rows[0]["ratio"] == 1.0
     table = json_path.with_suffix(".md").read_text().splitlines()
