@@ -154,7 +154,11 @@ class DaliLoader:
         self.threads, self.prefetch = max(1, threads), max(1, prefetch)
         self.crop_in_dali = device.type == "cuda" if crop_in_dali is None else crop_in_dali
         self.epoch, self.start_batch = 0, 0
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-host")  # reads, host crops
+        # reads and host crops. One intra-op thread each (a per-thread setting; the training thread
+        # keeps its own): the pool already spreads images over the cores, and an OpenMP team per
+        # 224 px resize oversubscribed them (measured: 1.3x more images/s on 2 cores)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-host",
+                                        initializer=torch.set_num_threads, initargs=(1,))
         self._planner = ThreadPoolExecutor(1, thread_name_prefix="dali-plan")          # whole batches, ahead
         self._pipe = None
         self._todo: deque[list] = deque()  # [epoch, indices, planned future or None]: not yet given to DALI
