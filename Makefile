@@ -40,7 +40,7 @@ demo: data
 	$(PY) train.py --config configs/demo_fmnist.yaml resume=true
 	$(PY) -m eval.demo_report --run runs/demo
 
-# the whole suite (~3 min on 2 cores; GPU tests skip without CUDA); pytest fails when none ran
+# the whole suite (~1.5 min on 2 cores; GPU tests skip without CUDA); pytest fails when none ran
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
@@ -48,7 +48,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
-# the standard throughput comparison on the photos folder (~7 min on 2 cores): runs/bench/*.{json,md,png}
+# the standard throughput comparison on the photos folder (~5 min on 2 cores): runs/bench/*.{json,md,png}
 # and the numbers table in README.md
 bench: install
 	PY=$(PY) DATA=$(DATA) tools/bench.sh
