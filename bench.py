@@ -181,9 +181,17 @@ def _label(name: str, combo: dict) -> str:
 
 # ---- loader mode --------------------------------------------------------------------------------
 
+# loader-mode backend names -> config; ffcv-perview is FFCV's own way (one decode per view), the
+# baseline of masksiam's fused multi-view decoder
+LOADER_BACKENDS = {"torchvision": {"loader": "torchvision"}, "dali": {"loader": "dali"},
+                   "ffcv": {"loader": "ffcv"}, "ffcv-perview": {"loader": "ffcv", "ffcv_fused": False}}
+
+
 def bench_loader(backend: str, args, device: torch.device) -> dict:
     from pipelines import build_loader
-    cfg = apply(Config(), {"data": args.data, "loader": backend, "views": args.views, "size": args.size,
+    if backend not in LOADER_BACKENDS:
+        sys.exit(f"bench.py loader: unknown backend {backend!r}; choose from {', '.join(LOADER_BACKENDS)}")
+    cfg = apply(Config(), {"data": args.data, **LOADER_BACKENDS[backend], "views": args.views, "size": args.size,
                            "batch_size": args.batch_size, "workers": args.workers, "prefetch": args.prefetch,
                            "train_split": args.split, "ffcv_path": args.ffcv_path, "seed": 0}, "bench.py")
     info = DistInfo(0, 1, 0, device)
@@ -226,16 +234,36 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
 LOADER_SWEEPS = ("workers", "batch_size", "views", "size", "prefetch")
 
 
+def _merge_repeats(runs: list[dict]) -> dict:
+    """One row from repeated measurements: rates and times averaged, start-up at its worst, memory
+    peaks at their least (later repeats run in a process that already held the other loaders),
+    each repeat's images/s kept (`images_per_s_runs`) to show the spread."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            values = [r[key] for r in runs]
+            row[key] = (min(values) if key.startswith("peak") else max(values) if key == "startup_s"
+                        else sum(values) / len(values))
+    row["images_per_s_runs"] = [r["images_per_s"] for r in runs]
+    return row
+
+
 def cmd_loader(args) -> dict:
     device = _device(args.device)
     backends = args.compare.split(",") if args.compare else [args.backend]
     rows = []
     for combo in _combos(args, LOADER_SWEEPS):
         run = argparse.Namespace(**{**vars(args), **combo})
-        for backend in backends:
-            print(f"[bench loader] {_label(backend, combo)}: {run.warmup} warm-up + {run.batches} batches of "
-                  f"{run.batch_size} x {run.views} views @ {run.size}px, {run.workers} workers", flush=True)
-            rows.append({"label": _label(backend, combo), **bench_loader(backend, run, device)})
+        measured = {b: [] for b in backends}
+        # repeats alternate the order (A B C, C B A, ...): a drift in the machine's speed during the
+        # run then weighs on every backend alike instead of on the last one
+        for r in range(args.repeats):
+            for backend in (backends if r % 2 == 0 else backends[::-1]):
+                print(f"[bench loader] {_label(backend, combo)} ({r + 1}/{args.repeats}): {run.warmup} warm-up + "
+                      f"{run.batches} batches of {run.batch_size} x {run.views} views @ {run.size}px, "
+                      f"{run.workers} workers", flush=True)
+                measured[backend].append(bench_loader(backend, run, device))
+        rows += [{"label": _label(b, combo), **_merge_repeats(measured[b])} for b in backends]
     columns = ["label", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95", "cpu_percent",
                "other_cpu_percent", "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
     return _report("loader", rows, args, columns)
@@ -666,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
     sweep_help = "KEY=V1,V2: one row (group) per value; repeat for the cartesian product"
 
     p = sub.add_parser("loader", help="images/s of a loader backend (or several, side by side)")
-    p.add_argument("--backend", default="torchvision", choices=["torchvision", "dali", "ffcv"])
+    p.add_argument("--backend", default="torchvision", choices=list(LOADER_BACKENDS))
     p.add_argument("--compare", default="", help="comma-separated backends, ratios to the first")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
@@ -680,6 +708,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--sweep", action="append", default=[], help=f"{sweep_help} ({', '.join(LOADER_SWEEPS)})")
+    p.add_argument("--repeats", type=int, default=1, help="measure every backend this many times, "
+                   "alternating the order; rows average them")
     p.add_argument("--json", default="runs/bench/loader.json", help="also writes .md and .png next to it")
     p.set_defaults(run=cmd_loader)
 

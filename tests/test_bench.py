@@ -132,9 +132,12 @@ def test_sweeps_are_cartesian(image_folder, tmp_path):
 def test_loader_compare_torchvision_dali(image_folder, tmp_path):
     out = tmp_path / "loader.json"
     bench.main(["loader", "--compare", "torchvision,dali", "--data", str(image_folder), *TINY_LOADER,
-                "--workers", "1", "--json", str(out)])
+                "--workers", "1", "--repeats", "2", "--json", str(out)])
     rows = check_outputs(out)
     assert [r["backend"] for r in rows] == ["torchvision", "dali"]
+    for r in rows:                                     # each row: the mean of its two repeats
+        assert len(r["images_per_s_runs"]) == 2
+        assert r["images_per_s"] == pytest.approx(sum(r["images_per_s_runs"]) / 2)
 
 
 def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
