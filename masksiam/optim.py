@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.sgd import sgd as fused_sgd   # the functional SGD step; called with fused=True
 from torch import nn
 
 
@@ -45,7 +46,6 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        skip = None if found_inf is None else found_inf.bool()          # 0-dim, on the device
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -62,21 +62,16 @@ class LARS(torch.optim.Optimizer):
                                     torch.ones_like(w_norm))
                 grads = torch._foreach_mul(grads, list(trust.unbind()))
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 bufs.append(state["momentum_buffer"])
-            new_bufs = torch._foreach_mul(bufs, group["momentum"])
-            torch._foreach_add_(new_bufs, grads)
-            if skip is None:
-                torch._foreach_copy_(bufs, new_bufs)
-                torch._foreach_add_(params, new_bufs, alpha=-group["lr"])
-            else:
-                # select, not blend: a NaN gradient times 0 is still NaN
-                for p, buf, new in zip(params, bufs, new_bufs):
-                    buf.copy_(torch.where(skip, buf, new))
-                    p.copy_(torch.where(skip, p, p - group["lr"] * new))
+            # momentum and the update in torch's fused SGD kernel, which also skips the whole step
+            # in-kernel when found_inf is set: no host sync, and NaN gradients never reach the state
+            fused_sgd(params, grads, bufs, fused=True, found_inf=found_inf, weight_decay=0.0,
+                                momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False,
+                                maximize=False)
         return None
 
 
