@@ -37,8 +37,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                device_id=dev if use_cuda else None)
+        # torchrun's store outlives a worker restart (--max-restarts), and a restarted worker could
+        # read the dead group's addresses from it before its peer overwrote them (gloo: connection
+        # refused, or a hang): every attempt gets its own key space
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size, device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
 
 

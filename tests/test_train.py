@@ -189,15 +189,14 @@ def test_demo_report_compares_with_random_init_and_fails_without_a_gain(image_fo
 
 @pytest.mark.slow
 def test_torchrun_elastic_restart_resumes_a_run_whose_worker_died(image_folder, tmp_path):
-    """Rank 1 dies in epoch 2 (after the epoch-1 checkpoint); torchrun --max-restarts restarts the
+    """Rank 1 dies in epoch 2 (after the epoch-1 checkpoint); torchrun --max-restarts=1 restarts the
     workers, they resume from the checkpoint, and the finished run logged each step once, with the
     losses of an uninterrupted single-process run."""
     common = ["epochs=2", "recipe=plain", "sync_bn=true", "final_eval=false"]
     single = train.main(_args(image_folder, tmp_path, "one", *common))
-    # more than one restart allowed: gloo's first reconnect is sometimes refused while the dead
-    # group's sockets close (seen here), and a real job sets --max-restarts well above 1 anyway
+    # one restart allowed: it must succeed at once (masksiam.dist keys each attempt apart)
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-                "--max-restarts=3", "tests/_die_once.py", *_args(image_folder, tmp_path, "elastic", *common)]
+                "--max-restarts=1", "tests/_die_once.py", *_args(image_folder, tmp_path, "elastic", *common)]
     out = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASKSIAM_TEST_DIE_BEFORE_STEP": "5"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
