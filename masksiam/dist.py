@@ -7,6 +7,7 @@ is a no-op at world size 1, so the training code never branches on it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,13 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # gloo's worker threads free finished collectives after they return, and freeing one whose
+        # tensors Python already dropped (all_gather_object's) takes the GIL. A group destroyed in
+        # that window (DDP's reducer holds it to the end) joins those threads while holding the
+        # GIL: a deadlock at exit, seen in 1 of 12 2-process runs. A barrier, then a wait without
+        # the GIL, lets them finish first.
+        dist.barrier()
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
