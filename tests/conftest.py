@@ -1,6 +1,7 @@
 """Shared fixtures: small real-photo ImageFolders built at run time (nothing binary is committed)."""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,42 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # real photos that ship inside scikit-image's wheel (no network): RGB and grayscale
 SKIMAGE_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field",
                   "coins", "immunohistochemistry", "camera", "moon"]
+
+
+# DALI and FFCV are optional for a user, but the project installs them (`make install`): where it did
+# (CI, `make test`, `make test-fast`), a failed import is a broken install and must fail the suite
+# instead of turning their tests into skips; elsewhere (a bare pip install) those tests skip.
+REQUIRE_LOADERS_ENV = "MASKSIAM_REQUIRE_LOADERS"
+
+
+def loader_libraries_required() -> bool:
+    """True under CI=true (GitHub Actions and most CI set it) or MASKSIAM_REQUIRE_LOADERS=1 (the Makefile)."""
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get(REQUIRE_LOADERS_ENV, "") == "1"
+
+
+def have_loader_library(name: str) -> bool:
+    """Whether the optional loader library `name` (e.g. "nvidia.dali", "ffcv") imports: for skipif marks.
+
+    Raises ImportError, naming the library and why, when it does not import and the project installed
+    it (loader_libraries_required): a missing library is then an error at collection, not skips.
+    """
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        if loader_libraries_required():
+            raise ImportError(f"{name} does not import but this test run requires it (CI=true or "
+                              f"{REQUIRE_LOADERS_ENV}=1, set by `make test`): the install is broken, "
+                              f"rerun `make install` ({type(err).__name__}: {err})") from err
+        return False
+    return True
+
+
+def import_loader_library(name: str):
+    """The module `name`, for a test module that needs it throughout: pytest.importorskip, except that
+    the import failing is an error where the library is required (have_loader_library)."""
+    if not have_loader_library(name):
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
+    return importlib.import_module(name)
 
 
 def skimage_photos() -> list[np.ndarray]:
