@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from masksiam.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,15 +28,37 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes, or stay single-process; pick the device."""
+# MASKSIAM_DEVICE=cpu|cuda|auto chooses the device where the caller does not: tests designed for the
+# CPU (2-process gloo, bitwise comparisons) pin it on a CUDA host, and a user can keep a run off the GPU
+DEVICE_ENV = "MASKSIAM_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_device(device: str | None = None) -> str:
+    """"cpu" or "cuda": `device` if given, else $MASKSIAM_DEVICE, else auto (CUDA where it exists)."""
+    source = "device" if device is not None else DEVICE_ENV
+    device = device if device is not None else os.environ.get(DEVICE_ENV, "auto") or "auto"
+    if device not in DEVICES:
+        raise ConfigError(f"{source}={device!r}: choose from {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{source}=cuda but CUDA is not available (torch {torch.__version__})")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes, or stay single-process; pick the device
+    (choose_device: the argument, else $MASKSIAM_DEVICE, else CUDA where available)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = choose_device(device) == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # local rank modulo the visible GPUs: a scheduler that shows each task only its own GPU
+        # (CUDA_VISIBLE_DEVICES=<one>) still launches local ranks 0..N-1
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

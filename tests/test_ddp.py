@@ -1,6 +1,7 @@
 """DDP on CPU (gloo): two processes holding half a batch each take the step one process takes on
 the whole batch. The network is the real one (ResNet + projector with BatchNorm, synchronised by
-models.syncbn) and the loss is SimCLR with negatives gathered across ranks."""
+models.syncbn) and the loss is SimCLR with negatives gathered across ranks. Everything here tests the
+CPU: MASKSIAM_DEVICE=cpu pins it for init_distributed, also on a CUDA host."""
 from __future__ import annotations
 
 import os
@@ -13,12 +14,20 @@ import torch.multiprocessing as mp
 
 import masksiam  # noqa: F401
 from losses import Embeddings, get_method, hparams
-from masksiam.config import Config
+from masksiam import dist as mdist
+from masksiam.config import Config, ConfigError
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone
 from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm
 
 N_GLOBAL = 8
+
+
+@pytest.fixture(autouse=True)
+def _pin_cpu(monkeypatch):
+    """CPU tests: init_distributed picks the CPU (and gloo) even where CUDA exists; spawned workers
+    inherit the environment."""
+    monkeypatch.setenv(mdist.DEVICE_ENV, "cpu")
 
 
 def _net(seed: int = 0) -> torch.nn.Module:
@@ -65,8 +74,10 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    info = mdist.init_distributed()             # the CPU and gloo: MASKSIAM_DEVICE=cpu (_pin_cpu)
+    assert info.device.type == "cpu" and dist.get_backend() == "gloo" and info.rank == rank
     torch.set_num_threads(1)
     model = convert_sync_batchnorm(_net(), torch.device("cpu"))
     model = torch.nn.parallel.DistributedDataParallel(model)
@@ -111,3 +122,30 @@ def test_convert_sync_batchnorm_keeps_weights_and_keys():
     assert before.keys() == after.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k])
+
+
+def test_choose_device_argument_then_environment(monkeypatch):
+    assert mdist.choose_device("cpu") == "cpu"
+    assert mdist.choose_device() == "cpu"                      # MASKSIAM_DEVICE=cpu (_pin_cpu)
+    monkeypatch.setenv(mdist.DEVICE_ENV, "auto")
+    assert mdist.choose_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(mdist.DEVICE_ENV, "gpu")
+    with pytest.raises(ConfigError, match="MASKSIAM_DEVICE='gpu': choose from auto, cpu, cuda"):
+        mdist.choose_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="cuda but CUDA is not available"):
+        mdist.choose_device("cuda")
+
+
+def test_cuda_device_is_the_local_rank_modulo_the_visible_gpus(monkeypatch):
+    """A scheduler showing each task one GPU: local rank 3 of 4 takes cuda:0, not set_device(3)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")                     # no process group: only the device
+    info = mdist.init_distributed("cuda")
+    assert info.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert mdist.init_distributed("cuda").device == torch.device("cuda", 1)
