@@ -188,7 +188,7 @@ LOADER_BACKENDS = {"torchvision": {"loader": "torchvision"}, "dali": {"loader": 
 
 
 def bench_loader(backend: str, args, device: torch.device) -> dict:
-    from pipelines import build_loader
+    from pipelines.loaders import build_loader
     if backend not in LOADER_BACKENDS:
         sys.exit(f"bench.py loader: unknown backend {backend!r}; choose from {', '.join(LOADER_BACKENDS)}")
     cfg = apply(Config(), {"data": args.data, **LOADER_BACKENDS[backend], "views": args.views, "size": args.size,
@@ -280,7 +280,7 @@ class _PerSampleReference:
 
     def __init__(self, recipe, size: int):
         from torchvision.transforms import v2
-        from pipelines import augment as A
+        from pipelines.augment import ops as A
         self.recipe, self.size = recipe, size
         scale = size / recipe.ref_size
         self.branches = []
@@ -353,7 +353,7 @@ class _PerSampleReference:
                 images.append(torch.randperm(side * side).lt(count).view(side, side))   # one mask
             out.append(images)
         if r.mix:
-            from pipelines import mixing
+            from pipelines.augment import mixing
             src, m = sum(b.copies for b in r.branches[:r.mix.branch]), r.mix
             for i in range(n):
                 x, x_rev = out[i][src], out[n - 1 - i][src]
@@ -387,7 +387,7 @@ def _bench_images(sources: int, n: int, size: int, device: torch.device, seed: i
 
 
 def _augment_profile(aug, views, device: torch.device) -> list[dict]:
-    """Time per stage (the augment.* ranges of pipelines/recipes.py) and the top ops, one batch."""
+    """Time per stage (the augment.* ranges of pipelines/augment/recipes.py) and the top ops, one batch."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -422,7 +422,7 @@ def _augment_gpu_bytes(aug, views, device: torch.device) -> int:
 
 
 def bench_augment(recipe: str, args, device: torch.device) -> dict:
-    from pipelines.recipes import build_augmenter
+    from pipelines.augment.engine import build_augmenter
     if args.threads:
         torch.set_num_threads(args.threads)        # before the build: the CPU chunk pool takes its size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

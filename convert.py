@@ -17,11 +17,11 @@ import sys
 
 # command -> module; the module's COMMANDS[command] = (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS = {
-    "fashion-mnist": "pipelines.datasets",
-    "photos": "pipelines.datasets",
-    "webdataset": "pipelines.webdataset",
-    "validate": "pipelines.validate",
-    "ffcv": "pipelines.ffcv_convert",
+    "fashion-mnist": "pipelines.tools.datasets",
+    "photos": "pipelines.tools.datasets",
+    "webdataset": "pipelines.tools.webdataset",
+    "validate": "pipelines.tools.validate",
+    "ffcv": "pipelines.tools.ffcv_convert",
 }
 
 

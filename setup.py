@@ -11,8 +11,9 @@ setup(
     description="High-throughput self-supervised pretraining for ConvNets: DALI/FFCV loaders, "
                 "batched GPU augmentation and masking, SimCLR/MoCo/BYOL/SimSiam/Barlow/VICReg/MIM",
     python_requires=">=3.10",
-    packages=["masksiam", "pipelines", "models", "losses", "eval"],
-    package_data={"pipelines": ["recipes/*.yaml"]},
+    packages=["masksiam", "pipelines", "pipelines.loaders", "pipelines.augment", "pipelines.tools",
+              "models", "losses", "eval"],
+    package_data={"pipelines.augment": ["recipes/*.yaml"]},
     py_modules=["train", "bench", "convert"],
     install_requires=[
         "torch>=2.4",

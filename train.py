@@ -37,8 +37,8 @@ from models.ema import ema_update, make_target, momentum_at
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone_from_config, use_small_stem
 from models.syncbn import convert_sync_batchnorm
-from pipelines import build_loader
-from pipelines.recipes import build_augmenter
+from pipelines.loaders import build_loader
+from pipelines.augment.engine import build_augmenter
 
 
 def parse_args(argv=None):

@@ -74,8 +74,8 @@ def knn_accuracy(backbone, train_loader, val_loader, transform, device, num_clas
 
 def knn_accuracy_from_config(cfg: Config, info, backbone) -> float:
     """kNN top-1 on cfg.val_split with cfg.train_split as the memory bank, through the eval loader."""
-    from pipelines.recipes import build_augmenter
-    from pipelines.torchvision_loader import build as build_eval_loader
+    from pipelines.augment.engine import build_augmenter
+    from pipelines.loaders.torchvision_loader import build as build_eval_loader
     eval_batch = max(info.world_size, min(256, cfg.batch_size) // info.world_size * info.world_size)
     base = dataclasses.replace(cfg, batch_size=eval_batch, loader="torchvision")
     train_loader = build_eval_loader(dataclasses.replace(base, max_images=cfg.knn_max_train), info,

@@ -60,7 +60,7 @@ class Config:
     ffcv_fused: bool = True                # decode each image once for all of its views
 
     # ---- augmentation (batched, on the training device) -----------------------------------------
-    recipe: str = "simclr"                 # name in pipelines/recipes/ or a yaml path
+    recipe: str = "simclr"                 # name in pipelines/augment/recipes/ or a yaml path
     mix: Literal["none", "mixmask", "unmix"] = "none"   # add this mixing to a recipe without one ("none": the recipe's own)
     highpass_eval: Optional[bool] = None   # high-pass kNN / eval inputs (None: when the recipe high-passes, MSCN)
 

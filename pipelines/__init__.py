@@ -1,26 +1,10 @@
-"""Input pipelines: loaders (torchvision reference, DALI, FFCV), the batched augment stage, masks, mixing.
+"""Input pipelines, in three rooms that follow the data:
 
-Each loader is one module behind one name; `loader=` in the config picks it. DALI and FFCV are
-imported only when their loader is built.
+    pipelines/loaders/   every step, on the host: files -> decoded crops (Batch); the loader contract
+                         (loaders/common.py) and one module per loader (torchvision reference, DALI,
+                         FFCV, synthetic), picked by `loader=` through `build_loader`
+    pipelines/augment/   every step, on the training device: the batched augment ops, masks, mixing,
+                         the Augmenter engine (engine.py) and the yaml recipes it is built from
+    pipelines/tools/     offline: dataset builders, the webdataset and .beton writers, validate, show
 """
-from __future__ import annotations
-
-import importlib
-
 import masksiam  # noqa: F401  (makes torchvision importable first)
-
-# name -> "module:factory"; a factory takes (cfg, info, split, train) and returns a Loader
-LOADERS = {
-    "torchvision": "pipelines.torchvision_loader:build",
-    "dali": "pipelines.dali_loader:build",
-    "ffcv": "pipelines.ffcv_loader:build",
-    "synthetic": "pipelines.synthetic_loader:build",   # no input pipeline: bench.py's model ceiling
-}
-
-
-def build_loader(cfg, info, split: str | None = None, train: bool = True):
-    """The loader named by cfg.loader for `split` (default cfg.train_split) on this rank."""
-    if cfg.loader not in LOADERS:
-        raise ValueError(f"unknown loader {cfg.loader!r}; choose one of {', '.join(LOADERS)}")
-    module, factory = LOADERS[cfg.loader].split(":")
-    return getattr(importlib.import_module(module), factory)(cfg, info, split or cfg.train_split, train)

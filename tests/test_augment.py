@@ -1,4 +1,4 @@
-"""Batched augment ops (pipelines/augment.py) against torchvision.transforms.v2.functional, sample by
+"""Batched augment ops (pipelines/augment/ops.py) against torchvision.transforms.v2.functional, sample by
 sample with the same per-sample parameters, plus the random helpers behind them.
 
 Tolerances (float32): the blends, grayscale, solarize, flip and normalise agree to 1e-6 (a rounding
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pipelines import augment as A
+from pipelines.augment import ops as A
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 EXACT, HUE_TOL, BLUR_TOL = 1e-6, 1e-5, 1e-5

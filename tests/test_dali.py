@@ -1,4 +1,4 @@
-"""The DALI loader (pipelines/dali_loader.py) and the webdataset shards it reads (pipelines/webdataset.py).
+"""The DALI loader (pipelines/loaders/dali_loader.py) and the webdataset shards it reads (pipelines/tools/webdataset.py).
 
 CI runs the CPU decoder (device cpu, DALI device_id=None); the nvJPEG ("mixed") paths run when CUDA is
 there (@pytest.mark.gpu) and are skipped otherwise.
@@ -21,9 +21,9 @@ import convert
 from conftest import make_image_folder, skimage_photos
 from masksiam.config import Config
 from masksiam.dist import DistInfo
-from pipelines import build_loader
-from pipelines.common import DataError, random_resized_crop_params, sample_rng, scan_image_folder, shard_indices
-from pipelines.torchvision_loader import crop_flip
+from pipelines.loaders import build_loader
+from pipelines.loaders.common import DataError, random_resized_crop_params, sample_rng, scan_image_folder, shard_indices
+from pipelines.loaders.torchvision_loader import crop_flip
 
 try:
     import nvidia.dali  # noqa: F401
@@ -109,8 +109,8 @@ def test_eval_matches_torchvision(image_folder):
 def test_gpu_crop_graph_on_cpu_matches_torchvision(image_folder, train):
     """The graph the GPU path runs (DALI's fn.resize on the decoded window, a reversed ROI for flips,
     a fractional ROI for the eval crop), run on the CPU: same pixels as the reference."""
-    from pipelines.dali_loader import DaliLoader
-    from pipelines.webdataset import open_split
+    from pipelines.loaders.dali_loader import DaliLoader
+    from pipelines.tools.webdataset import open_split
     split = "train" if train else "val"
     ours = DaliLoader(open_split(image_folder / split), views=2, size=48, batch_size=4, scale=(0.08, 1.0),
                       ratio=(3 / 4, 4 / 3), flip_prob=0.5, seed=0, rank=0, world_size=1, device=torch.device("cpu"),
@@ -127,7 +127,7 @@ def test_gpu_crop_graph_on_cpu_matches_torchvision(image_folder, train):
 def test_fixed_window_crop_matches_pil():
     """crop_resize (the CPU crop) against torchvision_loader.crop_flip (PIL) on fixed boxes:
     downscale, upscale, the whole image, flipped."""
-    from pipelines.dali_loader import crop_resize
+    from pipelines.loaders.dali_loader import crop_resize
     photo = skimage_photos()[0]  # astronaut, 512 x 512
     img = Image.fromarray(photo)
     for box, flip in [((10, 20, 300, 200), False), ((100, 50, 20, 30), True), ((0, 0, 512, 512), True),
@@ -327,20 +327,20 @@ def test_a_dropped_loader_frees_its_pipeline_at_once(image_folder):
 
 
 def test_missing_dali_says_how_to_install(monkeypatch):
-    from pipelines import dali_loader
+    from pipelines.loaders import dali_loader
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match="make install"):
         dali_loader.import_dali()
 
 
 def test_dali_is_imported_only_by_the_loader():
-    code = ("import sys, pipelines, pipelines.dali_loader, pipelines.webdataset, pipelines.validate, convert; "
+    code = ("import sys, pipelines, pipelines.loaders.dali_loader, pipelines.tools.webdataset, pipelines.tools.validate, convert; "
             "assert 'nvidia.dali' not in sys.modules, 'imported at module level'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
 def test_dali_device_choice():
-    from pipelines.dali_loader import resolve_decoder
+    from pipelines.loaders.dali_loader import resolve_decoder
     assert resolve_decoder("auto", torch.device("cpu")) == "cpu"
     assert resolve_decoder("cpu", torch.device("cuda", 0)) == "cpu"
     assert resolve_decoder("auto", torch.device("cuda", 0)) == "mixed"

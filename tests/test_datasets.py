@@ -1,4 +1,4 @@
-"""convert.py fashion-mnist / photos (pipelines/datasets.py): counts, labels, pixels, sizes, distinct
+"""convert.py fashion-mnist / photos (pipelines/tools/datasets.py): counts, labels, pixels, sizes, distinct
 classes, determinism, refusal to overwrite, atomic output, and the photo rule on known files."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, JpegImagePlugin
 
 import convert
-from pipelines import datasets as D
-from pipelines.common import DataError
+from pipelines.tools import datasets as D
+from pipelines.loaders.common import DataError
 
 FMNIST_PRESENT = all((D.FASHION_MNIST_DIR / name).is_file()
                      for pair in D.FASHION_MNIST_FILES.values() for name in pair)
@@ -379,7 +379,7 @@ def test_photos_refuses_non_empty_output_and_bad_arguments(photos, tmp_path, cap
 def test_photos_max_res_caps_the_same_crops(photos, tmp_path):
     """--max-res: the same files and crops, resized so the longer side fits, to the sizes FFCV's
     converter would give the full-size images (a .beton of either holds the same-sized images)."""
-    from pipelines.ffcv_convert import capped_size
+    from pipelines.tools.ffcv_convert import capped_size
     small = tmp_path / "small"
     assert convert.main(["photos", "--out", str(small), *PHOTO_ARGS, "--max-res", "128", "--workers", "2"]) == 0
     full_files = sorted(p.relative_to(photos) for p in photos.rglob("*.jpg"))

@@ -23,10 +23,10 @@ import cv2  # noqa: E402
 import convert  # noqa: E402
 from masksiam.config import Config, apply  # noqa: E402
 from masksiam.dist import DistInfo  # noqa: E402
-from pipelines import build_loader  # noqa: E402
-from pipelines.common import DataError, random_resized_crop_params, scan_image_folder, shard_indices  # noqa: E402
-from pipelines.ffcv_convert import cap_resolution, capped_size, convert as convert_beton, load_rgb  # noqa: E402
-from pipelines.ffcv_loader import beton_path, crop_params, epoch_key  # noqa: E402
+from pipelines.loaders import build_loader  # noqa: E402
+from pipelines.loaders.common import DataError, random_resized_crop_params, scan_image_folder, shard_indices  # noqa: E402
+from pipelines.tools.ffcv_convert import cap_resolution, capped_size, convert as convert_beton, load_rgb  # noqa: E402
+from pipelines.loaders.ffcv_loader import beton_path, crop_params, epoch_key  # noqa: E402
 from conftest import make_image_folder  # noqa: E402
 
 CPU = torch.device("cpu")

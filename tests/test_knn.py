@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import masksiam  # noqa: F401
 from eval.knn import extract_features, knn_accuracy, knn_predict
-from pipelines.common import Batch
+from pipelines.loaders.common import Batch
 
 
 def test_weighted_vote_by_hand():

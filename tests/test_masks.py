@@ -1,4 +1,4 @@
-"""MSCN masks and fills, SimMIM masks (pipelines/masks.py): shapes, exact counts, parameter
+"""MSCN masks and fills, SimMIM masks (pipelines/augment/masks.py): shapes, exact counts, parameter
 distributions over many samples, and fills that leave unmasked pixels untouched."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import masks as M
+from pipelines.augment import masks as M
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

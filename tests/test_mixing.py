@@ -1,4 +1,4 @@
-"""MixMask block masks and Un-Mix mixup / cutmix (pipelines/mixing.py): the mixed image and its lam
+"""MixMask block masks and Un-Mix mixup / cutmix (pipelines/augment/mixing.py): the mixed image and its lam
 agree pixel for pixel; mask ratios, blockiness and the Beta sampler's moments on many samples."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from skimage.measure import label
 
-from pipelines import mixing as X
-from pipelines.masks import cells_to_pixels
+from pipelines.augment import mixing as X
+from pipelines.augment.masks import cells_to_pixels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -1,4 +1,4 @@
-"""Recipes and the Augmenter (pipelines/recipes.py): every built-in recipe runs; the whole pipeline
+"""Recipes and the Augmenter (pipelines/augment/recipes.py): every built-in recipe runs; the whole pipeline
 equals torchvision for recipes whose randomness is pinned; probabilities, masks and mixing hold
 through it; same seed same output, resume from state_dict; clear errors for bad recipes."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import skimage_photos
-from pipelines import augment as A
-from pipelines.recipes import (Augmenter, RecipeError, build_augmenter, load_recipe, recipe_names)
+from pipelines.augment import ops as A
+from pipelines.augment.engine import Augmenter, build_augmenter
+from pipelines.augment.recipes import RecipeError, load_recipe, recipe_names
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 MEAN, STD = torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1)
@@ -340,10 +341,10 @@ def test_wrong_inputs_are_refused():
     assert isinstance(aug, Augmenter) and aug.sources == 2
 
 
-# ---- pipelines.show ------------------------------------------------------------------------------
+# ---- pipelines.tools.show (python -m pipelines.show) ------------------------------------------------
 
 def test_show_draws_crops_views_and_the_mixed_view(image_folder, tmp_path):
-    from pipelines import show
+    from pipelines.tools import show
     img = show.render("mixmask", str(image_folder), images=3, seed=0, size=32)
     cols = 2 + 2 + 1                                                    # crops, views, mixed
     assert img.size == (cols * (32 + show.GAP) + show.GAP, show.HEADER + 3 * (32 + show.GAP) + show.GAP)

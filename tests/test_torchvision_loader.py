@@ -14,10 +14,10 @@ import torchvision.transforms.v2.functional as TF
 from torchvision import transforms as T1
 from masksiam.config import Config, apply
 from masksiam.dist import DistInfo
-from pipelines import build_loader
-from pipelines.common import (DataError, num_batches, random_resized_crop_params, sample_rng,
+from pipelines.loaders import build_loader
+from pipelines.loaders.common import (DataError, num_batches, random_resized_crop_params, sample_rng,
                               scan_image_folder, shard_indices)
-from pipelines.torchvision_loader import crop_flip, decode_rgb, eval_transform
+from pipelines.loaders.torchvision_loader import crop_flip, decode_rgb, eval_transform
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 

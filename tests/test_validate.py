@@ -1,4 +1,4 @@
-"""pipelines/validate.py: bad images are found before a run, with the file and the reason."""
+"""pipelines/tools/validate.py: bad images are found before a run, with the file and the reason."""
 from __future__ import annotations
 
 import io
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import convert
-from pipelines.validate import BadImage, check_image, find_bad, image_size
-from pipelines.webdataset import open_split
+from pipelines.tools.validate import BadImage, check_image, find_bad, image_size
+from pipelines.tools.webdataset import open_split
 from conftest import skimage_photos
 
 # Pillow test images that PIL opens but DALI's JPEG parser rejects ("Invalid marker"): measured

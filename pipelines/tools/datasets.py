@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipelines.common import IMG_EXTENSIONS, DataError
+from pipelines.loaders.common import IMG_EXTENSIONS, DataError
 
 SPLITS = ("train", "val")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.common import Batch, num_batches, per_rank_batch
+from pipelines.loaders.common import Batch, num_batches, per_rank_batch
 
 IMAGENET_TRAIN = 1_281_167
 

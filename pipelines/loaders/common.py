@@ -2,7 +2,7 @@
 
 Contract (torchvision, DALI and FFCV loaders all meet it):
 
-    loader = build_loader(cfg, info, split="train")     # pipelines/__init__.py
+    loader = build_loader(cfg, info, split="train")     # pipelines/loaders/__init__.py
     loader.set_epoch(epoch, start_batch=0)              # reshuffle from the run seed; skip batches on resume
     len(loader)                                         # batches per epoch on this rank
     for batch in loader:                                # Batch(views, labels, indices)

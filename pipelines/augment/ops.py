@@ -17,7 +17,7 @@ torchvision.transforms.v2.functional on float images, parameter for parameter
     solarize    x >= threshold ? 1 - x : x
     blur        separable gaussian, reflect padding; kernel exp(-t^2 / 2 sigma^2), t = -(k-1)/2..(k-1)/2
 
-Random application ("with probability p") is realised by the caller (pipelines/recipes.py) as a
+Random application ("with probability p") is realised by the caller (pipelines/augment/engine.py) as a
 random subset of the batch, and ops that are expensive run on that subset only (`apply_to`):
 index the rows, transform them, write them back. Subsets have a size fixed before the device is
 touched (`subset_size`), so nothing here waits for the GPU.

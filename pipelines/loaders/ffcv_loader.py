@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.common import Batch, DataError, num_batches, per_rank_batch, shard_indices
+from pipelines.loaders.common import Batch, DataError, num_batches, per_rank_batch, shard_indices
 
 MISSING_FFCV = "loader=ffcv needs the ffcv package (with numba, opencv and libturbojpeg): run `make install`"
 try:
@@ -334,7 +334,7 @@ class RankOrder(TraversalOrder):
 # ---- the loader ---------------------------------------------------------------------------------
 
 class FFCVLoader:
-    """Multi-view crops from a .beton; the loader contract of pipelines/common.py."""
+    """Multi-view crops from a .beton; the loader contract of pipelines/loaders/common.py."""
 
     def __init__(self, path: str | Path, *, spec: CropSpec, views: int, batch_size: int, rank: int,
                  world_size: int, seed: int, order: str, os_cache: bool, fused: bool, workers: int,

@@ -6,7 +6,7 @@ nothing, and expanded to pixels once (`cells_to_pixels`). Pixel row y of a sampl
 cell floor(y * g / H), so grids that do not divide the image give cells one pixel apart in size, and
 samples with different grids are expanded by the same gather.
 
-MSCN (seed 001; defaults in pipelines/recipes/mscn.yaml, chosen from its ablations):
+MSCN (seed 001; defaults in pipelines/augment/recipes/mscn.yaml, chosen from its ablations):
 - random grid mask: a g x g grid (g drawn per sample from a small set; 7 or 8 cells per side = 32 or
   28 px cells at 224 px, Table 6), `ratio` of its cells masked (0.15 best, Table 5): exactly
   floor(ratio g^2) or one more, stochastically rounded, so the expected ratio is exact;
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from pipelines.augment import const
+from pipelines.augment.ops import const
 
 
 # ---- grid cells -> pixels -------------------------------------------------------------------------

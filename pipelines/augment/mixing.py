@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from pipelines.masks import cells_to_pixels, pixel_counts
+from pipelines.augment.masks import cells_to_pixels, pixel_counts
 
 
 # ---- MixMask --------------------------------------------------------------------------------------

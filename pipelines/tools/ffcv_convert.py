@@ -43,7 +43,7 @@ import numpy as np
 import psutil
 from PIL import Image, ImageOps
 
-from pipelines.common import DataError, scan_image_folder
+from pipelines.loaders.common import DataError, scan_image_folder
 
 HELP = "convert an ImageFolder split into an FFCV .beton (+ FILE.beton.json report)"
 MODES = ("jpg", "raw", "proportion", "smart")
@@ -219,7 +219,7 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
             compress_prob: float = 0.5, smart_threshold: int = 0, workers: int = 0, max_images: int = 0,
             seed: int = 0, force: bool = False, progress: bool = True) -> dict:
     """Convert the ImageFolder split `src` into the .beton `out`; returns the sidecar report."""
-    import pipelines.ffcv_loader  # noqa: F401  (a clear message when FFCV is missing)
+    import pipelines.loaders.ffcv_loader  # noqa: F401  (a clear message when FFCV is missing)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter

@@ -1,8 +1,8 @@
 """The DALI loader (loader=dali): decode only the pixels the crops keep, on the GPU when there is one.
 
-It meets the contract of pipelines/common.py: V views per image, each (N, 3, S, S) uint8 channels-last
+It meets the contract of pipelines/loaders/common.py: V views per image, each (N, 3, S, S) uint8 channels-last
 on the training device, plus labels and indices. Reads an ImageFolder split or webdataset shards
-(`convert.py webdataset`; detected by their index.json), see pipelines/webdataset.py.
+(`convert.py webdataset`; detected by their index.json), see pipelines/tools/webdataset.py.
 
 One batch, start to finish:
 
@@ -32,7 +32,7 @@ kernel ~0.4 ms, and the resize is most of the work. On the GPU DALI's resize is 
 
 Errors: a file that cannot be read or whose header is unusable stops the batch on the host with a
 DataError naming it. If DALI's decoder fails later, the batches in flight are re-checked with
-pipelines.validate (PIL + DALI's header rules) so the DataError names the file, not only
+pipelines.tools.validate (PIL + DALI's header rules) so the DataError names the file, not only
 "sample #3". `python convert.py validate DIR` finds all of them before a run.
 
 DALI is imported only here, when a loader is built.
@@ -51,10 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.common import (Batch, DataError, num_batches, per_rank_batch, random_resized_crop_params,
+from pipelines.loaders.common import (Batch, DataError, num_batches, per_rank_batch, random_resized_crop_params,
                               sample_rng, shard_indices, split_dir, to_device_views)
-from pipelines.validate import BadImage, check_image, image_size
-from pipelines.webdataset import open_split
+from pipelines.tools.validate import BadImage, check_image, image_size
+from pipelines.tools.webdataset import open_split
 
 # nvJPEG buffers sized for ImageNet's largest images (DALI's ImageNet examples) so nothing is
 # reallocated mid-run; the hardware decoder (A100, H100) takes this share of every batch, the

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.common import DataError, scan_image_folder
+from pipelines.loaders.common import DataError, scan_image_folder
 
 INDEX = "index.json"
 FORMAT = "masksiam-webdataset"
@@ -159,7 +159,7 @@ def is_split(path: str | Path) -> bool:
     path = Path(path)
     if is_webdataset(path):
         return True
-    from pipelines.common import IMG_EXTENSIONS
+    from pipelines.loaders.common import IMG_EXTENSIONS
     for sub in (p for p in path.iterdir() if p.is_dir()) if path.is_dir() else ():
         if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(sub)):
             return True
@@ -250,11 +250,11 @@ def _write_shard(path: Path, samples: list[tuple[str, str, int, bytes]]) -> int:
 def convert_split(src: Path, out: Path, shard_size: int, workers: int, on_bad: str,
                   verbose: bool = True) -> dict:
     """One ImageFolder split -> shards + index in `out`. Every image is checked first
-    (pipelines.validate: PIL decode + DALI header rules); bad ones are skipped and listed, or stop
+    (pipelines.tools.validate: PIL decode + DALI header rules); bad ones are skipped and listed, or stop
     the conversion with on_bad="fail"."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.validate import check_image
+    from pipelines.tools.validate import check_image
     folder = FolderSamples(src)
     out.mkdir(parents=True)
     keys = [_key(p) for p in folder.names]
@@ -313,7 +313,7 @@ def convert(src: str | Path, out: str | Path, shard_size: int, workers: int = 4,
             force: bool = False, verbose: bool = True) -> dict:
     """Every split of `src` (or `src` itself if it is one ImageFolder split, written as OUT/<name>)
     into webdataset shards under `out`, built in a temporary folder and renamed into place."""
-    from pipelines.validate import find_splits
+    from pipelines.tools.validate import find_splits
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be positive, got {shard_size}")

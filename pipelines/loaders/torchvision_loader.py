@@ -3,7 +3,7 @@
 Each image is decoded once; its `views` crops are RandomResizedCrop (torchvision's parameter
 algorithm, bilinear with antialias as torchvision does on PIL images) plus a horizontal flip, all in
 the worker. Workers return NHWC uint8 arrays; the main process moves them to the device and permutes
-to NCHW, which is channels-last memory for free (pipelines/common.py).
+to NCHW, which is channels-last memory for free (pipelines/loaders/common.py).
 
 It is the baseline that the DALI and FFCV loaders are measured against, and the eval loader
 (resize + center crop, one view, fixed order) for every backend.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.common import (Batch, DataError, ImageList, num_batches, per_rank_batch,
+from pipelines.loaders.common import (Batch, DataError, ImageList, num_batches, per_rank_batch,
                               random_resized_crop_params, sample_rng, scan_image_folder,
                               shard_indices, split_dir, to_device_views)
 

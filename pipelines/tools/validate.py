@@ -12,7 +12,7 @@ The core is reusable by every loader and converter:
 
     check_image(data) -> None or "reason"      # one encoded image (bytes / uint8 array)
     image_size(data) -> (height, width)        # header only; raises BadImage
-    find_bad(samples, workers) -> [(i, reason)]  # any indexable sample source (pipelines/webdataset.py)
+    find_bad(samples, workers) -> [(i, reason)]  # any indexable sample source (pipelines/tools/webdataset.py)
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def check_image(data) -> str | None:
 
 
 def check_sample(samples, i: int) -> str | None:
-    """check_image on sample i of a source (see pipelines/webdataset.py); read errors are reasons too."""
+    """check_image on sample i of a source (see pipelines/tools/webdataset.py); read errors are reasons too."""
     try:
         data = samples.read(i)
     except OSError as err:
@@ -149,12 +149,12 @@ def find_bad(samples, workers: int = 4, progress=None) -> list[tuple[int, str]]:
 def find_splits(path: Path) -> list[Path]:
     """The split folders under `path`: itself if it is one (ImageFolder or webdataset), else its
     sub-folders that are."""
-    from pipelines.webdataset import is_split
+    from pipelines.tools.webdataset import is_split
     if is_split(path):
         return [path]
     splits = sorted(p for p in path.iterdir() if p.is_dir() and is_split(p)) if path.is_dir() else []
     if not splits:
-        from pipelines.common import DataError
+        from pipelines.loaders.common import DataError
         raise DataError(f"{path} holds no images: expected <split>/<class>/<image>, <class>/<image> "
                         "or webdataset shards (index.json) from `convert.py webdataset`")
     return splits
@@ -162,7 +162,7 @@ def find_splits(path: Path) -> list[Path]:
 
 def validate(path: str | Path, workers: int = 4, verbose: bool = True) -> dict:
     """Check every image under `path`; returns the report (counts and bad files per split)."""
-    from pipelines.webdataset import open_split
+    from pipelines.tools.webdataset import open_split
     report = {"path": str(path), "splits": {}, "checked": 0, "bad": 0}
     for split in find_splits(Path(path)):
         samples = open_split(split)
@@ -215,7 +215,7 @@ def run(args) -> int:
 COMMANDS = {"validate": ("find corrupt or unreadable images (PIL decode + DALI header rules)", add_arguments, run)}
 
 
-if __name__ == "__main__":  # python -m pipelines.validate DIR
+if __name__ == "__main__":  # python -m pipelines.tools.validate DIR
     import argparse
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
