@@ -2,17 +2,21 @@
 
     python -m eval.knn --checkpoint runs/demo/checkpoint.pt --data data/fashion-mnist [--k 200 --t 0.1]
     python -m eval.knn --checkpoint runs/demo/checkpoint.pt --random-init     # same arch, untrained
+    torchrun --nproc_per_node=8 -m eval.knn --checkpoint ...                  # bank sharded over ranks
 
 Features are the backbone's pooled outputs, L2-normalised; each validation image takes the k most
-cosine-similar training images and votes with weight exp(similarity / t). Images go through the eval
-loader (resize + center crop) and the recipe's eval transform (normalisation, plus the high-pass
-filter for MSCN recipes).
+cosine-similar training images and votes with weight exp(similarity / t). Images come through the
+run's loader (`loader=`: an image folder, a .beton or webdataset shards; eval crop: resize + center
+crop) and the recipe's eval transform (normalisation, plus the high-pass filter for MSCN recipes).
+
+The memory bank stays sharded: each rank keeps the features of the training images it read, in
+half precision (1.28 M x 2048 is 5 GB in float16 over all ranks, not 10 GB float32 on each), scores
+every query against its shard and the per-rank top-k are merged. The queries (the validation set)
+are gathered on every rank.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import sys
 
@@ -20,26 +24,62 @@ import torch
 import torch.nn.functional as F
 
 import masksiam  # noqa: F401
-from masksiam import checkpoint as ckpt_io
 from masksiam import dist
-from masksiam.config import Config, apply
+from masksiam.config import Config
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, transform, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, F) L2-normalised float32 features and (M,) labels, in dataset order, gathered over ranks."""
+def embed(backbone, loader, transform, device, *, normalize: bool = True, dtype=torch.float32,
+          desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (M_r, F) features (L2-normalised if `normalize`, stored as `dtype`), (M_r,)
+    labels and (M_r,) dataset indices, in the order the loader gave them; backbone in eval mode."""
+    from eval.common import progress
     was_training = backbone.training
     backbone.eval()
     feats, labels, indices = [], [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in loader:
+    batches = loader if desc is None else progress(loader, desc, total=len(loader))
+    for batch in batches:
         with amp:
-            h = backbone(transform(batch.views[0]))
-        feats.append(F.normalize(h.float(), dim=1))
+            h = backbone(transform(batch.views[0])).float()
+        feats.append((F.normalize(h, dim=1) if normalize else h).to(dtype))
         labels.append(batch.labels)
         indices.append(batch.indices)
     backbone.train(was_training)
-    feats, labels, indices = (dist.gather_no_grad(torch.cat(t)) for t in (feats, labels, indices))
+    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+
+
+def owned(indices: torch.Tensor) -> torch.Tensor:
+    """(M_r,) bool: the samples this rank keeps, so every dataset index is kept exactly once.
+
+    Eval loaders pad the last per-rank batch by wrapping around (pipelines/loaders/common.py), so a
+    few images are read on two ranks; only the indices (8 bytes per image) are gathered to decide:
+    the lowest rank holding an index keeps it, and a rank keeps its first copy."""
+    first = torch.ones_like(indices, dtype=torch.bool)
+    order = torch.argsort(indices, stable=True)
+    s = indices[order]
+    first[order[1:]] = s[1:] != s[:-1]
+    if dist.world_size() == 1:
+        return first
+    counts = dist.gather_no_grad(torch.tensor([indices.numel()], device=indices.device))
+    width = int(counts.max())
+    padded = torch.full((width,), -1, dtype=indices.dtype, device=indices.device)
+    padded[:indices.numel()] = indices
+    everyone = dist.gather_no_grad(padded).view(-1, width)            # (W, width), -1 = padding
+    n = int(everyone.max()) + 1
+    owner = torch.full((n,), dist.world_size(), dtype=torch.int64, device=indices.device)
+    for r in range(dist.world_size()):
+        ids = everyone[r][everyone[r] >= 0]
+        owner.scatter_reduce_(0, ids, torch.full_like(ids, r), reduce="amin")
+    return first & (owner[indices] == dist.rank())
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, transform, device, *, normalize: bool = True,
+                     desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, F) float32 features and (M,) labels of the whole split, in dataset order, on every rank."""
+    feats, labels, indices = embed(backbone, loader, transform, device, normalize=normalize, desc=desc)
+    feats, labels, indices = (dist.gather_no_grad(t) for t in (feats, labels, indices))
     # padded shards repeat a few samples: keep the first occurrence of each index, in index order
     order = torch.argsort(indices, stable=True)
     indices, feats, labels = indices[order], feats[order], labels[order]
@@ -48,75 +88,114 @@ def extract_features(backbone, loader, transform, device) -> tuple[torch.Tensor,
     return feats[first], labels[first]
 
 
+def _vote(top_sim: torch.Tensor, top_labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
+    """(q, k) similarities and labels of the neighbours -> (q,) class with the largest exp(s/t) sum."""
+    weights = (top_sim.float() / t).exp()
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device, dtype=weights.dtype)
+    votes.scatter_add_(1, top_labels, weights)
+    return votes.argmax(1)
+
+
+def _local_topk(q: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, k: int,
+                block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, F) queries against this rank's (M_r, F) bank -> (q, k) float32 similarities, labels,
+    padded with -inf where the shard has fewer than k images. The bank is scored in blocks: on
+    CUDA in its own (half) precision, on CPU upcast per block (CPU half matmuls are slow)."""
+    best_sim = torch.full((q.shape[0], k), float("-inf"), device=q.device)
+    best_lab = torch.zeros((q.shape[0], k), dtype=torch.int64, device=q.device)
+    compute = bank.dtype if q.device.type == "cuda" else torch.float32
+    qc = q.to(compute)
+    for start in range(0, bank.shape[0], block):
+        b = bank[start:start + block].to(compute)
+        sim = (qc @ b.t()).float()                                   # (q, block)
+        kk = min(k, sim.shape[1])
+        s, i = sim.topk(kk, dim=1)
+        cand_sim = torch.cat([best_sim, s], 1)
+        cand_lab = torch.cat([best_lab, bank_labels[start:start + block][i]], 1)
+        best_sim, j = cand_sim.topk(k, dim=1)
+        best_lab = cand_lab.gather(1, j)
+    return best_sim, best_lab
+
+
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """bank (M, F), queries (Q, F), both L2-normalised -> (Q,) predicted labels by weighted vote."""
-    k = min(k, bank.shape[0])
+                k: int = 200, t: float = 0.1, chunk: int = 1024, sharded: bool = False) -> torch.Tensor:
+    """bank (M, F), queries (Q, F), both L2-normalised -> (Q,) predicted labels by weighted vote.
+
+    sharded=True: `bank` is this rank's shard (sizes may differ); every rank passes the same
+    queries and gets the same predictions, those of the union of the shards."""
+    sharded = sharded and dist.world_size() > 1
+    total = bank.shape[0]
+    if sharded:
+        total = int(dist.gather_no_grad(torch.tensor([total], device=bank.device)).sum())
+    k = min(k, total)
     preds = []
     for q in queries.split(chunk):
-        sim = q @ bank.t()                                   # (q, M) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)                # (q, k)
-        weights = (top_sim / t).exp()
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weights.dtype)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)
-        preds.append(votes.argmax(1))
+        top_sim, top_lab = _local_topk(q, bank, bank_labels, k)      # (q, k) on this shard
+        if sharded:                                                  # (W*q, k) -> (q, W*k) -> top k
+            sims = dist.gather_no_grad(top_sim).view(-1, *top_sim.shape).permute(1, 0, 2).flatten(1)
+            labs = dist.gather_no_grad(top_lab).view(-1, *top_lab.shape).permute(1, 0, 2).flatten(1)
+            top_sim, j = sims.topk(k, dim=1)
+            top_lab = labs.gather(1, j)
+        preds.append(_vote(top_sim, top_lab, num_classes, t))
     return torch.cat(preds)
 
 
+def bank_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def knn_accuracy(backbone, train_loader, val_loader, transform, device, num_classes: int,
-                 k: int = 200, t: float = 0.1) -> float:
-    bank, bank_labels = extract_features(backbone, train_loader, transform, device)
-    queries, labels = extract_features(backbone, val_loader, transform, device)
-    pred = knn_predict(bank, bank_labels, queries, num_classes, k, t)
+                 k: int = 200, t: float = 0.1, progress: bool = False) -> float:
+    """Top-1 of the weighted vote; the bank stays sharded over ranks (half precision on CUDA)."""
+    bank, bank_labels, idx = embed(backbone, train_loader, transform, device, dtype=bank_dtype(device),
+                                   desc="kNN bank" if progress else None)
+    keep = owned(idx)
+    bank, bank_labels = bank[keep], bank_labels[keep]
+    queries, labels = extract_features(backbone, val_loader, transform, device,
+                                       desc="kNN queries" if progress else None)
+    pred = knn_predict(bank, bank_labels, queries, num_classes, k, t, sharded=True)
     return (pred == labels).float().mean().item()
 
 
-def knn_accuracy_from_config(cfg: Config, info, backbone) -> float:
-    """kNN top-1 on cfg.val_split with cfg.train_split as the memory bank, through the eval loader."""
-    from pipelines.augment.engine import build_augmenter
-    from pipelines.loaders.torchvision_loader import build as build_eval_loader
-    eval_batch = max(info.world_size, min(256, cfg.batch_size) // info.world_size * info.world_size)
-    base = dataclasses.replace(cfg, batch_size=eval_batch, loader="torchvision")
-    train_loader = build_eval_loader(dataclasses.replace(base, max_images=cfg.knn_max_train), info,
-                                     cfg.train_split, train=False)
-    val_loader = build_eval_loader(dataclasses.replace(base, max_images=cfg.knn_max_val), info,
-                                   cfg.val_split, train=False)
-    augmenter = build_augmenter(cfg.recipe, size=cfg.eval_size or cfg.size, device=info.device,
-                                dtype=torch.float32, seed=cfg.seed, rank=info.rank)
-    transform = functools.partial(augmenter.eval_transform, highpass=cfg.highpass_eval)
+def knn_accuracy_from_config(cfg: Config, info, backbone, progress: bool = False) -> float:
+    """kNN top-1 on cfg.val_split with cfg.train_split as the memory bank, read by cfg.loader."""
+    from eval.common import eval_transform
+    from eval.data import eval_loader
+    batch = min(256, cfg.batch_size)
+    train_loader = eval_loader(cfg, info, cfg.train_split, batch_size=batch, max_images=cfg.knn_max_train)
+    val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=batch, max_images=cfg.knn_max_val)
+    transform = eval_transform(cfg, info.device)
     return knn_accuracy(backbone, train_loader, val_loader, transform, info.device,
-                        len(train_loader.classes), cfg.knn_k, cfg.knn_t)
+                        len(train_loader.classes), cfg.knn_k, cfg.knn_t, progress)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: the run's)")
+    p.add_argument("--data", default=None, help="data root (default: the run's); format as the loader reads it")
+    p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"],
+                   help="default: the run's, or the one whose files --data holds")
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--t", type=float, default=None)
     p.add_argument("--max-train", type=int, default=None, help="cap the memory bank (0 = all)")
     p.add_argument("--max-val", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--random-init", action="store_true", help="evaluate the same arch at random init")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the result as JSON to this file")
+    p.add_argument("--out", default=None, help="write knn.json / knn.md / knn.png into this folder")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from models.resnet import build_backbone_from_config, load_backbone_state
-    state = ckpt_io.load(args.checkpoint)
-    if "config" not in state:
-        sys.exit(f"eval.knn: {args.checkpoint} is not a train.py checkpoint (no 'config')")
-    overrides = {"data": args.data, "knn_k": args.k, "knn_t": args.t, "knn_max_train": args.max_train,
-                 "knn_max_val": args.max_val, "workers": args.workers}
-    cfg = apply(apply(Config(), state["config"], args.checkpoint),
-                {k: v for k, v in overrides.items() if v is not None}, "command line")
-    info = dist.init_distributed()
-    torch.manual_seed(cfg.seed)
-    backbone = build_backbone_from_config(cfg)
-    if not args.random_init:
-        load_backbone_state(backbone, ckpt_io.backbone_state(state))
-    backbone = backbone.to(info.device, memory_format=torch.channels_last)
-    top1 = knn_accuracy_from_config(cfg, info, backbone)
+    from eval.common import open_checkpoint, write_results
+    from pipelines.loaders.common import DataError
+    overrides = {"data": args.data, "loader": args.loader, "knn_k": args.k, "knn_t": args.t,
+                 "knn_max_train": args.max_train, "knn_max_val": args.max_val, "workers": args.workers}
+    cfg, info, backbone, _ = open_checkpoint(args.checkpoint, overrides, args.random_init)
+    try:
+        top1 = knn_accuracy_from_config(cfg, info, backbone, progress=not args.no_progress)
+    except DataError as err:
+        sys.exit(f"eval.knn: {err}")
     result = {"checkpoint": args.checkpoint, "random_init": args.random_init, "arch": cfg.arch,
               "k": cfg.knn_k, "t": cfg.knn_t, "knn_top1": top1}
     if info.is_main:
@@ -124,6 +203,11 @@ def main(argv=None) -> dict:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
+        if args.out:
+            write_results(args.out, "knn", {"eval": "knn", "checkpoint": args.checkpoint,
+                                            "metrics": {"knn_top1": top1}, "curves": {},
+                                            "settings": {"k": cfg.knn_k, "t": cfg.knn_t, "loader": cfg.loader,
+                                                         "random_init": args.random_init}})
     dist.cleanup()
     return result
 

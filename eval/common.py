@@ -1,0 +1,148 @@
+"""What every evaluation command shares: the checkpoint's run config and backbone, the eval input
+transform, progress, top-k counts, and the result files (JSON + markdown table + PNG curves).
+
+Result files: <out>/<name>.json holds {"eval": kind, "checkpoint", "metrics": {name: value},
+"curves": {name: [[x, y], ...]}, "settings": {...}}; <out>/<name>.md the metrics as a table and
+<out>/<name>.png the curves. eval.report reads the JSON files back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+import masksiam  # noqa: F401
+from masksiam import checkpoint as ckpt_io
+from masksiam import dist
+from masksiam.config import Config, ConfigError, apply
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (arguments, checkpoint contents); the message names it."""
+
+
+def run_config(state: dict, path: str, overrides: dict[str, Any]) -> Config:
+    """The training run's config from a checkpoint, with the command line's overrides."""
+    if "config" not in state:
+        raise EvalError(f"{path} is not a train.py checkpoint (no 'config'); export it from a run")
+    cfg = apply(Config(), state["config"], path)
+    return apply(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
+
+
+def load_backbone(cfg: Config, state: dict | None, device: torch.device):
+    """The run's backbone (torchvision ResNet, fc = Identity), with the checkpoint's weights unless
+    state is None (random init, same seed), channels-last on `device`."""
+    from models.resnet import build_backbone_from_config, load_backbone_state
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone_from_config(cfg)
+    if state is not None:
+        load_backbone_state(backbone, ckpt_io.backbone_state(state))
+    return backbone.to(device, memory_format=torch.channels_last)
+
+
+def open_checkpoint(path: str, overrides: dict[str, Any], random_init: bool = False):
+    """(cfg, info, backbone, state) for an evaluation command; user errors exit with their message."""
+    try:
+        state = ckpt_io.load(path)
+        cfg = run_config(state, path, overrides)
+    except (ckpt_io.CheckpointError, ConfigError, EvalError) as err:
+        sys.exit(f"eval: {err}")
+    if cfg.data and overrides.get("loader") is None:
+        from eval.data import detect_loader
+        loader = detect_loader(cfg, cfg.val_split)
+        if loader != cfg.loader:
+            print(f"eval: {cfg.data} holds data for loader={loader} (the run used {cfg.loader}); using {loader}",
+                  file=sys.stderr)
+            cfg = dataclasses.replace(cfg, loader=loader)
+    info = dist.init_distributed()
+    return cfg, info, load_backbone(cfg, None if random_init else state, info.device), state
+
+
+def eval_transform(cfg: Config, device: torch.device, highpass: bool | None = None):
+    """uint8 (N, 3, H, W) -> normalised float32 through the run's recipe (MSCN: high-passed);
+    `highpass` overrides cfg.highpass_eval."""
+    from pipelines.augment.engine import build_augmenter
+    augmenter = build_augmenter(cfg.recipe, size=cfg.eval_size or cfg.size, device=device,
+                                dtype=torch.float32, seed=cfg.seed)
+    return functools.partial(augmenter.eval_transform, highpass=cfg.highpass_eval if highpass is None else highpass)
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True):
+    """A tqdm bar on rank 0 (to stderr), plain iteration elsewhere."""
+    if not enabled or dist.rank() != 0:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """(N, C) logits, (N,) labels -> (len(ks), N) bool: label among the top k (k capped at C)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices                 # (N, kmax)
+    hit = top == labels[:, None]
+    return torch.stack([hit[:, :min(k, kmax)].any(1) for k in ks])
+
+
+def write_results(out_dir: str | Path, name: str, result: dict) -> dict[str, Path]:
+    """<out>/<name>.json, .md (metrics table) and .png (curves); returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown_table([result], [result.get("label", name)]))
+    plot_curves({result.get("label", name): result}, paths["png"])
+    return paths
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{100 * v:.2f}" if 0 <= v <= 1 else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(results: list[dict], labels: list[str]) -> str:
+    """One row per result, one column per metric (accuracies in %), union of metrics in order."""
+    cols: list[str] = []
+    for r in results:
+        cols += [k for k in r.get("metrics", {}) if k not in cols]
+    lines = ["| run | eval | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+    for label, r in zip(labels, results):
+        m = r.get("metrics", {})
+        lines.append(f"| {label} | {r.get('eval', '')} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict[str, dict], path: str | Path) -> None:
+    """One panel per curve name; one line per result carrying it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names: list[str] = []
+    for r in results.values():
+        names += [k for k in r.get("curves", {}) if k not in names]
+    n = max(1, len(names))
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(n / cols)),
+                             squeeze=False)
+    for ax, curve in zip(axes.flat, names):
+        for label, r in results.items():
+            pts = r.get("curves", {}).get(curve)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+        ax.set(xlabel="epoch", title=curve)
+        if len(results) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if not names:
+        axes.flat[0].text(0.5, 0.5, "no curves", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""Evaluation data through the training loader layer: image folders, .beton files, webdataset shards.
+
+    check_eval_data(cfg)                                   # train.py at start-up: fail before training
+    loader = eval_loader(cfg, info, cfg.val_split)         # resize + center crop, fixed order, one view
+    loader = eval_loader(cfg, info, "train", train=True, indices=subset)   # RRC + flip, a subset only
+
+Evaluation reads the split with the loader that `loader=` names, exactly as training does:
+torchvision reads <data>/<split>/ (an ImageFolder), ffcv reads <data>/<split>.beton (or ffcv_path
+with "{split}"), dali reads <data>/<split>/ as an ImageFolder or as webdataset shards (index.json).
+`eval_source` is the one place that says which file or folder that is.
+
+Subsets (semi-supervised fine-tuning) are positions in the split's sample list. The torchvision
+and DALI loaders take them directly (their sample lists are in memory); a .beton stores no file
+names, so a subset of one is refused with the command that writes the subset as its own file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.loaders import build_loader
+from pipelines.loaders.common import DataError
+
+# what evaluation may read, per loader; synthetic data needs no files
+_FORMATS = {"torchvision": "an ImageFolder <data>/<split>/<class>/<image>",
+            "dali": "an ImageFolder or webdataset shards (convert.py webdataset) in <data>/<split>/",
+            "ffcv": "a .beton <data>/<split>.beton (convert.py ffcv) or ffcv_path with '{split}'"}
+
+
+def eval_source(cfg, split: str) -> Path | None:
+    """The file or folder the configured loader reads for `split` (None: synthetic data)."""
+    if cfg.loader == "synthetic":
+        return None
+    if cfg.loader == "ffcv":
+        from pipelines.loaders.ffcv_loader import beton_path   # no FFCV import: a path rule only
+        return beton_path(cfg, split)
+    return Path(cfg.data) / split
+
+
+def _keys(cfg, split_key: str) -> str:
+    keys = f"loader={cfg.loader}, data={cfg.data}, {split_key}={getattr(cfg, split_key)}"
+    if cfg.loader == "ffcv" and cfg.ffcv_path:
+        keys += f", ffcv_path={cfg.ffcv_path}"
+    return keys
+
+
+def _exists(cfg, path: Path | None) -> bool:
+    """Whether cfg.loader can read `path`: a file for ffcv, a folder for dali, a folder that is not
+    webdataset shards for torchvision (it reads ImageFolders only)."""
+    if path is None:
+        return True
+    if cfg.loader == "ffcv":
+        return path.is_file()
+    return path.is_dir() and (cfg.loader == "dali" or not (path / "index.json").is_file())
+
+
+def _why(cfg, path: Path) -> str:
+    if cfg.loader == "torchvision" and (path / "index.json").is_file():
+        return "which holds webdataset shards: the torchvision loader reads ImageFolders, use loader=dali"
+    return "which does not exist"
+
+
+def check_split(cfg, split_key: str, role: str) -> None:
+    """Raise DataError unless the split named by config key `split_key` exists for cfg.loader."""
+    path = eval_source(cfg, getattr(cfg, split_key))
+    if not _exists(cfg, path):
+        raise DataError(f"evaluation data missing: {role} reads {path}, {_why(cfg, path)} "
+                        f"({_keys(cfg, split_key)}; loader={cfg.loader} expects {_FORMATS[cfg.loader]}). "
+                        f"Create it, point data / {split_key} at it, or turn evaluation off "
+                        f"(final_eval=false knn_every=0)")
+
+
+def _require(cfg, split: str) -> None:
+    path = eval_source(cfg, split)
+    if not _exists(cfg, path):
+        raise DataError(f"evaluation split {split!r} missing: {path} {_why(cfg, path)} (loader={cfg.loader}, "
+                        f"data={cfg.data}; loader={cfg.loader} expects {_FORMATS[cfg.loader]})")
+
+
+def check_eval_data(cfg) -> None:
+    """Start-up check for train.py: the splits the kNN monitor and final kNN read exist.
+
+    Raises DataError (naming the path and the config keys) when final_eval or knn_every will read
+    a split that is not there, so a run fails before training instead of after it."""
+    if not (cfg.final_eval or cfg.knn_every):
+        return
+    check_split(cfg, "train_split", "the kNN memory bank (train_split)")
+    check_split(cfg, "val_split", "the kNN queries (val_split)")
+
+
+def detect_loader(cfg, split: str) -> str:
+    """The loader for `cfg.data` when the configured one cannot read it: a checkpoint trained from
+    .beton files evaluated on a folder, or the reverse. Keeps cfg.loader when its data is there."""
+    if cfg.loader == "synthetic":
+        return cfg.loader
+    if _exists(cfg, eval_source(cfg, split)):
+        return cfg.loader
+    folder = Path(cfg.data) / split
+    if (Path(cfg.data) / f"{split}.beton").is_file():
+        return "ffcv"
+    if (folder / "index.json").is_file():
+        return "dali"                       # webdataset shards: the DALI loader reads them
+    if folder.is_dir():
+        return "torchvision"
+    return cfg.loader                       # nothing there: let check_split name what is missing
+
+
+def eval_loader(cfg, info, split: str, *, train: bool = False, batch_size: int | None = None,
+                max_images: int = 0, indices: np.ndarray | None = None):
+    """One view per image through cfg.loader: train=False the eval crop (resize + center crop,
+    fixed order, every image once per rank set), train=True a random resized crop + flip.
+
+    batch_size is global (default cfg.batch_size, rounded to a multiple of the world size);
+    indices (positions in the whole split's sample list, `sample_names`) restrict it to a subset;
+    its batches then carry positions in the subset as `indices`."""
+    batch = batch_size or cfg.batch_size
+    batch = max(info.world_size, batch // info.world_size * info.world_size)
+    cfg = dataclasses.replace(cfg, batch_size=batch, views=1, max_images=max_images,
+                              drop_last=False if not train else cfg.drop_last)
+    _require(cfg, split)
+    if indices is None:
+        return build_loader(cfg, info, split, train)
+    return _subset_loader(cfg, info, split, train, np.asarray(indices, np.int64))
+
+
+def sample_names(cfg, split: str) -> tuple[list[str], list[int], list[str]]:
+    """(names, labels, classes) of the whole split in loader order; names are '<class>/<file>'."""
+    if cfg.loader == "ffcv":
+        raise DataError(f"{eval_source(cfg, split)} is a .beton, which stores no file names: write the "
+                        f"subset as a folder (or its own .beton with convert.py ffcv --src SUBSET_FOLDER) "
+                        f"and fine-tune on it with --fraction 1.0, or use loader=torchvision / dali")
+    if cfg.loader == "dali":
+        from pipelines.tools.webdataset import open_split
+        samples = open_split(Path(cfg.data) / split)
+        return list(samples.names), list(samples.labels), list(samples.classes)
+    from pipelines.loaders.common import scan_image_folder
+    images = scan_image_folder(Path(cfg.data) / split)
+    return list(images.paths), list(images.labels), list(images.classes)
+
+
+class _SubsetSamples:
+    """A DALI sample source restricted to `indices` (positions in the full source)."""
+
+    def __init__(self, samples, indices: np.ndarray):
+        self._s, self._idx = samples, indices
+        self.classes = samples.classes
+        self.names = [samples.names[i] for i in indices]
+        self.labels = [samples.labels[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def read(self, i: int):
+        return self._s.read(int(self._idx[i]))
+
+    def describe(self, i: int) -> str:
+        return self._s.describe(int(self._idx[i]))
+
+
+def _subset_loader(cfg, info, split: str, train: bool, indices: np.ndarray):
+    from pipelines.loaders.common import ImageList, per_rank_batch, scan_image_folder
+    if cfg.loader == "ffcv":
+        sample_names(cfg, split)            # raises the .beton explanation
+    size = cfg.size if train else (cfg.eval_size or cfg.size)
+    common = dict(views=1, size=size, batch_size=per_rank_batch(cfg.batch_size, info.world_size),
+                  scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob, seed=cfg.seed,
+                  rank=info.rank, world_size=info.world_size, device=info.device, prefetch=cfg.prefetch,
+                  train=train, drop_last=cfg.drop_last if train else False)
+    if cfg.loader == "dali":
+        from pipelines.loaders.dali_loader import DaliLoader, resolve_decoder
+        from pipelines.tools.webdataset import open_split
+        samples = _SubsetSamples(open_split(Path(cfg.data) / split), indices)
+        return DaliLoader(samples, decoder=resolve_decoder(cfg.dali_device, info.device),
+                          threads=cfg.workers, **common)
+    from pipelines.loaders.torchvision_loader import TorchvisionLoader
+    full = scan_image_folder(Path(cfg.data) / split)
+    images = ImageList(full.root, [full.paths[i] for i in indices], [full.labels[i] for i in indices],
+                       full.classes)
+    return TorchvisionLoader(images, workers=cfg.workers, **common)

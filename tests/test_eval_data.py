@@ -1,0 +1,114 @@
+"""Evaluation data: read through the run's loader (folder, .beton, webdataset shards), and a run whose
+evaluation data is missing is refused at start-up with the path and the config keys named."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import masksiam  # noqa: F401
+from conftest import have_loader_library
+from eval.data import check_eval_data, detect_loader, eval_loader, eval_source
+from eval.knn import extract_features, knn_accuracy_from_config
+from masksiam.config import Config
+from masksiam.dist import DistInfo
+from models.resnet import build_backbone
+from pipelines.loaders.common import DataError
+
+INFO = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def _cfg(data, **kw) -> Config:
+    return dataclasses.replace(Config(), data=str(data), size=32, batch_size=8, workers=0, prefetch=2, **kw)
+
+
+def test_missing_val_beton_fails_at_start_up_naming_path_and_keys(tmp_path):
+    # the issue's case: loader=ffcv, data=DIR holding only train.beton
+    (tmp_path / "train.beton").write_bytes(b"")
+    cfg = _cfg(tmp_path, loader="ffcv")
+    with pytest.raises(DataError) as err:
+        check_eval_data(cfg)
+    msg = str(err.value)
+    assert str(tmp_path / "val.beton") in msg
+    assert "val_split=val" in msg and "loader=ffcv" in msg and f"data={tmp_path}" in msg
+    assert "final_eval=false" in msg                                 # how to run without evaluation
+    check_eval_data(dataclasses.replace(cfg, final_eval=False, knn_every=0))   # no evaluation: no check
+    (tmp_path / "val.beton").write_bytes(b"")
+    check_eval_data(cfg)                                             # both there: passes
+
+
+def test_missing_folder_split_names_the_split_key(image_folder, tmp_path):
+    check_eval_data(_cfg(image_folder))                              # train/ and val/ exist
+    with pytest.raises(DataError, match=r"val_split=test"):
+        check_eval_data(_cfg(image_folder, val_split="test"))
+    shutil.copytree(image_folder / "val", tmp_path / "val")          # a bank split missing
+    with pytest.raises(DataError, match=r"train_split=train") as err:
+        check_eval_data(_cfg(tmp_path, loader="dali"))
+    assert str(tmp_path / "train") in str(err.value)
+    # ffcv_path with {split} decides where the .beton of each split is
+    cfg = _cfg(tmp_path, loader="ffcv", ffcv_path=str(tmp_path / "b" / "{split}.beton"))
+    assert eval_source(cfg, "val") == tmp_path / "b" / "val.beton"
+
+
+def test_detect_loader_follows_the_files(tmp_path, image_folder):
+    (tmp_path / "val.beton").write_bytes(b"")
+    assert detect_loader(_cfg(tmp_path), "val") == "ffcv"              # a folder run evaluated on .beton
+    assert detect_loader(_cfg(image_folder, loader="ffcv"), "val") == "torchvision"
+    (tmp_path / "wds" / "val").mkdir(parents=True)
+    (tmp_path / "wds" / "val" / "index.json").write_text("{}")
+    assert detect_loader(_cfg(tmp_path / "wds"), "val") == "dali"
+
+
+def _net():
+    torch.manual_seed(0)
+    return build_backbone("resnet10", small_stem=True, zero_init_residual=False, width=8).to(
+        memory_format=torch.channels_last)
+
+
+def _identity_transform(x):
+    return x.float() / 255
+
+
+@pytest.fixture(scope="module")
+def formats(image_folder, tmp_path_factory):
+    """The same folder as webdataset shards (and .beton files where FFCV imports)."""
+    import convert
+    root = tmp_path_factory.mktemp("formats")
+    assert convert.main(["webdataset", "--src", str(image_folder), "--out", str(root / "wds"),
+                         "--shard-size", "7"]) == 0
+    out = {"torchvision": image_folder, "dali": root / "wds"}
+    if have_loader_library("ffcv"):
+        for split in ("train", "val"):
+            assert convert.main(["ffcv", "--src", str(image_folder / split), "--out", str(root / f"{split}.beton"),
+                                 "--workers", "1", "--no-progress"]) == 0
+        out["ffcv"] = root
+    return out
+
+
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_evaluation_reads_every_format_like_the_folder(formats, loader):
+    if loader not in formats or (loader == "dali" and not have_loader_library("nvidia.dali")):
+        pytest.skip(f"{loader} not installed")
+    net = _net()
+    ref_cfg = _cfg(formats["torchvision"])
+    cfg = _cfg(formats[loader], loader=loader)
+    ref_feats, ref_labels = extract_features(net, eval_loader(ref_cfg, INFO, "val"), _identity_transform, INFO.device)
+    feats, labels = extract_features(net, eval_loader(cfg, INFO, "val"), _identity_transform, INFO.device)
+    assert torch.equal(labels, ref_labels) and feats.shape == ref_feats.shape
+    # same images, same eval crop; only the decoder (and FFCV's re-encoding) differ
+    cos = (feats * ref_feats).sum(1)
+    assert cos.min() > 0.97, cos
+    acc = knn_accuracy_from_config(dataclasses.replace(cfg, knn_k=3), INFO, net)
+    ref = knn_accuracy_from_config(dataclasses.replace(ref_cfg, knn_k=3), INFO, net)
+    assert 0 <= acc <= 1 and abs(acc - ref) <= 1 / 6 + 1e-6          # 6 val images: one vote apart at most
+
+
+def test_subset_loader_reads_only_the_subset(image_folder):
+    cfg = _cfg(image_folder)
+    loader = eval_loader(cfg, INFO, "train", indices=[0, 9, 23])
+    batches = list(loader)
+    labels = torch.cat([b.labels for b in batches])
+    assert labels.tolist() == [0, 1, 2] and len(loader.classes) == 3
