@@ -13,10 +13,15 @@ views; views/s in augment mode), with seconds per batch p50/p95, CPU use, peak h
 CUDA, peak GPU memory. Each run writes --json (default runs/bench/<mode>.json), a markdown table
 next to it (.md, also printed) and a bar chart (.png). `ratio` is a row's rate over the first row's:
 goals are ratios measured side by side in one run, since these machines are shared and noisy.
+Loader mode: `ratio_tv2` is the rate over backend torchvision-v2's (the plain ImageFolder +
+transforms.v2 pipeline a user would write), when it is compared; host_cpu_ms is the CPU time of the
+whole process and its workers per image over the measured batches, host_cpu_ex_decode_ms the same
+minus the full PIL decodes of the image it needs (decode_ms, timed on the split's files).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import os
@@ -136,7 +141,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> str:
         cells = []
         for c in columns:
             v = r.get(c, "")
-            cells.append((f"{v:.2f}" if c in ("ratio", "speedup", "efficiency", "data_wait") else f"{v:,.1f}")
+            cells.append((f"{v:.2f}" if c in ("ratio", "ratio_tv2", "speedup", "efficiency", "data_wait",
+                                              "host_cpu_ms", "host_cpu_ex_decode_ms") else f"{v:,.1f}")
                          if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
@@ -182,9 +188,77 @@ def _label(name: str, combo: dict) -> str:
 # ---- loader mode --------------------------------------------------------------------------------
 
 # loader-mode backend names -> config; ffcv-perview is FFCV's own way (one decode per view), the
-# baseline of masksiam's fused multi-view decoder
-LOADER_BACKENDS = {"torchvision": {"loader": "torchvision"}, "dali": {"loader": "dali"},
-                   "ffcv": {"loader": "ffcv"}, "ffcv-perview": {"loader": "ffcv", "ffcv_fused": False}}
+# baseline of masksiam's fused multi-view decoder; torchvision-v2 is no masksiam loader but the
+# pipeline a user would write instead (_TorchvisionV2), the baseline every loader is also divided by
+LOADER_BACKENDS = {"torchvision": {"loader": "torchvision"}, "torchvision-v2": {"loader": "torchvision"},
+                   "dali": {"loader": "dali"}, "ffcv": {"loader": "ffcv"},
+                   "ffcv-perview": {"loader": "ffcv", "ffcv_fused": False}}
+BASELINE = "torchvision-v2"
+
+
+class _Views:
+    """ImageFolder transform: PIL image -> V x (3, S, S) uint8, each view RandomResizedCrop (antialiased
+    bilinear) + horizontal flip of the one decoded image, all torchvision.transforms.v2 on tensors."""
+
+    def __init__(self, views: int, size: int, scale, ratio, flip_prob: float):
+        from torchvision.transforms import v2
+        self.views, self.to_tensor = views, v2.PILToTensor()
+        self.crop = v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+                                v2.RandomHorizontalFlip(flip_prob)])
+
+    def __call__(self, img):
+        x = self.to_tensor(img)                      # (3, H, W) uint8
+        return [self.crop(x) for _ in range(self.views)]
+
+
+class _TorchvisionV2:
+    """Backend torchvision-v2: torchvision's ImageFolder (PIL decode) with _Views in DataLoader
+    workers (one torch thread each, DataLoader's default), shuffled, default collate: batches of
+    V x (N, 3, S, S) uint8 moved to the device. It draws its own crops (not masksiam's per-sample
+    stream), which does not change its speed."""
+
+    def __init__(self, cfg, device: torch.device):
+        from torchvision import datasets
+        self.device = device
+        dataset = datasets.ImageFolder(str(Path(cfg.data) / cfg.train_split),
+                                       transform=_Views(cfg.views, cfg.size, cfg.crop_scale, cfg.crop_ratio,
+                                                        cfg.flip_prob))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
+            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        pass
+
+    def __iter__(self):
+        for views, labels in self.loader:
+            yield [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
+
+
+def _decode_ms(data: str, split: str, images: int = 64) -> float:
+    """CPU ms to decode one image of the split fully (PIL: libjpeg-turbo, as every CPU loader here
+    uses), median over `images` files spread over the split, in this thread (thread_time)."""
+    from PIL import Image
+    root = Path(data) / split
+    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        return float("nan")
+    times = []
+    for path in [files[i] for i in np.linspace(0, len(files) - 1, min(images, len(files))).round().astype(int)]:
+        encoded = path.read_bytes()
+        t0 = time.thread_time()
+        with Image.open(io.BytesIO(encoded)) as img:
+            img.convert("RGB").load()
+        times.append(time.thread_time() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def _decodes_per_image(backend: str, views: int, device: torch.device) -> int:
+    """Full host decodes an image costs a backend: ffcv-perview decodes once per view, DALI on CUDA
+    decodes with nvJPEG (0 on the host); DALI on the CPU decodes only the crops' union (1 is an
+    upper bound, so its ex-decode figure is a lower bound)."""
+    return views if backend == "ffcv-perview" else 0 if backend == "dali" and device.type == "cuda" else 1
 
 
 def bench_loader(backend: str, args, device: torch.device) -> dict:
@@ -197,7 +271,7 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
     info = DistInfo(0, 1, 0, device)
     meter = Meter(device)                            # from here: the start-up's memory peak counts too
     t0 = time.perf_counter()
-    loader = build_loader(cfg, info)
+    loader = _TorchvisionV2(cfg, device) if backend == BASELINE else build_loader(cfg, info)
     epoch = 0
     loader.set_epoch(epoch)
     it = iter(loader)
@@ -223,6 +297,11 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
             meter.tick()
     progress.close()
     res = meter.result(cfg.batch_size)
+    # host CPU per image: CPU seconds of this process (every thread) and its workers over the measured
+    # batches / images; ex_decode subtracts the full decodes it needs at _decode_ms's cost (measured
+    # once per run, in cmd_loader)
+    res["host_cpu_ms"] = 10.0 * res["cpu_percent"] / res["images_per_s"]
+    res["decodes_per_image"] = _decodes_per_image(backend, args.views, device)
     res.update(backend=backend, startup_s=startup, views=args.views, size=args.size,
                batch_size=args.batch_size, workers=args.workers, device=str(device))
     if hasattr(loader, "compile_seconds"):           # ffcv: numba compile, part of startup_s
@@ -251,6 +330,7 @@ def _merge_repeats(runs: list[dict]) -> dict:
 def cmd_loader(args) -> dict:
     device = _device(args.device)
     backends = args.compare.split(",") if args.compare else [args.backend]
+    decode_ms = _decode_ms(args.data, args.split)
     rows = []
     for combo in _combos(args, LOADER_SWEEPS):
         run = argparse.Namespace(**{**vars(args), **combo})
@@ -263,9 +343,16 @@ def cmd_loader(args) -> dict:
                       f"{run.batches} batches of {run.batch_size} x {run.views} views @ {run.size}px, "
                       f"{run.workers} workers", flush=True)
                 measured[backend].append(bench_loader(backend, run, device))
-        rows += [{"label": _label(b, combo), **_merge_repeats(measured[b])} for b in backends]
-    columns = ["label", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95", "cpu_percent",
-               "other_cpu_percent", "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+        group = {b: {"label": _label(b, combo), **_merge_repeats(measured[b])} for b in backends}
+        for row in group.values():
+            if BASELINE in group:
+                row["ratio_tv2"] = row["images_per_s"] / group[BASELINE]["images_per_s"]
+            row["decode_ms"] = decode_ms
+            row["host_cpu_ex_decode_ms"] = row["host_cpu_ms"] - row["decodes_per_image"] * decode_ms
+        rows += group.values()
+    columns = ["label", "images_per_s", "ratio", *(["ratio_tv2"] if BASELINE in backends else []),
+               "s_per_batch_p50", "s_per_batch_p95", "cpu_percent", "other_cpu_percent", "host_cpu_ms",
+               "host_cpu_ex_decode_ms", "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
     return _report("loader", rows, args, columns)
 
 
@@ -648,8 +735,10 @@ def readme_block(runs: dict[str, dict], results: str) -> str:
              "| measured | setting | rate | ratio |", "|---|---|---|---|"]
     for r in runs.get("loader", {}).get("results", []):
         lines.append(f"| loader: {r['label']} | {r['views']} views x {r['size']} px, batch {r['batch_size']}, "
-                     f"{r['workers']} workers, {r['device']} | {r['images_per_s']:,.0f} images/s | "
-                     f"x{r['ratio']:.2f} |")
+                     f"{r['workers']} workers, {r['device']} | {r['images_per_s']:,.0f} images/s, host CPU "
+                     f"{r['host_cpu_ms']:.2f} ms/image ({r['host_cpu_ex_decode_ms']:.2f} ex decode) | "
+                     f"x{r['ratio']:.2f}" + (f", x{r['ratio_tv2']:.2f} vs {BASELINE}" if "ratio_tv2" in r else "")
+                     + " |")
     for r in runs.get("augment", {}).get("results", []):
         ref = (f" vs {r['reference_views_per_s']:,.0f} per sample (torchvision v2)"
                if "reference_views_per_s" in r else "")

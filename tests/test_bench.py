@@ -7,17 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import bench
 
-try:
-    import nvidia.dali  # noqa: F401
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
+from conftest import have_loader_library
+
+HAVE_DALI = have_loader_library("nvidia.dali")  # an error, not skips, where the project installed it
 
 TINY_LOADER = ["--views", "2", "--size", "32", "--batch-size", "8", "--workers", "0", "--warmup", "2",
                "--batches", "2", "--device", "cpu"]
@@ -125,6 +124,36 @@ def test_sweeps_are_cartesian(image_folder, tmp_path):
     rows = check_outputs(out)
     assert [(r["label"], r["batch_size"]) for r in rows] == [("model-only batch_size=4", 4),
                                                              ("model-only batch_size=8", 8)]
+
+
+def test_loader_torchvision_v2_baseline_and_host_cpu(image_folder, tmp_path):
+    out = tmp_path / "loader.json"
+    bench.main(["loader", "--compare", "torchvision,torchvision-v2", "--data", str(image_folder), *TINY_LOADER,
+                "--json", str(out)])
+    rows = check_outputs(out)
+    assert [r["backend"] for r in rows] == ["torchvision", "torchvision-v2"]
+    for r in rows:
+        assert r["ratio_tv2"] == pytest.approx(r["images_per_s"] / rows[1]["images_per_s"], rel=1e-12)
+        assert r["host_cpu_ms"] == pytest.approx(10 * r["cpu_percent"] / r["images_per_s"])
+        assert 0 < r["decode_ms"] < 50 and r["decodes_per_image"] == 1
+        assert r["host_cpu_ex_decode_ms"] == pytest.approx(r["host_cpu_ms"] - r["decode_ms"])
+    assert rows[1]["ratio_tv2"] == 1.0
+    header = out.with_suffix(".md").read_text().splitlines()[0]
+    assert "| ratio_tv2 |" in header and "| host_cpu_ex_decode_ms |" in header
+
+
+def test_torchvision_v2_views():
+    """The baseline's transform: V independent antialiased resized crops + flips of one image, uint8."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    photo = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    views = bench._Views(3, 32, scale=(0.2, 1.0), ratio=(0.75, 4 / 3), flip_prob=0.5)(Image.fromarray(photo))
+    assert len(views) == 3 and all(v.shape == (3, 32, 32) and v.dtype == torch.uint8 for v in views)
+    assert not torch.equal(views[0], views[1])
+    # the whole image at its own aspect ratio, always flipped: the flipped antialiased resize of it
+    whole = bench._Views(1, 32, scale=(1.0, 1.0), ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
+    x = torch.from_numpy(photo).permute(2, 0, 1)
+    assert torch.equal(whole, v2.functional.horizontal_flip(v2.functional.resize(x, [32, 32], antialias=True)))
 
 
 @pytest.mark.dali

@@ -18,18 +18,14 @@ import torch
 from PIL import Image
 
 import convert
-from conftest import make_image_folder, skimage_photos
+from conftest import have_loader_library, make_image_folder, skimage_photos
 from masksiam.config import Config
 from masksiam.dist import DistInfo
 from pipelines.loaders import build_loader
 from pipelines.loaders.common import DataError, random_resized_crop_params, sample_rng, scan_image_folder, shard_indices
 from pipelines.loaders.torchvision_loader import crop_flip
 
-try:
-    import nvidia.dali  # noqa: F401
-    HAVE_DALI = True
-except ImportError:
-    HAVE_DALI = False
+HAVE_DALI = have_loader_library("nvidia.dali")  # an error, not skips, where the project installed it
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
 pytestmark = pytest.mark.dali
 REPO = Path(__file__).resolve().parent.parent

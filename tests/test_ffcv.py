@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("ffcv")
+from conftest import import_loader_library
+
+import_loader_library("ffcv")  # an error, not skips, where the project installed it
 pytestmark = pytest.mark.ffcv
 
 import cv2  # noqa: E402

@@ -2,7 +2,7 @@
 # `make bench`: the standard throughput comparison, sized for a 2-core CPU (about 6 minutes there on an idle machine).
 #   1. data: the photos folder with every image capped at 256 px (convert.py photos --max-res 256)
 #      and a .beton of the same images, so every loader decodes the same pixels at the same size
-#   2. loader: torchvision vs DALI vs FFCV (fused multi-view decode, and FFCV's one decode per view), 2 views x 224 px, batch 64, 2 workers
+#   2. loader: torchvision (the reference) and torchvision-v2 (ImageFolder + transforms.v2, the baseline) vs DALI vs FFCV (fused multi-view decode, and FFCV's one decode per view), 2 views x 224 px, batch 64, 2 workers
 #   3. augment: mscn, simclr, byol batched (batch 256 x 224 px, CPU) vs per-sample torchvision v2
 #   4. train: end to end per loader vs model-only (a small ResNet-18 at 96 px)
 #   5. README.md: the numbers table between <!-- bench:begin --> and <!-- bench:end -->
@@ -21,7 +21,7 @@ start=$SECONDS
 [ "$PHOTOS/train.beton" -nt "$PHOTOS/.complete" ] ||
     "$PY" convert.py ffcv --src "$PHOTOS/train" --out "$PHOTOS/train.beton" --max-res 256 --force --no-progress
 
-"$PY" bench.py loader --compare torchvision,dali,ffcv,ffcv-perview --data "$PHOTOS" --views 2 --size 224 --batch-size 64 \
+"$PY" bench.py loader --compare torchvision,torchvision-v2,dali,ffcv,ffcv-perview --data "$PHOTOS" --views 2 --size 224 --batch-size 64 \
     --workers 2 --warmup 5 --batches 80 --repeats 2 --json "$OUT/loader.json"
 
 # the per-sample reference runs on 32 of each batch's 256 images, alternating with the batched stage
