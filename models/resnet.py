@@ -25,6 +25,9 @@ ARCHS = {
     "resnet101": (Bottleneck, [3, 4, 23, 3], {}),
     "resnet152": (Bottleneck, [3, 8, 36, 3], {}),
     "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], {"width_per_group": 128}),
+    # BiT's width multipliers (SimMIM's ResNet-50x4, MixMAE's ResNet-50x3): every stage's channels x k
+    "resnet50x3": (Bottleneck, [3, 4, 6, 3], {"width_multiplier": 3}),
+    "resnet50x4": (Bottleneck, [3, 4, 6, 3], {"width_multiplier": 4}),
 }
 
 
@@ -34,6 +37,8 @@ def build_backbone(arch: str, small_stem: bool = False, zero_init_residual: bool
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r} (config key 'arch'); choose one of {', '.join(ARCHS)}")
     block, layers, kwargs = ARCHS[arch]
+    kwargs = dict(kwargs)
+    width *= kwargs.pop("width_multiplier", 1)
     net = ResNet(block, layers, zero_init_residual=zero_init_residual, **kwargs)
     if width != 64 or small_stem:
         # rebuild the stem and stages with torchvision's own _make_layer: same module names, so a
@@ -82,6 +87,10 @@ def torchvision_model(arch: str, num_classes: int = 1000) -> ResNet:
     if arch == "resnet10":
         block, layers, kwargs = ARCHS[arch]
         return ResNet(block, layers, num_classes=num_classes, **kwargs)
+    if "width_multiplier" in ARCHS.get(arch, (None, None, {}))[2]:     # not in torchvision: same keys
+        net = build_backbone(arch, zero_init_residual=False)
+        net.fc = nn.Linear(net.num_features, num_classes)
+        return net
     return getattr(tv_resnet, arch)(weights=None, num_classes=num_classes)
 
 

@@ -1,0 +1,170 @@
+"""Masked image modeling on ResNets (models/mim.py, losses/simmim.py, losses/mixmae.py, losses/lut.py):
+where the mask token goes, what the sparse and mixed encoders may and may not see, the losses."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import masksiam  # noqa: F401
+from models.mim import (MaskTokenEncoder, PixelDecoder, SourceEncoder, encoder_stride, expand_mask, stages,
+                        stem)
+from models.resnet import build_backbone
+
+
+def _net(arch="resnet10", width=8, small_stem=False, seed=0):
+    torch.manual_seed(seed)
+    net = build_backbone(arch, small_stem=small_stem, width=width, zero_init_residual=False)
+    return net.train()
+
+
+def _mask(n, cells, seed=1, ratio=0.5):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, cells * cells, generator=g)
+    k = int(round(ratio * cells * cells))
+    return (scores.argsort(1).argsort(1) < k).view(n, cells, cells)
+
+
+# ---- architecture ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,k", [("resnet50x3", 3), ("resnet50x4", 4)])
+def test_width_multiplier_scales_every_stage_and_keeps_torchvision_keys(arch, k):
+    with torch.device("meta"):
+        wide, base = build_backbone(arch), build_backbone("resnet50")
+    sw, sb = wide.state_dict(), base.state_dict()
+    assert list(sw) == list(sb)                                           # torchvision's key names
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer4.2.conv3.weight", "layer4.0.downsample.0.weight"):
+        assert sw[key].shape[0] == k * sb[key].shape[0], key
+    assert wide.num_features == k * 2048
+
+
+# ---- SimMIM's mask token -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_mask_token_is_exactly_at_the_masked_stem_positions(small_stem):
+    net = _net(small_stem=small_stem).eval()
+    size, patch = (64, 32) if not small_stem else (32, 8)
+    x = torch.randn(3, 3, size, size)
+    mask = _mask(3, size // patch)
+    enc = MaskTokenEncoder(net)
+    plain = stem(net, x)
+    tok = enc.tokenized_stem(net, x, mask)
+    stride = 4 if not small_stem else 1
+    m = mask.repeat_interleave(patch // stride, 1).repeat_interleave(patch // stride, 2)[:, None]   # independent upsampling
+    assert m.shape[2:] == plain.shape[2:]
+    assert torch.equal(tok, torch.where(m, enc.token.expand_as(plain), plain))
+    assert torch.equal(tok[~m.expand_as(tok)], plain[~m.expand_as(plain)])  # nowhere else
+    assert m.any() and (~m).any()
+    f = enc(net, x, mask)
+    assert f.shape == (3, net.num_features, size // encoder_stride(net), size // encoder_stride(net))
+    assert torch.equal(f, stages(net, tok))
+
+
+# ---- the sparse (SparK-style) encoder ---------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,small_stem", [("resnet10", False), ("resnet50", False), ("resnet18", True)])
+def test_sparse_encoder_visible_features_do_not_see_masked_pixels(arch, small_stem):
+    net = _net(arch, width=4 if arch == "resnet50" else 8, small_stem=small_stem)
+    size = 128 if not small_stem else 32
+    patch = encoder_stride(net)
+    n = 4
+    x = torch.randn(n, 3, size, size)
+    mask = _mask(n, size // patch, ratio=0.6)
+    px = expand_mask(mask, size, size)[:, None]
+    noisy = torch.where(px, torch.randn_like(x) * 100, x)                 # change every masked pixel
+
+    twin = copy.deepcopy(net)
+    f1 = SourceEncoder.sparse(mask)(net, x)
+    f2 = SourceEncoder.sparse(mask)(twin, noisy)
+    hidden = expand_mask(mask, f1.shape[2], f1.shape[3])[:, None].expand_as(f1)
+    assert torch.equal(f1, f2)                                            # exactly, visible and hidden
+    assert torch.count_nonzero(f1[hidden]) == 0 and torch.count_nonzero(f1[~hidden]) > 0
+    # running statistics: taken over visible positions only, so the same too
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), twin.buffers()))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "mixed"])
+def test_source_encoder_without_a_mask_is_the_ordinary_resnet(kind):
+    """One source everywhere: conv, pool and BatchNorm (batch statistics and running ones) as torch's."""
+    net = _net("resnet50", width=4)
+    ref = _net("resnet50", width=4)
+    x = torch.randn(4, 3, 64, 64)
+    none = torch.zeros(4, 2, 2, dtype=torch.bool)
+    enc = SourceEncoder.sparse(none) if kind == "sparse" else SourceEncoder.mixed(none)
+    f = enc(net, x)
+    expected = stages(ref, stem(ref, x))
+    torch.testing.assert_close(f, expected, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(net.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- mixed partial convolution -----------------------------------------------------------------------
+
+def _partial_conv_reference(x, src, weight, stride, padding):
+    """Brute force with unfold: at each output position, sum over the window of w * x over positions
+    of the output's source (padding counts as any source), times k*k / their count."""
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    cols = F.unfold(x, k, padding=padding, stride=stride)                 # (N, C*k*k, L)
+    marked = F.pad(src.float()[:, None], (padding,) * 4, value=-1.0)       # -1 = padding
+    scols = F.unfold(marked, k, stride=stride)                            # (N, k*k, L)
+    ho = (h + 2 * padding - k) // stride + 1
+    centre = src[:, ::stride, ::stride].reshape(n, 1, -1).float()          # the output's source
+    same = ((scols == centre) | (scols == -1)).float()                    # (N, k*k, L)
+    ratio = (k * k) / same.sum(1, keepdim=True)
+    cols = cols.view(n, c, k * k, -1) * same[:, None]
+    out = torch.einsum("ock,nckl->nol", weight.reshape(weight.shape[0], c, k * k), cols)
+    return (out * ratio).view(n, -1, ho, ho), same.sum(1).view(n, ho, ho) == k * k
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (7, 2)])
+def test_mixed_conv_is_partial_conv_and_plain_conv_where_the_window_holds_one_source(k, stride):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 6, k, stride, k // 2, bias=False).double()
+    x = torch.randn(3, 5, 32, 32, dtype=torch.float64)
+    mask = _mask(3, 4)                                                    # 8 px cells
+    enc = SourceEncoder.mixed(mask)
+    y = enc.conv(conv, x)
+    ref, single = _partial_conv_reference(x, expand_mask(mask.long(), 32, 32), conv.weight, stride, k // 2)
+    torch.testing.assert_close(y, ref)
+    plain = conv(x)
+    one = single[:, None].expand_as(y)
+    assert one.any() and (~one).any()
+    torch.testing.assert_close(y[one], plain[one])                        # ordinary conv there
+    assert not torch.allclose(y[~one], plain[~one])                      # and not across sources
+
+
+@pytest.mark.parametrize("arch,small_stem,size", [("resnet50", False, 128), ("resnet18", True, 32)])
+def test_mixed_encoder_features_of_one_image_ignore_the_other_exactly(arch, small_stem, size):
+    net = _net(arch, width=4, small_stem=small_stem)
+    patch = encoder_stride(net)
+    n = 4
+    x = torch.randn(n, 3, size, size)
+    mask = _mask(n, size // patch)                                        # True = from image B
+    px = expand_mask(mask, size, size)[:, None]
+    mixed = torch.where(px, x.flip(0), x)
+    f = SourceEncoder.mixed(mask)(net, mixed)
+    fm = expand_mask(mask, f.shape[2], f.shape[3])[:, None].expand_as(f)
+    for changed, kept in ((px, ~fm), (~px, fm)):                          # change B keep A; change A keep B
+        other = torch.where(changed, torch.randn_like(mixed) * 50, mixed)
+        g = SourceEncoder.mixed(mask)(net, other)
+        assert torch.equal(f[kept], g[kept])
+        assert not torch.equal(f[~kept], g[~kept])
+
+
+# ---- decoder -------------------------------------------------------------------------------------------
+
+def test_pixel_decoder_shapes_and_token():
+    f = torch.randn(2, 16, 2, 2)
+    lin = PixelDecoder(16, 32, depth=0)
+    assert lin(f).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="decoder_depth"):
+        lin(f, torch.zeros(2, 2, 2, dtype=torch.bool))
+    dec = PixelDecoder(16, 8, depth=1, dim=12)
+    hide = torch.zeros(2, 2, 2, dtype=torch.bool)
+    hide[0, 0, 0] = True
+    a = dec(f, hide)
+    b = dec(torch.where(hide[:, None], torch.randn_like(f), f), hide)     # hidden features are replaced
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
