@@ -146,3 +146,40 @@ def plot_curves(results: dict[str, dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def scheduled_lr(base: float, epoch: float, epochs: int, schedule: str, milestones=(), gamma: float = 0.1,
+                 warmup: float = 0.0) -> float:
+    """lr at fractional `epoch` of `epochs`: linear warmup over `warmup` epochs, then cosine to 0
+    ("cosine") or x gamma at each milestone epoch ("step"), or constant ("constant")."""
+    if warmup and epoch < warmup:
+        return base * epoch / warmup
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup) / max(1e-9, epochs - warmup))))
+    if schedule == "step":
+        return base * gamma ** sum(epoch >= m for m in milestones)
+    if schedule == "constant":
+        return base
+    raise EvalError(f"unknown lr schedule {schedule!r}: cosine, step or constant")
+
+
+def scale_milestones(milestones, preset_epochs: int, epochs: int) -> tuple[int, ...]:
+    """A preset's step epochs at another length: the same fractions of training (60/80 of 100 -> 6/8 of 10)."""
+    return tuple(max(1, round(m * epochs / preset_epochs)) for m in milestones)
+
+
+def recipe_highpasses(cfg: Config) -> bool:
+    """Whether the run's recipe trains on high-passed images (MSCN), so evaluation should too."""
+    from pipelines.augment.engine import build_augmenter
+    return any(b.highpass for b in build_augmenter(cfg.recipe, size=cfg.size).recipe.branches)
+
+
+def unique_mean(hits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(R, N) per-sample values and (N,) dataset indices on this rank -> (R,) means over the whole
+    split, each index counted once (eval loaders pad the last batch by repeating images)."""
+    hits, indices = dist.gather_no_grad(hits.t().contiguous()).t(), dist.gather_no_grad(indices)
+    order = torch.argsort(indices, stable=True)
+    s = indices[order]
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[1:] = s[1:] != s[:-1]
+    return hits[:, order][:, first].float().mean(1)

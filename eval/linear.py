@@ -1,0 +1,282 @@
+"""Linear probe: a linear classifier on the frozen backbone's pooled features.
+
+    python -m eval.linear --checkpoint runs/x/checkpoint.pt --data DIR [--preset mscn|mixmask]
+                          [--epochs N] [--out DIR] [--fast] [--bn]
+    torchrun --nproc_per_node=8 -m eval.linear ...                 # classifier under DDP
+
+Presets are the seeds' protocols (the preset's epochs, batch and base lr per 256 images; --epochs
+shortens a run and moves step milestones to the same fractions of it):
+
+    mscn     seed 001 A.2: SGD momentum 0.9, base lr 1.0, cosine, 100 epochs, weight decay 1e-6,
+             batch 256; train: random resized crop + flip + high-pass; test: resize 256, center 224
+             (size/0.875 then size) + high-pass
+    mixmask  seed 000 Table 2 (MoCo's protocol): SGD momentum 0.9, lr 30, x0.1 at epochs 60 and 80,
+             100 epochs, no weight decay, batch 256; the run's own eval transform (high-pass only
+             for MSCN recipes)
+
+Default preset: mscn for runs whose recipe high-passes, else mixmask. --fast computes the features
+once (eval crop: resize + center crop, no augmentation) and trains the classifier on them: minutes
+instead of a full protocol, for comparisons between runs, not for paper numbers. --bn puts an
+affine-free BatchNorm on the features (MAE's probe), which makes one lr fit most backbones.
+
+The backbone is frozen: eval mode (BatchNorm statistics untouched), no gradients. Writes
+<out>/linear.json, linear.md, linear.png (train loss, val top-1 / top-5, lr per epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import masksiam  # noqa: F401
+from masksiam import dist
+from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, unique_mean
+
+
+@dataclass(frozen=True)
+class LinearPreset:
+    epochs: int
+    lr: float                       # base lr per 256 images (linear scaling to the batch)
+    weight_decay: float
+    batch_size: int
+    schedule: str                   # "cosine" or "step"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    momentum: float = 0.9
+    highpass: Optional[bool] = None  # eval / train inputs high-passed (None: as the run's recipe)
+    source: str = ""
+
+
+PRESETS = {
+    "mscn": LinearPreset(epochs=100, lr=1.0, weight_decay=1e-6, batch_size=256, schedule="cosine",
+                         highpass=True, source="seed 001 (MSCN) supplement A.2"),
+    "mixmask": LinearPreset(epochs=100, lr=30.0, weight_decay=0.0, batch_size=256, schedule="step",
+                            milestones=(60, 80), gamma=0.1, source="seed 000 (MixMask) Table 2, MoCo's protocol"),
+}
+
+
+class LinearHead(nn.Module):
+    """(N, F) features -> (N, C) logits; optional affine-free BatchNorm first (--bn)."""
+
+    def __init__(self, num_features: int, num_classes: int, bn: bool = False):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, affine=False) if bn else nn.Identity()
+        self.fc = nn.Linear(num_features, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)     # MoCo / SimCLR probe initialisation
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(h))
+
+
+def _epoch_plan(preset: LinearPreset, epochs: int | None) -> tuple[int, tuple[int, ...]]:
+    n = epochs or preset.epochs
+    return n, scale_milestones(preset.milestones, preset.epochs, n)
+
+
+def _sgd(module: nn.Module, preset: LinearPreset, batch: int) -> tuple[torch.optim.Optimizer, float]:
+    lr = preset.lr * batch / 256
+    return torch.optim.SGD(module.parameters(), lr=lr, momentum=preset.momentum,
+                           weight_decay=preset.weight_decay), lr
+
+
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _ddp(head: nn.Module, device: torch.device) -> nn.Module:
+    if dist.world_size() == 1:
+        return head
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(head, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
+                      indices: torch.Tensor | None = None, chunk: int = 4096) -> tuple[float, float]:
+    """Top-1, top-5 of `head` on (N, F) features; with `indices`, features are this rank's share and
+    each dataset index counts once over all ranks."""
+    was = head.training
+    head.eval()
+    hits = torch.cat([topk_correct(head(f.float()), y) for f, y in zip(feats.split(chunk), labels.split(chunk))], 1)
+    head.train(was)
+    if indices is None:
+        m = hits.float().mean(1)
+    else:
+        m = unique_mean(hits, indices)
+    return float(m[0]), float(m[1])
+
+
+def train_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                      val_labels: torch.Tensor, num_classes: int, preset: LinearPreset, *,
+                      epochs: int | None = None, bn: bool = False, seed: int = 0, show: bool = False,
+                      log: Callable[[dict], None] | None = None) -> tuple[LinearHead, list[dict]]:
+    """The classifier trained on cached (N, F) features (same on every rank), with the preset's
+    optimiser and schedule; one history row per epoch (train loss, val top-1/top-5, lr)."""
+    device = train_feats.device
+    n_epochs, milestones = _epoch_plan(preset, epochs)
+    head = LinearHead(train_feats.shape[1], num_classes, bn).to(device)
+    opt, base = _sgd(head, preset, preset.batch_size)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, b = train_feats.shape[0], min(preset.batch_size, train_feats.shape[0])
+    steps = max(1, n // b)                               # drop the last partial batch, as training does
+    history = []
+    for epoch in progress(range(n_epochs), "linear (cached features)", n_epochs, enabled=show):
+        perm = torch.randperm(n, generator=g).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for s in range(steps):
+            _set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
+            idx = perm[s * b:(s + 1) * b]
+            loss = F.cross_entropy(head(train_feats[idx].float()), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+        top1, top5 = evaluate_features(head, val_feats, val_labels)
+        row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "val_top1": top1, "val_top5": top5,
+               "lr": opt.param_groups[0]["lr"]}
+        history.append(row)
+        if log:
+            log(row)
+    return head, history
+
+
+def train_probe(backbone: nn.Module, train_loader, val_loader, transform, num_classes: int,
+                preset: LinearPreset, device: torch.device, *, epochs: int | None = None, bn: bool = False,
+                show: bool = False, log: Callable[[dict], None] | None = None) -> tuple[LinearHead, list[dict]]:
+    """The full protocol: every epoch a fresh random resized crop + flip of each training image
+    (train_loader, train=True), through the frozen backbone, into the classifier (DDP over ranks);
+    val top-1/top-5 after each epoch on the eval crop. `transform`: uint8 -> normalised float."""
+    from eval.knn import embed
+    backbone.eval().requires_grad_(False)
+    n_epochs, milestones = _epoch_plan(preset, epochs)
+    head = LinearHead(backbone.num_features, num_classes, bn).to(device)
+    model = _ddp(head, device)
+    opt, base = _sgd(head, preset, preset.batch_size)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ValueError(f"the training split has fewer images than one batch ({preset.batch_size})")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history = []
+    for epoch in range(n_epochs):
+        train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        for s, batch in enumerate(progress(train_loader, f"linear epoch {epoch + 1}/{n_epochs}", steps, show)):
+            _set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
+            with torch.no_grad(), amp:
+                h = backbone(transform(batch.views[0])).float()
+            loss = F.cross_entropy(model(h), batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+        feats, labels, indices = embed(backbone, val_loader, transform, device, normalize=False)
+        top1, top5 = evaluate_features(head, feats, labels, indices)
+        row = {"epoch": epoch + 1, "train_loss": float(dist.all_reduce_mean(loss_sum)) / steps,
+               "val_top1": top1, "val_top5": top5, "lr": opt.param_groups[0]["lr"]}
+        history.append(row)
+        if log:
+            log(row)
+    return head, history
+
+
+def curves(history: list[dict]) -> dict[str, list]:
+    keys = [k for k in history[0] if k != "epoch"] if history else []
+    return {k: [[r["epoch"], r[k]] for r in history] for k in keys}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    p.add_argument("--data", default=None, help="data root (default: the run's): folder, .beton files or shards")
+    p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"])
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="default: mscn for high-passing recipes, else mixmask")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch (lr scales with it)")
+    p.add_argument("--lr", type=float, default=None, help="override the preset's base lr (per 256 images)")
+    p.add_argument("--fast", action="store_true", help="cache center-crop features once, train on them")
+    p.add_argument("--bn", action="store_true", help="affine-free BatchNorm on the features")
+    p.add_argument("--out", default=None, help="result folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--max-train", type=int, default=0, help="use only N training images (0 = all)")
+    p.add_argument("--max-val", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--random-init", action="store_true", help="probe the same arch at random init")
+    p.add_argument("--save-head", action="store_true", help="write the classifier to <out>/linear_head.pt")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from eval.common import eval_transform, open_checkpoint, recipe_highpasses, write_results
+    from eval.data import eval_loader
+    from pipelines.loaders.common import DataError
+    cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
+                                                               "workers": args.workers}, args.random_init)
+    preset_name = args.preset or ("mscn" if recipe_highpasses(cfg) else "mixmask")
+    preset = PRESETS[preset_name]
+    preset = dataclasses.replace(preset, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr))
+                                            if v is not None})
+    size = cfg.eval_size or cfg.size
+    # the probe's own crops: standard RandomResizedCrop (0.08-1) + flip at the eval size
+    cfg = dataclasses.replace(cfg, size=size, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+                              drop_last=True)
+    transform = eval_transform(cfg, info.device, highpass=preset.highpass)
+    show = not args.no_progress
+    out = Path(args.out or Path(args.checkpoint).parent / "eval")
+
+    def log(row):
+        if info.is_main:
+            print(json.dumps({"linear": row}), flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=preset.batch_size, max_images=args.max_val)
+        num_classes = len(val_loader.classes)
+        if args.fast:
+            from eval.knn import extract_features
+            train_eval = eval_loader(cfg, info, cfg.train_split, batch_size=preset.batch_size,
+                                     max_images=args.max_train)
+            xf, yf = extract_features(backbone, train_eval, transform, info.device, normalize=False,
+                                      desc="features (train)" if show else None)
+            vf, vy = extract_features(backbone, val_loader, transform, info.device, normalize=False,
+                                      desc="features (val)" if show else None)
+            head, history = train_on_features(xf, yf, vf, vy, num_classes, preset, epochs=args.epochs, bn=args.bn,
+                                              seed=cfg.seed, show=show and info.is_main, log=log)
+        else:
+            train_loader = eval_loader(cfg, info, cfg.train_split, train=True, batch_size=preset.batch_size,
+                                       max_images=args.max_train)
+            head, history = train_probe(backbone, train_loader, val_loader, transform, num_classes, preset,
+                                        info.device, epochs=args.epochs, bn=args.bn, show=show, log=log)
+    except DataError as err:
+        sys.exit(f"eval.linear: {err}")
+    final = history[-1]
+    result = {"eval": "linear", "label": f"linear ({preset_name}{', fast' if args.fast else ''})",
+              "checkpoint": args.checkpoint,
+              "metrics": {"top1": final["val_top1"], "top5": final["val_top5"],
+                          "best_top1": max(r["val_top1"] for r in history)},
+              "curves": curves(history),
+              "settings": {"preset": preset_name, **dataclasses.asdict(preset), "epochs": len(history),
+                           "fast": args.fast, "bn": args.bn, "loader": cfg.loader, "data": cfg.data,
+                           "random_init": args.random_init, "world_size": info.world_size,
+                           "seconds": round(time.perf_counter() - t0, 1)}}
+    if info.is_main:
+        paths = write_results(out, "linear", result)
+        if args.save_head:
+            torch.save({k: v.cpu() for k, v in head.state_dict().items()}, out / "linear_head.pt")
+        print(f"linear probe ({preset_name}): top-1 {100 * final['val_top1']:.2f}%  top-5 "
+              f"{100 * final['val_top5']:.2f}%  -> {paths['json']}", flush=True)
+    dist.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
