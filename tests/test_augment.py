@@ -164,6 +164,21 @@ def test_jitter_order_is_uniform_over_the_24_orders():
     assert per_slot.max() - per_slot.min() <= 1
 
 
+def test_jitter_order_puts_hue_where_hue_groups_say():
+    # the augmenter's hue index comes from hue_groups: every sample's drawn order must agree with
+    # it, for every count (not only multiples of 4)
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 41):
+        for rotation in range(4):
+            hue_slot = (A.jitter_order(n, g, "cpu", rotation) == A.HUE).float().argmax(1)
+            groups = A.hue_groups(n, rotation)
+            assert sorted(s for s, _, _ in groups) == [0, 1, 2, 3]
+            assert groups[0][1] == 0 and groups[-1][2] == n                  # contiguous, all n
+            assert all(a[2] == b[1] for a, b in zip(groups, groups[1:]))
+            for slot, start, end in groups:
+                assert (hue_slot[start:end] == slot).all(), (n, rotation, slot)
+
+
 def test_subset_size_is_p_times_n_on_average():
     host = torch.Generator().manual_seed(0)
     for p, n in ((0.2, 7), (0.5, 9), (0.8, 256), (0.1, 3)):

@@ -57,12 +57,78 @@ class AugmentOutput:
     mix_lam: Optional[torch.Tensor] = None      # (N,) fraction of each mixed image from itself
     mix_source: Optional[int] = None
     mim_masks: Optional[list[Optional[torch.Tensor]]] = None   # (N, H/p, W/p) bool, True = masked
+    params: Optional[list["ViewParams"]] = None  # per view, what was drawn (aug(views, return_params=True))
+    mix_params: Optional["MixParams"] = None
+
+
+@dataclass
+class ViewParams:
+    """What the stage drew for one output view: per-sample tensors (N leading, on the device).
+
+    Replaying them reproduces the view (tests/test_recipes.py does, with torchvision.transforms.v2
+    functional). Sample i of source view `source`, as float [0, 1] (to_dtype(scale=True)):
+
+        flip[i]          horizontal_flip
+        jitter[i]        for op in jitter_order[i]: adjust_brightness / contrast / saturation / hue
+                         (op ids ops.BRIGHTNESS, CONTRAST, SATURATION, HUE) by jitter_factors[i, op]
+        grayscale[i]     rgb_to_grayscale(img, 3)
+        blur[i]          gaussian_blur(img, [blur_kernel] * 2, [blur_sigma[i]] * 2)
+        solarize[i]      solarize(img, solarize_threshold)
+        then             normalize(img, mean, std); with a high-pass (highpass_sigma not None):
+                         normalize(img - gaussian_blur(img, [highpass_kernel] * 2, [highpass_sigma[i]] * 2),
+                         0, std)
+        masked[i]        the elements of mask_pixels()[i] replaced by the fill (mask_fill; the noise
+                         values themselves are not kept)
+
+    Ops a branch does not have read all False (jitter_factors the identity 1, 1, 1, 0)."""
+    branch: int
+    source: int                                  # the loader view (crop) it was made from
+    size: int
+    flip: torch.Tensor                           # (N,) bool
+    jitter: torch.Tensor                         # (N,) bool
+    jitter_factors: torch.Tensor                 # (N, 4) brightness, contrast, saturation factor, hue shift
+    jitter_order: torch.Tensor                   # (N, 4) int64: op id in each of the four slots
+    grayscale: torch.Tensor                      # (N,) bool
+    blur: torch.Tensor                           # (N,) bool
+    blur_sigma: Optional[torch.Tensor]           # (N,) px at this view's size (None: no blur op)
+    blur_kernel: int
+    solarize: torch.Tensor                       # (N,) bool
+    solarize_threshold: float
+    highpass_sigma: Optional[torch.Tensor]       # (N,) px (None: no high-pass)
+    highpass_kernel: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    masked: torch.Tensor                         # (N,) bool: this copy masked at all
+    mask_cells: Optional[torch.Tensor] = None    # (N, 3, Gmax, Gmax) bool, sample i uses its grid[i] block
+    mask_grid: Optional[torch.Tensor] = None     # (N,) int64 cells per side
+    mask_fill: Optional[str] = None
+    noise_std: float = 0.0
+    mim_mask: Optional[torch.Tensor] = None      # (N, H/p, W/p) bool (SimMIM)
+
+    def mask_pixels(self) -> Optional[torch.Tensor]:
+        """(N, 3, H, W) bool, True where the fill replaced the view's pixels (None: no mask op)."""
+        if self.mask_cells is None:
+            return None
+        return M.cells_to_pixels(self.mask_cells, self.mask_grid, self.size, self.size, torch.bool)
+
+
+@dataclass
+class MixParams:
+    """What was drawn for the mixed view: view `view` mixed with `view` of the reversed batch."""
+    kind: str                                    # mixmask | unmix
+    view: int
+    lam: torch.Tensor                            # (N,) = AugmentOutput.mix_lam
+    cells: Optional[torch.Tensor] = None         # MixMask: (N, 1, G, G) bool, True = from the reversed batch
+    use_mixup: Optional[torch.Tensor] = None     # Un-Mix: (N,) bool, mixup (else cutmix)
+    mixup_lam: Optional[torch.Tensor] = None     # Un-Mix: (N,) the Beta draw
+    boxes: Optional[torch.Tensor] = None         # Un-Mix: (N, 4) cutmix box top, bottom, left, right
 
 
 @dataclass
 class _BranchDraw:
     """One branch's random parameters for a whole batch (N leading), drawn before any pixel work."""
     flip: Optional[torch.Tensor] = None                 # subset indices
+    jitter_subset: Optional[torch.Tensor] = None        # subset indices
     jitter: Optional[torch.Tensor] = None               # (N, 4) factors, identity outside the subset
     order: Optional[torch.Tensor] = None                # (N, 4) op per slot
     hue: list[Optional[torch.Tensor]] = field(default_factory=lambda: [None] * 4)
@@ -154,7 +220,7 @@ class Augmenter:
             d.flip = self._subset(b.flip, n)
         if b.color:
             c = b.color
-            jit = self._subset(c.p, n)
+            jit = d.jitter_subset = self._subset(c.p, n)
             on = A.subset_mask(n, jit, dev)[:, None]
             factors = torch.stack([A.uniform(n, max(0.0, 1 - c.brightness), 1 + c.brightness, gen, dev),
                                    A.uniform(n, max(0.0, 1 - c.contrast), 1 + c.contrast, gen, dev),
@@ -170,10 +236,8 @@ class Augmenter:
                 rotation = int(torch.randint(4, (1,), generator=self.host_gen))
                 d.order[members] = A.jitter_order(k, gen, dev, rotation)
                 if c.hue > 0:
-                    bounds = [q * k // 4 for q in range(5)]
-                    for q in range(4):
-                        group = members[bounds[q]:bounds[q + 1]]
-                        d.hue[(q + rotation) % 4] = group.sort().values if group.numel() else None
+                    for slot, start, end in A.hue_groups(k, rotation):     # the grouping jitter_order used
+                        d.hue[slot] = members[start:end].sort().values if end > start else None
         if b.grayscale:
             d.gray = self._subset(b.grayscale, n)
         if b.blur:
@@ -299,8 +363,38 @@ class Augmenter:
             return self.gen
         return torch.Generator().manual_seed(seed + c0)
 
+    def _params(self, draws: list[_BranchDraw], n: int, size: int, mim) -> list[ViewParams]:
+        """The public record of the draws (`ViewParams`), one per output view."""
+        r, dev = self.recipe, self.device
+        mask = lambda idx: A.subset_mask(n, idx, dev)                           # noqa: E731
+        identity = A.const((1.0, 1.0, 1.0, 0.0), dev).expand(n, 4)
+        plain_order = A.const((A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE), dev, torch.long).expand(n, 4)
+        params = []
+        for v, bi in enumerate(self.view_branch):
+            b, d = r.branches[bi], draws[bi]
+            copy_i = v - self.view_branch.index(bi)
+            hp = d.highpass_sigma
+            if hp is not None and not isinstance(hp, torch.Tensor):
+                hp = torch.full((n,), float(hp), device=dev)
+            p = ViewParams(
+                branch=bi, source=b.source, size=size, flip=mask(d.flip),
+                jitter=mask(d.jitter_subset), jitter_factors=identity if d.jitter is None else d.jitter,
+                jitter_order=plain_order if d.order is None else d.order, grayscale=mask(d.gray),
+                blur=mask(d.blur), blur_sigma=d.blur_sigma, blur_kernel=self.blur_kernel[bi],
+                solarize=mask(d.solarize), solarize_threshold=b.solarize.threshold if b.solarize else 0.5,
+                highpass_sigma=hp, highpass_kernel=self.highpass_kernel[bi], mean=r.mean, std=r.std,
+                masked=mask(d.masks[copy_i][2] if b.mask else None),
+                mim_mask=mim[v] if mim is not None else None)
+            if b.mask:
+                p.mask_cells, p.mask_grid = d.masks[copy_i][0], d.masks[copy_i][1]
+                p.mask_fill, p.noise_std = b.mask.fill, b.mask.noise_std
+            params.append(p)
+        return params
+
     @torch.no_grad()
-    def __call__(self, views: list[torch.Tensor]) -> AugmentOutput:
+    def __call__(self, views: list[torch.Tensor], return_params: bool = False) -> AugmentOutput:
+        """The views of one batch; return_params=True also records what was drawn for each view
+        (`AugmentOutput.params`, `mix_params`: for tests, and for debugging an augmentation)."""
         n = self._check(views)
         r, dev, (h, w) = self.recipe, self.device, views[0].shape[2:]
         draws = [self._draw_branch(b, n) for b in r.branches]
@@ -322,6 +416,11 @@ class Augmenter:
         if mix is not None:
             result.mixed, result.mix_lam = self._mix(outs[self.mix_source], mix)
             result.mix_source = self.mix_source
+        if return_params:
+            result.params = self._params(draws, n, h, mim)
+            if mix is not None:
+                result.mix_params = MixParams(r.mix.kind, self.mix_source, result.mix_lam, mix.get("cells"),
+                                              mix.get("use_mixup"), mix.get("lam"), mix.get("boxes"))
         return result
 
     # -- mixing and SimMIM ---------------------------------------------------------------------

@@ -168,17 +168,29 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(maxc, chroma, w, value=-1.0).clamp_(0.0, 1.0)
 
 
+def hue_groups(n: int, rotation: int = 0) -> list[tuple[int, int, int]]:
+    """The hue slot of n jittered samples listed in a random order, as (slot, start, end): the
+    samples at positions [start, end) of the list do hue in `slot`. The list is cut into four
+    near-equal groups (bounds q * n // 4) and group q does hue in slot (q + rotation) % 4. The one
+    grouping behind both `jitter_order` (the order each sample gets) and the augmenter's hue index
+    (the samples `color_jitter` runs hue on in each slot), so the two cannot disagree."""
+    bounds = [q * n // 4 for q in range(5)]
+    return [((q + rotation) % 4, bounds[q], bounds[q + 1]) for q in range(4)]
+
+
 def jitter_order(n: int, gen: torch.Generator, device, rotation: int = 0) -> torch.Tensor:
     """(n, 4) op id per slot for `color_jitter`: a uniformly random order of the four ops per sample.
 
     The hue slot is stratified: the n samples (taken in the order the caller listed them, which is
-    random) are cut into four near-equal groups, group q puts hue in slot (q + rotation) % 4, and the
-    other three ops fill the remaining slots in an independent random order. With a uniform random
-    rotation every sample's order is uniform over the 24 permutations, as torchvision's randperm(4);
-    the stratification makes each slot's hue work a quarter of the batch with a size known up front.
+    random) are cut into four near-equal groups (`hue_groups`), group q puts hue in slot
+    (q + rotation) % 4, and the other three ops fill the remaining slots in an independent random
+    order. With a uniform random rotation every sample's order is uniform over the 24 permutations,
+    as torchvision's randperm(4); the stratification makes each slot's hue work a quarter of the
+    batch with a size known up front.
     """
-    q = torch.arange(n, device=device) * 4 // max(n, 1)
-    hue_slot = (q + rotation) % 4                                          # (n,)
+    hue_slot = torch.empty(n, dtype=torch.long, device=device)                # (n,)
+    for slot, start, end in hue_groups(n, rotation):
+        hue_slot[start:end] = slot
     others = torch.rand(n, 3, generator=gen, device=device).argsort(1)     # (n, 3): B/C/S order
     j = torch.arange(3, device=device).expand(n, 3)
     slots = j + (j >= hue_slot[:, None]).long()                            # non-hue slots, in order
