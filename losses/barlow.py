@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from losses import normalized_std, upcast, views_in
+from losses.common import full_precision, normalized_std, upcast, views_in
+from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank, world_size
 
 DEFAULTS = {"lambd": 0.0051, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3, "proj_bn": True,
@@ -77,3 +78,10 @@ def loss(emb, lambd: float, **_) -> tuple[torch.Tensor, dict]:
     total = on + lambd * off
     return total, {"loss": total.detach(), "on_diag": on.detach(), "off_diag": off.detach(),
                    "z_std": torch.stack([normalized_std(emb.z[v]) for v in views]).mean()}
+
+
+class BarlowTwins(Siamese):
+    """backbone -> projector; the cross-correlation of the two views' embeddings towards the identity."""
+    name, DEFAULTS = "barlow", DEFAULTS
+    loss = staticmethod(full_precision(loss))
+    pair_loss = staticmethod(full_precision(pair_loss))

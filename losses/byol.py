@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses import both_directions, normalized_std, upcast, views_in
+from losses.common import both_directions, full_precision, normalized_std, upcast, views_in
+from losses.siamese import Siamese
 
 DEFAULTS = {"ema_momentum": 0.996, "ema_schedule": "cosine", "proj_hidden": 4096, "proj_dim": 256,
             "proj_layers": 2, "proj_bn": True, "proj_last_bn": False, "pred_hidden": 4096}
@@ -36,3 +37,11 @@ def loss(emb, **_) -> tuple[torch.Tensor, dict]:
     total = 2 * terms.mean()        # mean over pairs of l(i -> j) + l(j -> i)
     return total, {"loss": total.detach(), "cos": 1 - terms.detach().mean() / 2,
                    "z_std": torch.stack([normalized_std(emb.z[v]) for v in views_in(emb.pairs)]).mean()}
+
+
+class BYOL(Siamese):
+    """online backbone -> projector -> predictor regresses the EMA target's projection."""
+    name, DEFAULTS = "byol", DEFAULTS
+    predictor, ema = True, True
+    loss = staticmethod(full_precision(loss))
+    per_sample = staticmethod(full_precision(per_sample))

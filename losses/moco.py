@@ -3,7 +3,7 @@
 For a pair (i, j): q = normalize(z[i]) from the online encoder + projector, k = normalize(zt[j])
 from the EMA copy (no gradient). Each query's logits are [q.k, q.queue] / temperature (1 + K
 columns) and its label is column 0 (He et al. 2020; Chen et al. 2020, "MoCo v2"). After the step
-the loop writes this step's keys, gathered from all ranks in rank order, into the queue (`Queue`).
+`after_step` writes this step's keys, gathered from all ranks in rank order, into the queue (`Queue`).
 
 Defaults are the MixMask seed's ImageNet MoCo v2 settings (seed 000, Table 2): moco-dim 128,
 m 0.999 (constant, as MoCo v2; `ema_schedule=cosine` gives MoCo v3's schedule), K 65536, t 0.2,
@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses import both_directions, normalized_std, upcast
+from losses.common import both_directions, full_precision, normalized_std, upcast
+from losses.siamese import Siamese
 from masksiam.dist import gather_no_grad
 
 DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "ema_momentum": 0.999, "ema_schedule": "constant",
@@ -90,13 +91,13 @@ def loss(emb, temperature: float, moco_symmetric: bool = False, **_) -> tuple[to
 
 
 class Queue:
-    """MoCo's queue of negatives with its write pointer, as the training loop holds it.
+    """MoCo's queue of negatives with its write pointer, as the MoCo method holds it.
 
-        queue = method.make_queue(hp, device)          # (queue_size, proj_dim) random unit keys
+        queue = Queue.from_hparams(hp, device)         # (queue_size, proj_dim) random unit keys
         emb = Embeddings(..., queue=queue.tensor)
         ... loss, backward, optimizer step ...
         queue.push(emb.zt, emb.pairs)                  # this step's keys from every rank
-        state = queue.state_dict()                     # with the checkpoint; load_state_dict on resume
+        state = queue.state_dict()                     # the method's extra state in checkpoints
     """
 
     def __init__(self, size: int, dim: int, device=None, moco_symmetric: bool = False, seed: int = 0):
@@ -145,3 +146,44 @@ def enqueue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
     # more keys than slots: only the newest `size` survive, each in the slot it would end in
     queue.index_copy_(0, slots[-size:], keys[-size:].to(queue.dtype))
     return (ptr + keys.shape[0]) % size
+
+
+class MoCo(Siamese):
+    """Online query encoder + EMA key encoder + the queue of past keys (its checkpoint state too)."""
+    name, DEFAULTS = "moco", DEFAULTS
+    ema = True
+    loss = staticmethod(full_precision(loss))
+    per_sample = staticmethod(full_precision(per_sample))
+
+    def __init__(self, backbone, hp, cfg=None):
+        super().__init__(backbone, hp, cfg)
+        # not a buffer: DDP would broadcast its 32 MB from rank 0 every forward, and every rank
+        # already holds the same queue (same seed, same gathered keys)
+        self.queue = Queue.from_hparams(hp)
+        self._keys = None                    # this step's (zt, pairs), pushed by after_step
+
+    def views(self, pairs):
+        return views(pairs, self.hp["moco_symmetric"])
+
+    def embed(self, out, extra=()):
+        emb, extra_out = super().embed(out, extra)
+        emb.queue = self.queue.tensor
+        self._keys = (emb.zt, emb.pairs)
+        return emb, extra_out
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        super().after_step(step, total_steps)
+        if self._keys is not None:          # this step's keys from every rank
+            self.queue.push(*self._keys)
+            self._keys = None
+
+    def _apply(self, fn, recurse=True):      # .to(device) moves the queue with the module
+        super()._apply(fn, recurse)
+        self.queue.tensor = fn(self.queue.tensor)
+        return self
+
+    def get_extra_state(self) -> dict:
+        return self.queue.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.queue.load_state_dict(state)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses import normalized_std, upcast, views_in
+from losses.common import full_precision, normalized_std, upcast, views_in
+from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank
 
 # MSCN (seed 001, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
@@ -76,3 +77,10 @@ def per_sample(m: torch.Tensor, t: torch.Tensor, temperature: float, **_) -> tor
     logits = m @ keys.t() / temperature                                # (N, RN)
     pos = torch.arange(m.shape[0], device=m.device) + rank() * m.shape[0]
     return F.cross_entropy(logits, pos, reduction="none")
+
+
+class SimCLR(Siamese):
+    """backbone -> projector; NT-Xent over the view pairs, negatives from every rank."""
+    name, DEFAULTS = "simclr", DEFAULTS
+    loss = staticmethod(full_precision(loss))
+    per_sample = staticmethod(full_precision(per_sample))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses import both_directions, normalized_std, upcast, views_in
+from losses.common import both_directions, full_precision, normalized_std, upcast, views_in
+from losses.siamese import Siamese
 
 DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "proj_bn": True, "proj_last_bn": True,
             "pred_hidden": 512}
@@ -34,3 +35,11 @@ def loss(emb, **_) -> tuple[torch.Tensor, dict]:
     total = terms.mean()            # mean over pairs of D(i -> j) / 2 + D(j -> i) / 2
     return total, {"loss": total.detach(),
                    "z_std": torch.stack([normalized_std(emb.z[v]) for v in views_in(emb.pairs)]).mean()}
+
+
+class SimSiam(Siamese):
+    """backbone -> projector -> predictor; -cos against the stop-gradient projection of the other view."""
+    name, DEFAULTS = "simsiam", DEFAULTS
+    predictor = True
+    loss = staticmethod(full_precision(loss))
+    per_sample = staticmethod(full_precision(per_sample))

@@ -28,7 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from losses import upcast, views_in
+from losses.common import full_precision, upcast, views_in
+from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank, world_size
 
 DEFAULTS = {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0, "proj_hidden": 8192, "proj_dim": 8192,
@@ -86,3 +87,10 @@ def loss(emb, sim_coeff: float, std_coeff: float, cov_coeff: float, **_) -> tupl
                      zip(*(_pair(emb.z[i], emb.z[j], stats[i], stats[j]) for i, j in emb.pairs)))
     z_std = torch.stack([stats[v].std_mean for v in views]).mean()
     return _combine(inv, var, cov, z_std, sim_coeff, std_coeff, cov_coeff)
+
+
+class VICReg(Siamese):
+    """backbone -> projector; invariance + variance + covariance over the global batch."""
+    name, DEFAULTS = "vicreg", DEFAULTS
+    loss = staticmethod(full_precision(loss))
+    pair_loss = staticmethod(full_precision(pair_loss))

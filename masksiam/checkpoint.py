@@ -1,69 +1,115 @@
-"""Checkpoints: written atomically, read back with `weights_only=True`.
+"""Checkpoints: written atomically, kept in a short rotation, read back with `weights_only=True`.
 
 A checkpoint is a plain dict of tensors and builtins (no pickled classes), so `torch.load(...,
 weights_only=True)` can read it and a corrupt or foreign file fails loudly instead of running code.
 It is written to a temporary file in the same folder, flushed to disk, then renamed over the old
 one: a run killed mid-write leaves the previous checkpoint intact.
+
+Rotation (`keep_checkpoints`): checkpoint.pt is the newest; the one before it is checkpoint.1.pt, and
+so on. When the newest cannot be read (truncated by a full disk or a storage fault) a resume falls
+back to the next readable one (`load_latest`). Checkpoints are always read onto the CPU: the
+training state (model, optimizer) is copied onto the device by load_state_dict, and the RNG
+states (torch.Generator.set_state takes CPU byte tensors only) stay where they belong.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from masksiam.errors import UserError
 
-class CheckpointError(RuntimeError):
-    pass
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be read, written, or belongs to another run; the message names the file."""
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
+    from masksiam.io import atomic_write
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def rotation(path: str | Path, keep: int) -> list[Path]:
+    """[checkpoint.pt, checkpoint.1.pt, ...]: the newest first, `keep` names in all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # the rename is durable only once the directory entry is
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    return [path] + [path.with_name(f"{path.stem}.{k}{path.suffix}") for k in range(1, keep)]
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def save_rotating(obj: dict[str, Any], path: str | Path, keep: int = 2) -> None:
+    """Write `obj` as the newest checkpoint, keeping the previous keep - 1. A failed write (disk full,
+    an I/O error) leaves every existing checkpoint as it was and raises CheckpointError."""
+    names = rotation(path, max(1, keep))
+    new = names[0].with_name(f".{names[0].name}.new")
+    try:
+        save_atomic(obj, new)
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {names[0]}: {err}; the previous checkpoint "
+                              f"is kept") from err
+    try:
+        for older, newer in reversed(list(zip(names[1:], names[:-1]))):
+            if newer.exists():
+                os.replace(newer, older)
+        os.replace(new, names[0])
+    except OSError as err:
+        raise CheckpointError(f"could not rotate checkpoint {names[0]}: {err}") from err
+
+
+def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, pickled objects, not a checkpoint at all
-        raise CheckpointError(f"checkpoint {path} could not be read: {err}") from err
+        # torch's message suggests weights_only=False, which would run arbitrary code: not repeated
+        kind = "truncated or corrupt" if "zip" in str(err).lower() or "eof" in str(err).lower() else \
+            "corrupt or not a masksiam checkpoint"
+        raise CheckpointError(f"checkpoint {path} cannot be read: {kind} ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a masksiam checkpoint (holds a {type(state).__name__})")
+    return state
 
 
-def check_compatible(ckpt: dict[str, Any], path: str | Path, **expected: Any) -> None:
-    """Refuse a checkpoint made for another architecture / method, naming what differs."""
-    meta = ckpt.get("meta", {})
+def load_latest(path: str | Path, keep: int = 2) -> tuple[dict[str, Any], Path, list[str]]:
+    """The newest readable checkpoint of the rotation -> (state, its path, why newer ones were skipped)."""
+    skipped = []
+    for name in rotation(path, max(1, keep)):
+        if not name.exists():
+            continue
+        try:
+            return load(name), name, skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    raise CheckpointError("; ".join(skipped) if skipped else f"checkpoint {path} does not exist")
+
+
+def exists(path: str | Path, keep: int = 2) -> bool:
+    return any(name.exists() for name in rotation(path, max(1, keep)))
+
+
+def check_compatible(ckpt: dict[str, Any], path: str | Path, expected: dict[str, Any],
+                     shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a checkpoint made for another run: name the config keys that differ, then any tensor
+    whose shape still differs (a key this record does not know)."""
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a masksiam training checkpoint (no run record)")
     wrong = [f"{k}={meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if meta.get(k) != v]
     if wrong:
         raise CheckpointError(f"checkpoint {path} was written for a different run: {', '.join(wrong)}")
+    if shapes is not None:
+        theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
+        diff = sorted(set(theirs) ^ set(shapes)) + [k for k in shapes if k in theirs and theirs[k] != shapes[k]]
+        if diff:
+            detail = ", ".join(f"{k} {theirs.get(k)} vs {shapes.get(k)}" for k in diff[:4])
+            raise CheckpointError(f"checkpoint {path} holds tensors of other shapes or names than this run's "
+                                  f"model ({len(diff)}: {detail})")
 
 
 def backbone_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """torchvision-compatible ResNet weights from a training checkpoint (or a bare state dict)."""
     if "backbone" in ckpt:
         return ckpt["backbone"]
-    if "model" in ckpt:
-        prefix = "backbone."
-        return {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     return ckpt

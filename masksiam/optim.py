@@ -106,3 +106,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def step_unless(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, nonfinite: torch.Tensor) -> None:
+    """One optimizer step, skipped on the device where `nonfinite` (a 0-dim bool tensor) is set.
+
+    With a grad scaler (fp16) the scaler finds inf/nan gradients and skips by itself. Otherwise the
+    fused kernels' found_inf input skips the step in-kernel: no host sync, and a NaN never reaches
+    the weights or the optimizer state."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        return
+    optimizer.found_inf, optimizer.grad_scale = nonfinite.float(), None
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale

@@ -21,12 +21,13 @@ import torch.multiprocessing as mp
 
 from losses import METHODS, Embeddings
 from losses import moco
+from losses.mixed import mixed_loss
 from models.ema import ema_update, make_target
 
 WORLD, N, D, K = 2, 4, 6, 11
 TIMEOUT_S = 120
 PTR = K - 3                       # enqueue across the end of the queue
-HP = {name: dict(m.defaults) for name, m in METHODS.items()}
+HP = {name: dict(m.DEFAULTS) for name, m in METHODS.items()}
 CASES = ["simclr", "moco", "barlow", "vicreg", "mix_simclr", "mix_moco", "mix_barlow", "mix_vicreg"]
 LOCAL_LOGS = {"z_std"}            # computed on the local batch by design: a monitor, not a global value
 
@@ -60,8 +61,8 @@ def run_case(name: str, x: dict, t: torch.Tensor, lam: torch.Tensor, w: torch.Te
         return METHODS[method].loss(emb, **HP[method])
     m = METHODS[method]
     if mix_partner is None:
-        return m.mixed_loss(emb, z["m"], None, lam, 0, HP[method])
-    target = emb.zt[1] if m.target == "ema" else emb.z[1]
+        return mixed_loss(m, emb, z["m"], None, lam, 0, HP[method])
+    target = emb.zt[1] if m.ema else emb.z[1]
     if m.per_sample is not None:
         per = lambda tt: m.per_sample(z["m"], tt, queue=queue, **HP[method])   # noqa: E731
         loss = (lam * per(target) + (1 - lam) * per(target[mix_partner])).mean()

@@ -17,13 +17,20 @@ import torch
 
 import masksiam  # noqa: F401
 import train
-from losses import METHODS
+from losses.simclr import SimCLR
 from masksiam import checkpoint as ckpt_io
+from masksiam.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["arch=resnet10", "width=8", "size=24", "stem=small", "batch_size=8", "workers=0", "views=2",
         "proj_hidden=32", "proj_dim=16", "optimizer=lars", "lr=0.5", "warmup_epochs=0.5", "log_every=1",
         "progress=false", "knn_k=5", "recipe=simclr", "crop_scale=[0.3,1.0]", "seed=0"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    """These runs test the CPU path (bitwise resume, gloo): pinned even on a CUDA host (torchrun inherits it)."""
+    monkeypatch.setenv("MASKSIAM_DEVICE", "cpu")
 
 
 def _args(folder, out, name, *extra):
@@ -75,7 +82,7 @@ def test_resume_continues_at_the_same_step_bitwise(image_folder, tmp_path):
 
 def test_existing_run_needs_resume_and_foreign_checkpoints_are_refused(image_folder, tmp_path):
     train.main(_args(image_folder, tmp_path, "one", "epochs=1", "final_eval=false"))
-    with pytest.raises(SystemExit, match="resume=true"):
+    with pytest.raises(ConfigError, match="resume=true"):
         train.main(_args(image_folder, tmp_path, "one", "epochs=1"))
     with pytest.raises(ckpt_io.CheckpointError, match="arch='resnet10'.*this run: 'resnet18'"):
         train.main(_args(image_folder, tmp_path, "one", "epochs=2", "resume=true", "arch=resnet18"))
@@ -90,18 +97,18 @@ def test_existing_run_needs_resume_and_foreign_checkpoints_are_refused(image_fol
 def test_nonfinite_losses_are_skipped_then_stop_the_run(image_folder, tmp_path, monkeypatch):
     """Steps 4-5 return NaN: skipped (weights unchanged) and counted. From step 7 on every loss is
     NaN: after max_bad_steps in a row the run stops, naming the step, and keeps its checkpoint."""
-    simclr = METHODS["simclr"]
     calls = {"n": 0}
+    loss_fn = SimCLR.loss
 
     def flaky(emb, **hp):
         calls["n"] += 1
-        loss, logs = simclr.loss(emb, **hp)
+        loss, logs = loss_fn(emb, **hp)
         if calls["n"] in (4, 5) or calls["n"] >= 7:
             loss = loss * float("nan")
         return loss, logs
 
-    monkeypatch.setitem(METHODS, "simclr", simclr.__class__(**{**simclr.__dict__, "loss": flaky}))
-    with pytest.raises(SystemExit, match=r"3 non-finite losses in a row up to step 9"):
+    monkeypatch.setattr(SimCLR, "loss", staticmethod(flaky))
+    with pytest.raises(train.RunStopped, match=r"3 non-finite losses in a row up to step 9"):
         train.main(_args(image_folder, tmp_path, "nan", "epochs=5", "max_bad_steps=3"))
     rows = [r for r in _metrics(tmp_path / "nan") if "loss" in r]
     assert rows[4]["nonfinite_total"] == 2 and rows[-1]["nonfinite_total"] == 5

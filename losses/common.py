@@ -1,0 +1,158 @@
+"""What every method file shares: the embeddings record, precision and view helpers, hyper-parameters.
+
+Conventions every method follows (tests/test_losses.py and tests/test_dist_losses.py check them):
+- Precision: a pure loss runs with autocast and TF32 off and upcasts half-precision inputs to
+  float32 (float64 stays float64, so gradcheck works), whatever context the loop calls it from.
+- Views: `pairs` lists (i, j) view pairs; a loss averages over the listed pairs. Symmetric methods
+  (SimCLR, BYOL, SimSiam, Barlow Twins, VICReg) include both directions of each pair as their papers
+  do; MoCo v2 is asymmetric (query i, key j) unless `moco_symmetric`. Multi-mask (MSCN) lists one
+  pair per masked view, e.g. [(0, 2), (1, 2)]; multi-crop lists each global view against every other.
+- Distributed: each rank passes its own N samples. The loss it returns is its share L_r of the
+  global loss, with mean over ranks of L_r = the loss of one process holding the whole global batch,
+  and backward sends each rank d(sum_k L_k)/d(its inputs) (gathers are autograd-aware), so DDP's
+  gradient averaging reproduces the full-batch gradient exactly. `logs` follow the same rule:
+  average them over ranks to report global values (except `z_std`, a collapse monitor on the local
+  batch). Every rank must hold the same N (drop_last), as all_gather needs.
+- `logs` hold detached scalar tensors: no host sync inside a method.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from masksiam.config import ConfigError
+
+
+@dataclass
+class Embeddings:
+    """What the Siamese network produced for one step; each present entry is (N, D) on this rank.
+
+    z      online projector outputs, one per view (None for a view the online branch skipped)
+    p      online predictor outputs (BYOL, SimSiam), else None
+    zt     target-branch projector outputs (EMA network of BYOL/MoCo), no grad; None where skipped
+    pairs  (i, j) view pairs the loss compares: view i predicts / is contrasted with view j
+    queue  (K, D) MoCo negatives (L2-normalised keys), no grad, else None
+    """
+    z: list[Optional[torch.Tensor]]
+    p: Optional[list[Optional[torch.Tensor]]] = None
+    zt: Optional[list[Optional[torch.Tensor]]] = None
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
+    queue: Optional[torch.Tensor] = None
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 unchanged (losses are computed in >= fp32)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def views_in(pairs) -> list[int]:
+    return sorted({v for pair in pairs for v in pair})
+
+
+def both_directions(pairs) -> list[tuple[int, int]]:
+    """[(0, 1)] -> [(0, 1), (1, 0)]: the symmetrised loss of BYOL / SimSiam / symmetric MoCo."""
+    return list(pairs) + [(j, i) for i, j in pairs]
+
+
+def normalized_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor (SimSiam, Sec. 4.1): per-dimension std of the L2-normalised outputs, averaged.
+
+    About 1/sqrt(D) for well spread embeddings, 0 when they collapse to a point. Detached, local.
+    """
+    z = upcast(z.detach())
+    return torch.nn.functional.normalize(z, dim=1).std(0).mean()
+
+
+def _device_type(x) -> str:
+    if isinstance(x, Embeddings):
+        x = next(t for t in x.z + (x.p or []) + (x.zt or []) if t is not None)
+    return x.device.type
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """The loop turns TF32 on for the convolutions; a loss's matmuls (65,536 queue logits, an
+    8192-d Gram matrix) must stay in full float32."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def full_precision(fn):
+    """Run a pure loss with autocast and TF32 off, whatever context the method is called from."""
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        with torch.autocast(_device_type(first), enabled=False), _no_tf32():
+            return fn(first, *args, **kwargs)
+    return run
+
+
+# ---- hyper-parameters -----------------------------------------------------------------------------
+
+# range checks shared by the methods (a method's own VALID adds to them); config.py checked the types
+VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: v > 0, "> 0"),
+    "queue_size": (lambda v: v > 0, "> 0"),
+    "ema_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lambd": (lambda v: v >= 0, ">= 0"),
+    "sim_coeff": (lambda v: v >= 0, ">= 0"),
+    "std_coeff": (lambda v: v >= 0, ">= 0"),
+    "cov_coeff": (lambda v: v >= 0, ">= 0"),
+    "proj_hidden": (lambda v: v > 0, "> 0"),
+    "proj_dim": (lambda v: v > 0, "> 0"),
+    "proj_layers": (lambda v: v >= 1, ">= 1"),
+    "pred_hidden": (lambda v: v >= 0, ">= 0 (0 = no predictor)"),
+}
+
+# the config keys that decide the shapes of the Siamese heads (checkpoint compatibility)
+HEAD_KEYS = ("proj_hidden", "proj_dim", "proj_layers", "proj_bn", "proj_last_bn", "pred_hidden")
+
+
+def hparams(method, cfg) -> dict[str, Any]:
+    """A method's hyper-parameters: the config's value where set (not None), else its default;
+    each checked against its range (ConfigError naming the key, the value and the method)."""
+    hp = {k: (getattr(cfg, k) if getattr(cfg, k, None) is not None else v) for k, v in method.DEFAULTS.items()}
+    rules = {**VALID, **getattr(method, "VALID", {})}
+    for key, value in hp.items():
+        ok, rule = rules.get(key, (lambda v: True, ""))
+        if not ok(value):
+            raise ConfigError(f"config key {key!r} = {value!r} must be {rule} for method {method.name!r}")
+    if getattr(method, "predictor", False) and hp["pred_hidden"] == 0:
+        raise ConfigError(f"method {method.name!r} needs a predictor: config key 'pred_hidden' must be > 0")
+    return hp
+
+
+# ---- the Siamese forward ----------------------------------------------------------------------------
+
+def embed(net: nn.Module, views: list[torch.Tensor], which: list[int], extra: tuple[torch.Tensor, ...] = ()):
+    """views[i] for i in `which` (and the `extra` inputs, e.g. a mixed view) through `net`.
+
+    net(x) -> (h, z, p | None). Inputs of one size go through the network as one batch (one
+    forward per size: BatchNorm sees every view of that size; multi-crop's global and local views
+    are two forwards). Returns z, p as lists over all views (None where a view was not embedded)
+    and the extra inputs' (z, p) lists.
+    """
+    inputs = [views[i] for i in which] + list(extra)
+    z_out: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    p_out: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for k, x in enumerate(inputs):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(k)
+    for members in by_size.values():
+        _, z_all, p_all = net(torch.cat([inputs[k] for k in members]))
+        for k, zk, pk in zip(members, z_all.chunk(len(members)),
+                             p_all.chunk(len(members)) if p_all is not None else [None] * len(members)):
+            z_out[k], p_out[k] = zk, pk
+    z, p = [None] * len(views), [None] * len(views)
+    for k, i in enumerate(which):
+        z[i], p[i] = z_out[k], p_out[k]
+    has_p = any(t is not None for t in p_out)
+    return z, (p if has_p else None), z_out[len(which):], p_out[len(which):]
