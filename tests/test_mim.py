@@ -168,3 +168,162 @@ def test_pixel_decoder_shapes_and_token():
     a = dec(f, hide)
     b = dec(torch.where(hide[:, None], torch.randn_like(f), f), hide)     # hidden features are replaced
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+
+
+# ---- the methods ---------------------------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from losses.lut import BroaderContext  # noqa: E402
+from losses.mixmae import MixMAE  # noqa: E402
+from losses.simmim import SimMIM, masked_pixel_loss  # noqa: E402
+from masksiam.config import ConfigError  # noqa: E402
+from models.ema import momentum_at  # noqa: E402
+
+SMALL_HEADS = {"decoder_dim": 16, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+
+
+def _hp(cls, **kw):
+    return {**cls.DEFAULTS, **SMALL_HEADS, **kw}
+
+
+def _smooth_images(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 4, 4, generator=g)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _out(x, masks, second=None):
+    views = [x] + ([second] if second is not None else [])
+    return SimpleNamespace(views=views, mim_masks=[masks] + ([None] if second is not None else []))
+
+
+def _capture_decoder(method):
+    got = {}
+
+    def hook(_mod, _inp, out):
+        out.retain_grad()
+        got["pred"] = out
+    method.decoder.register_forward_hook(hook)
+    return got
+
+
+@pytest.mark.parametrize("encoder,depth", [("dense", 0), ("sparse", 1)])
+def test_simmim_loss_is_l1_on_masked_pixels_and_ignores_visible_ones(encoder, depth):
+    torch.manual_seed(0)
+    method = SimMIM(_net(small_stem=True), _hp(SimMIM, mim_encoder=encoder, decoder_depth=depth))
+    x = _smooth_images(4)
+    mask = _mask(4, 4, ratio=0.6)                                         # 8 px patches at 32 px
+    got = _capture_decoder(method)
+    loss, logs = method(_out(x, mask))
+    loss.backward()
+    pred, px = got["pred"], expand_mask(mask, 32, 32)[:, None].expand(-1, 3, -1, -1)
+    expected = (pred.detach() - x).abs()[px].sum() / px.sum()             # mean over masked pixels and channels
+    torch.testing.assert_close(loss.detach(), expected)
+    assert torch.count_nonzero(pred.grad[~px]) == 0                      # visible pixels: no gradient
+    assert torch.count_nonzero(pred.grad[px]) == px.sum()
+    assert set(logs) == {"loss", "mim_loss"} and not logs["loss"].requires_grad
+
+
+def test_masked_pixel_loss_known_values():
+    pred = torch.zeros(1, 3, 2, 2)
+    target = torch.arange(12.0).view(1, 3, 2, 2)
+    mask = torch.tensor([[True, False], [False, True]]).view(1, 1, 2, 2)
+    # masked pixels (0,0) and (1,1): channel values 0,3 / 4,7 / 8,11 -> l1 mean 33/6, l2 mean 259/6
+    torch.testing.assert_close(masked_pixel_loss(pred, target, mask, "l1"), torch.tensor(33 / 6))
+    torch.testing.assert_close(masked_pixel_loss(pred, target, mask, "l2"), torch.tensor(259 / 6))
+
+
+def test_mixmae_dual_reconstruction_scores_each_image_on_its_hidden_patches():
+    torch.manual_seed(0)
+    method = MixMAE(_net(small_stem=True), _hp(MixMAE, decoder_depth=1, norm_pix_loss=False))
+    x = _smooth_images(4)
+    mask = _mask(4, 4)                                                    # True = from the partner
+    got = _capture_decoder(method)
+    loss, _ = method(_out(x, mask))
+    loss.backward()
+    pred = got["pred"]
+    assert pred.shape == (8, 3, 32, 32)
+    m = expand_mask(mask, 32, 32)[:, None].expand(-1, 3, -1, -1)
+    own, partner = pred.detach()[:4], pred.detach()[4:]
+    # image i is hidden where its mask is set; its partner x[N-1-i] where it is not
+    sq = ((own - x) ** 2)[m].sum() + ((partner - x.flip(0)) ** 2)[~m].sum()
+    torch.testing.assert_close(loss.detach(), sq / (m.sum() + (~m).sum()))
+    hidden = torch.cat([m, ~m])
+    assert torch.count_nonzero(pred.grad[~hidden]) == 0 and torch.count_nonzero(pred.grad[hidden]) == hidden.sum()
+
+
+def test_mixmae_reconstruction_of_an_image_sees_only_its_visible_pixels():
+    """Eval mode (BatchNorm on running statistics): row i's reconstruction is a function of image i's
+    visible patches alone; changing image i where it is hidden, or any other image, leaves it exact."""
+    torch.manual_seed(0)
+    method = MixMAE(_net(small_stem=True), _hp(MixMAE, decoder_depth=1)).eval()
+    x = _smooth_images(4)
+    mask = _mask(4, 4)
+    m = expand_mask(mask, 32, 32)[:, None]
+    with torch.no_grad():
+        a = method.reconstruct(_out(x, mask))["pred"]
+        y = torch.where(m, torch.randn_like(x) * 10, x)                  # every image changed where hidden
+        y[1:] = torch.randn_like(y[1:])                                   # and every other image entirely
+        b = method.reconstruct(_out(y, mask))["pred"]
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[1], b[1])
+
+
+def test_lut_teacher_gets_no_gradient_and_follows_the_ema():
+    torch.manual_seed(0)
+    method = SimMIM(_net(small_stem=True), _hp(SimMIM, lut_weight=0.25))
+    teacher = method.lut.teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    x, mask = _smooth_images(4), _mask(4, 4, ratio=0.6)
+    loss, logs = method(_out(x, mask, second=_smooth_images(4, seed=1)))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert method.lut.predictor[0].weight.grad is not None and method.backbone.conv1.weight.grad is not None
+    torch.testing.assert_close(logs["loss"], logs["mim_loss"] + 0.25 * logs["lut_loss"])
+    with torch.no_grad():                                                 # a step moves the online net
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    before = [t.clone() for t in teacher.backbone.parameters()]
+    method.after_step(3, 10)
+    mom = momentum_at(3, 10, 0.996, "cosine")
+    for t, b, o in zip(teacher.backbone.parameters(), before, method.backbone.parameters()):
+        torch.testing.assert_close(t, mom * b + (1 - mom) * o)
+    with pytest.raises(ConfigError, match="second, unmasked view"):
+        method(_out(x, mask))
+
+
+@pytest.mark.parametrize("name,kw", [("simmim", {}), ("simmim", {"mim_encoder": "sparse", "decoder_depth": 1}),
+                                     ("simmim", {"lut_weight": 0.25}), ("mixmae", {"decoder_depth": 1}),
+                                     ("mixmae", {"decoder_depth": 1, "lut_weight": 0.25})])
+def test_twenty_steps_lower_the_mim_loss(name, kw):
+    torch.manual_seed(0)
+    cls = SimMIM if name == "simmim" else MixMAE
+    method = cls(_net(small_stem=True), _hp(cls, **kw))
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
+    x = _smooth_images(16)
+    second = x + 0.05 * torch.randn_like(x) if kw.get("lut_weight") else None
+    losses = []
+    for step in range(20):
+        mask = _mask(16, 4, seed=step, ratio=0.5 if name == "mixmae" else 0.6)
+        loss, logs = method(_out(x, mask, second))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step, 20)
+        losses.append(float(logs["mim_loss"]))
+    assert sum(losses[-5:]) / 5 < 0.9 * losses[0], losses
+
+
+def test_mim_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="decoder_depth"):
+        SimMIM(_net(small_stem=True), _hp(SimMIM, mim_encoder="sparse", decoder_depth=0))
+    method = SimMIM(_net(small_stem=True), _hp(SimMIM, mim_encoder="sparse", decoder_depth=1))
+    with pytest.raises(ConfigError, match="recipe"):
+        method(SimpleNamespace(views=[_smooth_images(2)], mim_masks=None))
+    with pytest.raises(ConfigError, match="simmim.patch is 4 px.*multiple of 8"):
+        method(_out(_smooth_images(2), _mask(2, 8)))
+    mix = MixMAE(_net(), _hp(MixMAE))                                     # ImageNet stem: stride 32
+    with pytest.raises(ConfigError, match="simmim.patch is 16 px.*multiple of 32"):
+        mix(_out(_smooth_images(2, size=64), _mask(2, 4)))
