@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,10 @@ def test_cells_to_pixels_follows_the_cell_rule(device):
     up = M.cells_to_pixels(cells[:1, :, :4, :4], 4, 32, 32)
     torch.testing.assert_close(up, F.interpolate(cells[:1, :, :4, :4].float(), size=(32, 32), mode="nearest"))
     assert M.pixel_counts(20, 7).sum() == 20 and M.pixel_counts(224, 7).tolist() == [32] * 7
+    for size in (1, 5, 20, 30, 96, 224):                              # the closed form vs counting
+        for g in (1, 3, 7, 8, 14):
+            expect = np.bincount([y * g // size for y in range(size)], minlength=g)
+            assert M.pixel_counts(size, g).tolist() == expect.tolist(), (size, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)

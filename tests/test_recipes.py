@@ -160,12 +160,13 @@ def test_probabilities_hold_through_the_augmenter(tmp_path):
                                   "blur: {p: 0.5, sigma: [0.5, 2.0]}}]\npairs: []\n")
     aug = build_augmenter(path, size=32, seed=0)
     gray, solar, sigmas, blurred = [], [], [], []
+    (x,) = photo_views(10, 32, 1)
     for seed in range(40):
-        d = aug._draw_branch(aug.recipe.branches[0], 10)
-        gray.append(0 if d.gray is None else d.gray.numel())
-        solar.append(0 if d.solarize is None else d.solarize.numel())
-        blurred.append(0 if d.blur is None else d.blur.numel())
-        sigmas.append(d.blur_sigma)
+        (p,) = aug([x], return_params=True).params
+        gray.append(int(p.grayscale.sum()))
+        solar.append(int(p.solarize.sum()))
+        blurred.append(int(p.blur.sum()))
+        sigmas.append(p.blur_sigma)
     sigma = torch.cat(sigmas) * 224 / 32
     assert abs(np.mean(gray) / 10 - 0.3) < 0.03 and abs(np.mean(solar) / 10 - 0.2) < 0.03
     assert abs(np.mean(blurred) / 10 - 0.5) < 0.03

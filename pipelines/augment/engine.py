@@ -2,11 +2,20 @@
 
     aug = build_augmenter("mscn", size=224, device=device, dtype=torch.bfloat16, seed=0, rank=rank)
     aug.sources                    # loader views (crops) the recipe consumes
-    out = aug(batch.views)         # V x (N, 3, H, W) uint8 channels-last, on the device
-    out.views                      # float (N, 3, H, W) channels-last, normalised: the encoder inputs
+    out = aug(batch.views)         # V x (N, 3, S_v, S_v) uint8 channels-last, on the device
+    out.views                      # float (N, 3, S, S) channels-last, normalised: the encoder inputs
     out.pairs                      # [(i, j)]: view pairs for the loss
+    out.groups                     # [[view, ...], ...]: the views of each size, largest size first
     out.mixed, out.mix_lam, out.mix_source   # MixMask / Un-Mix (else None)
     out.mim_masks                  # SimMIM patch masks aligned with out.views (else None)
+    out = aug(views, return_params=True)     # + out.params: what was drawn per view (ViewParams)
+
+Multi-crop: `size` is one int (every loader view that size) or one size per loader view in crop
+order, e.g. [224, 224, 96, 96, 96, 96, 96, 96] for SwAV / DINO's 2 global + 6 local crops. Each
+branch works at the size of its source view. Pixel quantities (blur and high-pass sigma) are given
+at the recipe's ref_size and scale with the largest (global) size for every view: a local crop is
+a small region resized to few pixels, at about the globals' pixel scale, and SwAV / DINO blur
+every crop with the same sigma in pixels. Kernel sides and mask grids follow each view's own size.
 
 Normalisation and the high-pass filter: normalising is (x - mean) / std per channel and the filter
 is linear, so high-passing the normalised image is (x - blur(x)) / std: the mean cancels, and the
@@ -14,22 +23,29 @@ filtered image is centred on 0, which MSCN makes "no information" (seed 001, Sec
 filled in that space: `zero` fill means "nothing here" after a high-pass, and the dataset mean
 colour without one; noise is N(0, noise_std^2) in normalised units.
 
-Randomness: a torch.Generator on the device, seeded from (seed, rank), draws every per-sample
-parameter; a CPU generator seeded the same way makes the few per-batch decisions the host must know
-(subset sizes, the hue slot rotation), so nothing waits for the device. Same seed, same rank, same
-device and batch shape: same output; state_dict() / load_state_dict() carry both generators.
+Randomness: a CPU generator seeded from (seed, rank) makes every decision the host must know: which
+samples an op touches (subset sizes and members), the hue slot rotation. A torch.Generator on the
+device, seeded the same way, draws every per-sample parameter (factors, sigmas, masks). Same seed,
+same rank, same device and batch shape: same output; state_dict() / load_state_dict() carry both.
 
 An op "with probability p" (and "masked with probability p") touches a random subset of the batch
 whose size is p * N, stochastically rounded: each sample's chance is exactly p, and the count per
 batch does not vary as with independent coin flips. Expensive ops run on that subset only. The
 choices inside a mask (grid or focal, channel-wise or shared) are independent per sample.
 
-On CPU the batch is processed in chunks of a few images, so every op's working set stays in cache
-(the whole batch would stream each intermediate through memory), by a pool of single-threaded
-workers, one per torch thread; on GPUs in one piece. All parameters are drawn for the whole batch
-first; only the noise fill is drawn per chunk, from a generator seeded by one draw per call and the
-chunk's first row, so results do not depend on which worker ran first or on the number of threads
-(they do depend on the chunk size, which is fixed for a device and image size, or set with `chunk=`).
+No host-device sync per call on GPUs: subsets are drawn on the host, and all of a call's index
+tensors (whole-batch and per-chunk) reach the device in one pinned, non-blocking copy; nothing reads
+a device value back (no .item(), bincount, nonzero or boolean indexing). What remains: the first
+call of a shape copies a few cached constants (`ops.const`) to the device.
+
+Chunks: the batch is processed in row chunks, so that every op's working set stays in cache (CPU:
+~2.5 MiB of float32 image, at most 64 images, on a pool of single-threaded workers, one per torch
+thread) or an fp32 temporary stays near L2 size (GPU: ~16 MiB, 27 images at 224 px, in order on
+the current stream). All parameters are drawn for the whole batch first, so chunking changes
+nothing but the noise fill: CPU chunks draw it from a generator seeded by one draw per call and the
+chunk's first row (independent of the number of workers and which one runs first), GPUs from the
+device generator chunk after chunk. Results therefore depend on the chunk size (fixed for a device
+and image size, or set with `chunk=`) only in the noise-filled elements of masked views.
 """
 from __future__ import annotations
 
@@ -38,8 +54,9 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from pipelines.augment import masks as M
@@ -51,8 +68,9 @@ from pipelines.augment.recipes import BranchSpec, Recipe, RecipeError, load_reci
 
 @dataclass
 class AugmentOutput:
-    views: list[torch.Tensor]                   # float (N, 3, H, W) channels-last, normalised
-    pairs: list[tuple[int, int]]
+    views: list[torch.Tensor]                   # float (N, 3, S_v, S_v) channels-last, normalised
+    pairs: list[tuple[int, int]]                # multi-crop: i is a global view in every pair
+    groups: list[list[int]] = field(default_factory=list)   # view indices per size, largest first
     mixed: Optional[torch.Tensor] = None        # views[mix_source] mixed with its reversed batch
     mix_lam: Optional[torch.Tensor] = None      # (N,) fraction of each mixed image from itself
     mix_source: Optional[int] = None
@@ -65,8 +83,9 @@ class AugmentOutput:
 class ViewParams:
     """What the stage drew for one output view: per-sample tensors (N leading, on the device).
 
-    Replaying them reproduces the view (tests/test_recipes.py does, with torchvision.transforms.v2
-    functional). Sample i of source view `source`, as float [0, 1] (to_dtype(scale=True)):
+    Replaying them reproduces the view (tests/test_augment_replay.py does, with
+    torchvision.transforms.v2.functional). Sample i of loader view `source`, as float [0, 1]
+    (to_dtype(scale=True)):
 
         flip[i]          horizontal_flip
         jitter[i]        for op in jitter_order[i]: adjust_brightness / contrast / saturation / hue
@@ -124,21 +143,81 @@ class MixParams:
     boxes: Optional[torch.Tensor] = None         # Un-Mix: (N, 4) cutmix box top, bottom, left, right
 
 
+# ---- host plan: which samples each op touches -----------------------------------------------------
+
+SUBSET_OPS = ("flip", "jitter", "gray", "blur", "solarize")
+
+
+@dataclass
+class _Plan:
+    """The host's decisions for one call, drawn before the device is touched. Index arrays are
+    sorted int64 numpy (None = no sample) until `_upload` turns them into device tensors.
+
+    branches[b]: {op: whole-batch subset for op in SUBSET_OPS, "members": the jittered samples in a
+    random order, "rotation": the hue slot rotation, "masked": [subset per copy]};
+    chunks[c][b]: chunk-relative indices {op, "hue": [4 slots], "masked": [per copy]}."""
+    n: int
+    chunks_rows: list[tuple[int, int]]
+    branches: list[dict]
+    chunks: list[list[dict]]
+    noise_seed: Optional[int] = None
+
+
+def _relative(idx: Optional[np.ndarray], c0: int, c1: int) -> Optional[np.ndarray]:
+    """The sorted indices in [c0, c1), relative to c0 (None when none)."""
+    if idx is None:
+        return None
+    lo, hi = np.searchsorted(idx, (c0, c1))
+    return idx[lo:hi] - c0 if hi > lo else None
+
+
+def _upload(tree, device: torch.device):
+    """Every numpy index array in a nested list/dict -> an int64 tensor on `device`, all in one copy:
+    pinned memory and non_blocking on CUDA, so the host does not wait for the GPU's queue (a copy
+    from pageable memory can). The caching host allocator keeps the pinned block until the copy ran."""
+    arrays = []
+
+    def collect(t):
+        if isinstance(t, np.ndarray):
+            arrays.append(t)
+        elif isinstance(t, dict):
+            for v in t.values():
+                collect(v)
+        elif isinstance(t, list):
+            for v in t:
+                collect(v)
+
+    collect(tree)
+    if not arrays:
+        return tree
+    flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    parts = iter(flat.split([len(a) for a in arrays]))
+
+    def rebuild(t):
+        if isinstance(t, np.ndarray):
+            return next(parts)
+        if isinstance(t, dict):
+            return {k: rebuild(v) for k, v in t.items()}
+        if isinstance(t, list):
+            return [rebuild(v) for v in t]
+        return t
+
+    return rebuild(tree)
+
+
 @dataclass
 class _BranchDraw:
     """One branch's random parameters for a whole batch (N leading), drawn before any pixel work."""
-    flip: Optional[torch.Tensor] = None                 # subset indices
-    jitter_subset: Optional[torch.Tensor] = None        # subset indices
     jitter: Optional[torch.Tensor] = None               # (N, 4) factors, identity outside the subset
     order: Optional[torch.Tensor] = None                # (N, 4) op per slot
-    hue: list[Optional[torch.Tensor]] = field(default_factory=lambda: [None] * 4)
-    gray: Optional[torch.Tensor] = None
-    blur: Optional[torch.Tensor] = None
     blur_sigma: Optional[torch.Tensor] = None           # (N,) px
-    solarize: Optional[torch.Tensor] = None
     highpass_sigma: Optional[torch.Tensor | float] = None
-    # per copy: cells (N, 3, G, G), grid (N,), indices of the masked samples
-    masks: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=list)
+    # per copy: cells (N, 3, G, G), grid (N,)
+    masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def _stream_seed(seed: int, rank: int, stream: str) -> int:
@@ -158,47 +237,69 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
                               initargs=(1,))
 
 
-def _chunk_index(idx: Optional[torch.Tensor], c0: int, c1: int, n: int) -> Optional[torch.Tensor]:
-    """Subset indices that fall in rows [c0, c1), relative to c0 (host sync: CPU chunking only)."""
-    if idx is None or (c0 == 0 and c1 == n):
-        return idx
-    return idx[(idx >= c0) & (idx < c1)] - c0
+def default_chunk(device: torch.device | str, size: int) -> int:
+    """Rows per chunk for images of `size` px (the largest view): CPU ~2.5 MiB of float32 image
+    (4 images at 224 px, at most 64, so small images still make a chunk for every worker); GPUs
+    ~16 MiB per float32 temporary (27 images at 224 px), near L2 size instead of ~300 MB a batch."""
+    per_image = 3 * size * size * 4
+    if torch.device(device).type == "cpu":
+        return min(64, max(1, (5 << 19) // per_image))
+    return max(1, (16 << 20) // per_image)
 
 
 class Augmenter:
-    """The batched augment stage of one recipe, for one image size, device and rank."""
+    """The batched augment stage of one recipe, for given view sizes, device and rank."""
 
-    def __init__(self, recipe: Recipe, size: int, device: torch.device | str = "cpu",
+    def __init__(self, recipe: Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
                  chunk: Optional[int] = None, compile: bool = False):
-        self.recipe, self.size, self.dtype = recipe, size, dtype
+        self.recipe, self.dtype = recipe, dtype
         self.kernels = A.compiled_kernels() if compile else A.EAGER
         self.device = torch.device(device)
         self.sources = recipe.sources
-        self.scale = size / recipe.ref_size                    # pixel quantities scale with the image
+        if isinstance(size, int):
+            sizes = [size] * self.sources
+        else:
+            sizes = [int(s) for s in size]
+            if len(sizes) < self.sources:
+                raise RecipeError(f"recipe {recipe.name} takes {self.sources} loader views, got sizes for "
+                                  f"{len(sizes)}: {sizes}")
+        if min(sizes) <= 0:
+            raise RecipeError(f"recipe {recipe.name}: view sizes must be positive, got {sizes}")
+        self.sizes = tuple(sizes[:self.sources])              # per loader view (crop order)
+        self.size = max(self.sizes)                           # the global crops' size
+        self.scale = self.size / recipe.ref_size              # pixel quantities scale with it
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(_stream_seed(seed, rank, "device"))
         self.host_gen = torch.Generator()
         self.host_gen.manual_seed(_stream_seed(seed, rank, "host"))
-        # CPU: ~2.5 MiB of float32 image per chunk keeps each op's working set in cache (4 images at
-        # 224 px), at most 64 images so that small ones still make chunks for every worker; chunks
-        # run on a pool of single-threaded workers, one per torch thread. The chunk size depends on
-        # the image size only, so results do not depend on the number of threads.
         cpu = self.device.type == "cpu"
-        self.chunk = chunk or (min(64, max(1, (5 << 19) // (3 * size * size * 4))) if cpu else 0)
+        self.chunk = chunk or default_chunk(self.device, self.size)
         self.workers = torch.get_num_threads() if cpu else 1
         self._pool = _cpu_pool(self.workers) if self.workers > 1 else None
         self.view_branch = recipe.view_branches()
+        self.branch_size = [self.sizes[b.source] for b in recipe.branches]
+        self.view_size = [self.branch_size[bi] for bi in self.view_branch]
+        self.first_view = [self.view_branch.index(i) for i in range(len(recipe.branches))]
         self.mix_source = self.view_branch.index(recipe.mix.branch) if recipe.mix else None
-        self.blur_kernel = [A.blur_kernel_size(size, b.blur.kernel) if b.blur else 0 for b in recipe.branches]
-        self.highpass_kernel = [A.highpass_kernel_size(b.highpass.sigma[1] * self.scale, size) if b.highpass else 0
-                                for b in recipe.branches]
-        for i, b in enumerate(recipe.branches):
-            if b.blur and self.blur_kernel[i] // 2 >= size:
-                raise RecipeError(f"recipe {recipe.name}: blur kernel {self.blur_kernel[i]} too large for {size} px")
-        if recipe.simmim and size % recipe.simmim.patch:
-            raise RecipeError(f"recipe {recipe.name}: image size {size} is not a multiple of the SimMIM "
-                              f"patch {recipe.simmim.patch} px; set simmim.patch to a divisor of {size}")
+        self.blur_kernel = [A.blur_kernel_size(s, b.blur.kernel) if b.blur else 0
+                            for b, s in zip(recipe.branches, self.branch_size)]
+        self.highpass_kernel = [A.highpass_kernel_size(b.highpass.sigma[1] * self.scale, s) if b.highpass else 0
+                                for b, s in zip(recipe.branches, self.branch_size)]
+        for i, (b, s) in enumerate(zip(recipe.branches, self.branch_size)):
+            if b.blur and self.blur_kernel[i] // 2 >= s:
+                raise RecipeError(f"recipe {recipe.name}: blur kernel {self.blur_kernel[i]} too large for {s} px")
+        if recipe.simmim:
+            chosen = set(range(len(recipe.branches)) if recipe.simmim.branches is None else recipe.simmim.branches)
+            for bi in sorted(chosen):
+                s = self.branch_size[bi]
+                if s % recipe.simmim.patch:
+                    raise RecipeError(f"recipe {recipe.name}: image size {s} is not a multiple of the SimMIM "
+                                      f"patch {recipe.simmim.patch} px; set simmim.patch to a divisor of {s}")
+        groups: dict[int, list[int]] = {}
+        for v, s in enumerate(self.view_size):
+            groups.setdefault(s, []).append(v)
+        self.groups = [groups[s] for s in sorted(groups, reverse=True)]
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -209,87 +310,116 @@ class Augmenter:
         self.gen.set_state(state["device"])
         self.host_gen.set_state(state["host"])
 
+    # -- the host plan -------------------------------------------------------------------------
+
+    def _subset(self, p: float, n: int) -> Optional[np.ndarray]:
+        """A random subset of p * n samples (stochastically rounded), sorted; None when empty."""
+        k = A.subset_size(p, n, self.host_gen)
+        if k <= 0:
+            return None
+        if k >= n:
+            return np.arange(n, dtype=np.int64)
+        return np.sort(torch.randperm(n, generator=self.host_gen)[:k].numpy())
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        step = self.chunk or n
+        return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
+
+    def _plan(self, n: int) -> _Plan:
+        branches = []
+        for b in self.recipe.branches:
+            p = dict.fromkeys(SUBSET_OPS)
+            p.update(members=None, rotation=0, hue=[None] * 4, masked=[])
+            if b.flip:
+                p["flip"] = self._subset(b.flip, n)
+            if b.color:
+                jit = p["jitter"] = self._subset(b.color.p, n)
+                if jit is not None:
+                    # hue slots are stratified over the jittered samples in a random order (jitter_order)
+                    k = len(jit)
+                    members = p["members"] = jit[torch.randperm(k, generator=self.host_gen).numpy()]
+                    p["rotation"] = int(torch.randint(4, (1,), generator=self.host_gen))
+                    if b.color.hue > 0:
+                        for slot, start, end in A.hue_groups(k, p["rotation"]):    # jitter_order's grouping
+                            p["hue"][slot] = np.sort(members[start:end]) if end > start else None
+            if b.grayscale:
+                p["gray"] = self._subset(b.grayscale, n)
+            if b.blur:
+                p["blur"] = self._subset(b.blur.p, n)
+            if b.solarize:
+                p["solarize"] = self._subset(b.solarize.p, n)
+            if b.mask:
+                p["masked"] = [self._subset(b.mask.p, n) for _ in range(b.copies)]   # views masked at all
+            branches.append(p)
+        rows = self._chunks(n)
+        chunks = [[{**{op: _relative(p[op], c0, c1) for op in SUBSET_OPS},
+                    "hue": [_relative(h, c0, c1) for h in p["hue"]],
+                    "masked": [_relative(m, c0, c1) for m in p["masked"]]} for p in branches]
+                  for c0, c1 in rows]
+        # CPU: one draw seeds the noise of every chunk (`_noise_gen`), so the noise does not depend
+        # on which worker runs a chunk first; GPUs draw it from the device generator
+        seed = int(torch.randint(2**62, (1,), generator=self.gen)) if self.device.type == "cpu" else None
+        return _Plan(n, rows, branches, chunks, seed)
+
     # -- random parameters ---------------------------------------------------------------------
 
-    def _subset(self, p: float, n: int) -> Optional[torch.Tensor]:
-        return A.random_subset(n, A.subset_size(p, n, self.host_gen), self.gen, self.device)
-
-    def _draw_branch(self, b: BranchSpec, n: int) -> _BranchDraw:
-        d, dev, gen = _BranchDraw(), self.device, self.gen
-        if b.flip:
-            d.flip = self._subset(b.flip, n)
+    def _draw_branch(self, bi: int, p: dict, n: int) -> _BranchDraw:
+        b, d, dev, gen = self.recipe.branches[bi], _BranchDraw(), self.device, self.gen
         if b.color:
             c = b.color
-            jit = d.jitter_subset = self._subset(c.p, n)
-            on = A.subset_mask(n, jit, dev)[:, None]
             factors = torch.stack([A.uniform(n, max(0.0, 1 - c.brightness), 1 + c.brightness, gen, dev),
                                    A.uniform(n, max(0.0, 1 - c.contrast), 1 + c.contrast, gen, dev),
                                    A.uniform(n, max(0.0, 1 - c.saturation), 1 + c.saturation, gen, dev),
                                    A.uniform(n, -c.hue, c.hue, gen, dev)], 1)
             identity = A.const((1.0, 1.0, 1.0, 0.0), dev)
-            d.jitter = torch.where(on, factors, identity)
+            d.jitter = torch.where(A.subset_mask(n, p["jitter"], dev)[:, None], factors, identity)
             d.order = A.const((A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE), dev, torch.long).repeat(n, 1)
-            if jit is not None:
-                # hue slots are stratified over the jittered samples in a random order (jitter_order)
-                k = jit.numel()
-                members = jit[torch.randperm(k, generator=gen, device=dev)]
-                rotation = int(torch.randint(4, (1,), generator=self.host_gen))
-                d.order[members] = A.jitter_order(k, gen, dev, rotation)
-                if c.hue > 0:
-                    for slot, start, end in A.hue_groups(k, rotation):     # the grouping jitter_order used
-                        d.hue[slot] = members[start:end].sort().values if end > start else None
-        if b.grayscale:
-            d.gray = self._subset(b.grayscale, n)
+            if p["members"] is not None:
+                d.order[p["members"]] = A.jitter_order(p["members"].numel(), gen, dev, p["rotation"])
         if b.blur:
-            d.blur = self._subset(b.blur.p, n)
             lo, hi = b.blur.sigma
             d.blur_sigma = A.uniform(n, lo * self.scale, hi * self.scale, gen, dev)
-        if b.solarize:
-            d.solarize = self._subset(b.solarize.p, n)
         if b.highpass:
             lo, hi = b.highpass.sigma
             d.highpass_sigma = lo * self.scale if lo == hi else A.uniform(n, lo * self.scale, hi * self.scale, gen, dev)
         if b.mask:
             m = b.mask
-            for _ in range(b.copies):
+            for copy_i in range(b.copies):
                 ratio = A.uniform(n, m.ratio[0], m.ratio[1], gen, dev)
                 focal = torch.rand(n, generator=gen, device=dev) < m.focal
                 side = A.uniform(n, m.focal_side[0], m.focal_side[1], gen, dev)
                 channelwise = torch.rand(n, generator=gen, device=dev) < m.channelwise
-                masked = self._subset(m.p, n)                                  # views masked at all
-                cells, grid = M.mscn_cells(n, m.grid, ratio, focal, side, channelwise,
-                                           A.subset_mask(n, masked, dev), gen)
-                d.masks.append((cells, grid, masked))
+                apply = A.subset_mask(n, p["masked"][copy_i], dev)
+                d.masks.append(M.mscn_cells(n, m.grid, ratio, focal, side, channelwise, apply, gen))
         return d
 
     # -- pixels --------------------------------------------------------------------------------
 
-    def _base_view(self, x8: torch.Tensor, bi: int, d: _BranchDraw, c0: int, c1: int, n: int) -> torch.Tensor:
+    def _base_view(self, x8: torch.Tensor, bi: int, d: _BranchDraw, q: dict, c0: int, c1: int) -> torch.Tensor:
         """uint8 rows [c0, c1) of one branch's source -> float32 in the network's input space (planar,
-        or channels-last for a branch that only normalises)."""
+        or channels-last for a branch that only normalises). q: the chunk's relative indices."""
         b, r = self.recipe.branches[bi], self.recipe
-        sub = lambda idx: _chunk_index(idx, c0, c1, n)                          # noqa: E731
         if not (b.flip or b.color or b.grayscale or b.blur or b.solarize or b.highpass):
             # normalise only (SimMIM, plain): one pass from uint8, in the loader's channels-last layout
             with _stage("highpass_normalize"):
                 return A.normalize(x8.to(torch.float32), [255.0 * m for m in r.mean], [255.0 * s for s in r.std])
         x = A.to_float(x8)
         if b.flip:
-            A.apply_to(x, sub(d.flip), A.hflip)
+            A.apply_to(x, q["flip"], A.hflip)
         if b.color and d.order is not None:
             with _stage("color_jitter"):
-                x = A.color_jitter(x, d.jitter[c0:c1], d.order[c0:c1], [sub(h) for h in d.hue], self.kernels)
+                x = A.color_jitter(x, d.jitter[c0:c1], d.order[c0:c1], q["hue"], self.kernels)
         if b.grayscale:
             with _stage("grayscale"):
-                A.apply_to(x, sub(d.gray), A.to_grayscale)
+                A.apply_to(x, q["gray"], A.to_grayscale)
         if b.blur:
             k = self.blur_kernel[bi]
             with _stage("blur"):
-                A.apply_to(x, sub(d.blur), lambda im, s: A.gaussian_blur(im, s, k), d.blur_sigma[c0:c1])
+                A.apply_to(x, q["blur"], lambda im, s: A.gaussian_blur(im, s, k), d.blur_sigma[c0:c1])
         if b.solarize:
             t = b.solarize.threshold
             with _stage("solarize"):
-                A.apply_to(x, sub(d.solarize), lambda im: A.solarize(im, t))
+                A.apply_to(x, q["solarize"], lambda im: A.solarize(im, t))
         with _stage("highpass_normalize"):
             if b.highpass:
                 s = d.highpass_sigma if not isinstance(d.highpass_sigma, torch.Tensor) else d.highpass_sigma[c0:c1]
@@ -297,16 +427,16 @@ class Augmenter:
                 return A.normalize(x, (0.0, 0.0, 0.0), r.std)                  # the mean cancels
             return A.normalize(x, r.mean, r.std)
 
-    def _write_copies(self, outs: list[torch.Tensor], first: int, base: torch.Tensor, bi: int,
-                      d: _BranchDraw, c0: int, c1: int, n: int, gen: torch.Generator) -> None:
+    def _write_copies(self, outs: list[torch.Tensor], base: torch.Tensor, bi: int, d: _BranchDraw,
+                      q: dict, c0: int, c1: int, gen: torch.Generator) -> None:
         """Branch bi's views for rows [c0, c1): the base, masked and filled per copy, written to the
         channels-last outputs (converting to their dtype). Only the masked samples are filled."""
         b = self.recipe.branches[bi]
         h, w = base.shape[2:]
         for copy_i in range(b.copies):
-            out = outs[first + copy_i][c0:c1]
-            rows = _chunk_index(d.masks[copy_i][2], c0, c1, n) if b.mask else None
-            if rows is None or rows.numel() == 0:
+            out = outs[self.first_view[bi] + copy_i][c0:c1]
+            rows = q["masked"][copy_i] if b.mask else None
+            if rows is None:
                 out.copy_(base)
                 continue
             with _stage("mask_fill"):
@@ -328,67 +458,55 @@ class Augmenter:
             if v.dtype != torch.uint8 or v.ndim != 4 or v.shape[1] != 3 or v.shape[0] != n:
                 raise ValueError(f"augment: view {i} must be (N, 3, H, W) uint8 like view 0, got "
                                  f"{tuple(v.shape)} {v.dtype}")
-            if v.shape[2] != self.size or v.shape[3] != self.size:
+            if v.shape[2] != self.sizes[i] or v.shape[3] != self.sizes[i]:
                 raise ValueError(f"augment: view {i} is {v.shape[2]}x{v.shape[3]}, the augmenter was built "
-                                 f"for size {self.size}")
+                                 f"for size {self.sizes[i]} (view sizes {list(self.sizes)})")
             if v.device != self.device and not (v.device.type == self.device.type == "cuda"):
                 raise ValueError(f"augment: view {i} is on {v.device}, the augmenter on {self.device}")
         return n
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        step = self.chunk or n
-        return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
-
-    def _run_chunks(self, fn, n: int) -> None:
-        """fn(c0, c1) for every chunk: inline in one piece on GPUs; on CPU spread over a pool of
-        single-threaded workers, one per torch thread. Cache-sized chunks on separate cores beat
-        every op splitting its few hundred thousand elements over the cores (1.4x on 2 cores)."""
-        chunks = self._chunks(n)
-        if self._pool is None or len(chunks) == 1:
-            for c0, c1 in chunks:
-                fn(c0, c1)
+    def _run_chunks(self, fn, rows: list[tuple[int, int]]) -> None:
+        """fn(chunk index, c0, c1) for every chunk: inline, in order, on GPUs; on CPU spread over a
+        pool of single-threaded workers, one per torch thread. Cache-sized chunks on separate cores
+        beat every op splitting its few hundred thousand elements over the cores (1.4x on 2 cores)."""
+        if self._pool is None or len(rows) == 1:
+            for ci, (c0, c1) in enumerate(rows):
+                fn(ci, c0, c1)
             return
-        for future in [self._pool.submit(fn, c0, c1) for c0, c1 in chunks]:
+        for future in [self._pool.submit(fn, ci, c0, c1) for ci, (c0, c1) in enumerate(rows)]:
             future.result()                                                   # re-raises errors
-
-    def _noise_seed(self) -> Optional[int]:
-        """CPU: one draw per call seeds the noise of every chunk (`_noise_gen`), so the noise does
-        not depend on which worker runs a chunk first. GPUs draw from the device generator."""
-        if self.device.type != "cpu":
-            return None
-        return int(torch.randint(2**62, (1,), generator=self.gen))
 
     def _noise_gen(self, seed: Optional[int], c0: int) -> torch.Generator:
         if seed is None:
             return self.gen
         return torch.Generator().manual_seed(seed + c0)
 
-    def _params(self, draws: list[_BranchDraw], n: int, size: int, mim) -> list[ViewParams]:
+    def _params(self, plan: _Plan, draws: list[_BranchDraw], mim) -> list[ViewParams]:
         """The public record of the draws (`ViewParams`), one per output view."""
-        r, dev = self.recipe, self.device
+        r, dev, n = self.recipe, self.device, plan.n
         mask = lambda idx: A.subset_mask(n, idx, dev)                           # noqa: E731
         identity = A.const((1.0, 1.0, 1.0, 0.0), dev).expand(n, 4)
         plain_order = A.const((A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE), dev, torch.long).expand(n, 4)
         params = []
         for v, bi in enumerate(self.view_branch):
-            b, d = r.branches[bi], draws[bi]
-            copy_i = v - self.view_branch.index(bi)
+            b, d, p = r.branches[bi], draws[bi], plan.branches[bi]
+            copy_i = v - self.first_view[bi]
             hp = d.highpass_sigma
             if hp is not None and not isinstance(hp, torch.Tensor):
                 hp = torch.full((n,), float(hp), device=dev)
-            p = ViewParams(
-                branch=bi, source=b.source, size=size, flip=mask(d.flip),
-                jitter=mask(d.jitter_subset), jitter_factors=identity if d.jitter is None else d.jitter,
-                jitter_order=plain_order if d.order is None else d.order, grayscale=mask(d.gray),
-                blur=mask(d.blur), blur_sigma=d.blur_sigma, blur_kernel=self.blur_kernel[bi],
-                solarize=mask(d.solarize), solarize_threshold=b.solarize.threshold if b.solarize else 0.5,
+            vp = ViewParams(
+                branch=bi, source=b.source, size=self.view_size[v], flip=mask(p["flip"]),
+                jitter=mask(p["jitter"]), jitter_factors=identity if d.jitter is None else d.jitter,
+                jitter_order=plain_order if d.order is None else d.order, grayscale=mask(p["gray"]),
+                blur=mask(p["blur"]), blur_sigma=d.blur_sigma, blur_kernel=self.blur_kernel[bi],
+                solarize=mask(p["solarize"]), solarize_threshold=b.solarize.threshold if b.solarize else 0.5,
                 highpass_sigma=hp, highpass_kernel=self.highpass_kernel[bi], mean=r.mean, std=r.std,
-                masked=mask(d.masks[copy_i][2] if b.mask else None),
+                masked=mask(p["masked"][copy_i] if b.mask else None),
                 mim_mask=mim[v] if mim is not None else None)
             if b.mask:
-                p.mask_cells, p.mask_grid = d.masks[copy_i][0], d.masks[copy_i][1]
-                p.mask_fill, p.noise_std = b.mask.fill, b.mask.noise_std
-            params.append(p)
+                vp.mask_cells, vp.mask_grid = d.masks[copy_i]
+                vp.mask_fill, vp.noise_std = b.mask.fill, b.mask.noise_std
+            params.append(vp)
         return params
 
     @torch.no_grad()
@@ -396,28 +514,31 @@ class Augmenter:
         """The views of one batch; return_params=True also records what was drawn for each view
         (`AugmentOutput.params`, `mix_params`: for tests, and for debugging an augmentation)."""
         n = self._check(views)
-        r, dev, (h, w) = self.recipe, self.device, views[0].shape[2:]
-        draws = [self._draw_branch(b, n) for b in r.branches]
+        return self._run(views, self._plan(n), return_params)
+
+    def _run(self, views: list[torch.Tensor], plan: _Plan, return_params: bool = False) -> AugmentOutput:
+        """Everything after the host plan: device draws and pixels, without a host-device sync."""
+        r, dev, n = self.recipe, self.device, plan.n
+        plan.branches, plan.chunks = _upload([plan.branches, plan.chunks], dev)
+        draws = [self._draw_branch(bi, p, n) for bi, p in enumerate(plan.branches)]
         mix = self._draw_mix(n) if r.mix else None
         mim = self._draw_simmim(n) if r.simmim else None
-        outs = [torch.empty((n, 3, h, w), dtype=self.dtype, device=dev, memory_format=A.CL)
-                for _ in self.view_branch]
-        first_view = [self.view_branch.index(i) for i in range(len(r.branches))]
-        noise_seed = self._noise_seed()
+        outs = [torch.empty((n, 3, s, s), dtype=self.dtype, device=dev, memory_format=A.CL) for s in self.view_size]
 
-        def chunk(c0: int, c1: int) -> None:
-            gen = self._noise_gen(noise_seed, c0)
+        def chunk(ci: int, c0: int, c1: int) -> None:
+            gen = self._noise_gen(plan.noise_seed, c0)
             for bi, b in enumerate(r.branches):
-                base = self._base_view(views[b.source][c0:c1], bi, draws[bi], c0, c1, n)
-                self._write_copies(outs, first_view[bi], base, bi, draws[bi], c0, c1, n, gen)
+                q = plan.chunks[ci][bi]
+                base = self._base_view(views[b.source][c0:c1], bi, draws[bi], q, c0, c1)
+                self._write_copies(outs, base, bi, draws[bi], q, c0, c1, gen)
 
-        self._run_chunks(chunk, n)
-        result = AugmentOutput(views=outs, pairs=list(r.pairs), mim_masks=mim)
+        self._run_chunks(chunk, plan.chunks_rows)
+        result = AugmentOutput(views=outs, pairs=list(r.pairs), groups=[list(g) for g in self.groups], mim_masks=mim)
         if mix is not None:
-            result.mixed, result.mix_lam = self._mix(outs[self.mix_source], mix)
+            result.mixed, result.mix_lam = self._mix(outs[self.mix_source], mix, plan.chunks_rows)
             result.mix_source = self.mix_source
         if return_params:
-            result.params = self._params(draws, n, h, mim)
+            result.params = self._params(plan, draws, mim)
             if mix is not None:
                 result.mix_params = MixParams(r.mix.kind, self.mix_source, result.mix_lam, mix.get("cells"),
                                               mix.get("use_mixup"), mix.get("lam"), mix.get("boxes"))
@@ -429,17 +550,18 @@ class Augmenter:
         m, dev, gen = self.recipe.mix, self.device, self.gen
         if m.kind == "mixmask":
             return {"cells": X.block_cells(n, m.grid, m.ratio, gen, dev, m.min_cells, m.aspect, m.rects)}
+        size = self.view_size[self.mix_source]
         lam = X.sample_beta(m.beta, m.beta, n, gen, dev)
         use_mixup = torch.rand(n, generator=gen, device=dev) < m.mixup_p
-        boxes, box_lam = X.cutmix_boxes(lam, self.size, self.size, gen)
+        boxes, box_lam = X.cutmix_boxes(lam, size, size, gen)
         return {"lam": lam, "use_mixup": use_mixup, "boxes": boxes, "box_lam": box_lam}
 
-    def _mix(self, v: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix(self, v: torch.Tensor, p: dict, rows: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix view v (N, 3, H, W) with v.flip(0), chunk by chunk (row i meets row N-1-i)."""
-        n = v.shape[0]
+        n, size = v.shape[0], v.shape[-1]
         mixed = torch.empty_like(v)
 
-        def chunk(c0: int, c1: int) -> None:
+        def chunk(ci: int, c0: int, c1: int) -> None:
             x, rev = v[c0:c1], v[n - c1:n - c0].flip(0)
             if "cells" in p:
                 mixed[c0:c1] = X.mixmask(x, p["cells"][c0:c1], rev)
@@ -448,17 +570,16 @@ class Augmenter:
                                        p["boxes"][c0:c1], rev.float())
 
         with _stage("mix"):
-            self._run_chunks(chunk, n)
+            self._run_chunks(chunk, rows)
         if "cells" in p:
-            return mixed, X.block_lam(p["cells"], self.size, self.size)
+            return mixed, X.block_lam(p["cells"], size, size)
         return mixed, torch.where(p["use_mixup"], p["lam"], p["box_lam"])
 
     def _draw_simmim(self, n: int) -> list[Optional[torch.Tensor]]:
         s = self.recipe.simmim
-        side = self.size // s.patch
         chosen = set(range(len(self.recipe.branches)) if s.branches is None else s.branches)
-        return [M.simmim_masks(n, side, side, s.ratio, self.gen, self.device) if bi in chosen else None
-                for bi in self.view_branch]
+        return [M.simmim_masks(n, size // s.patch, size // s.patch, s.ratio, self.gen, self.device)
+                if bi in chosen else None for bi, size in zip(self.view_branch, self.view_size)]
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -473,24 +594,26 @@ class Augmenter:
         out = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=A.CL)
         kernel = A.highpass_kernel_size(sigma, min(x.shape[-2:]))
 
-        def chunk(c0: int, c1: int) -> None:
+        def chunk(ci: int, c0: int, c1: int) -> None:
             f = A.to_float(x[c0:c1])
             if use:
                 out[c0:c1] = A.normalize(A.highpass(f, sigma, kernel), (0.0, 0.0, 0.0), self.recipe.std)
             else:
                 out[c0:c1] = A.normalize(f, self.recipe.mean, self.recipe.std)
 
-        self._run_chunks(chunk, x.shape[0])
+        step = default_chunk(x.device, x.shape[-1])
+        self._run_chunks(chunk, [(c0, min(x.shape[0], c0 + step)) for c0 in range(0, x.shape[0], step)])
         return out
 
 
-def build_augmenter(recipe: str | Path | Recipe, size: int, device: torch.device | str = "cpu",
+def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
                     mix: Optional[str] = None, chunk: Optional[int] = None, compile: bool = False) -> Augmenter:
-    """The Augmenter of a recipe (a name in pipelines/recipes/, a yaml path, or a Recipe).
+    """The Augmenter of a recipe (a name in pipelines/augment/recipes/, a yaml path, or a Recipe).
 
+    size: the loader views' side in px, one int for all or one per view (multi-crop, crop order).
     mix: "mixmask" / "unmix" adds that mixing (paper defaults) to a recipe without it (config `mix`);
-    None or "none" keeps the recipe's own. chunk: rows per CPU chunk (default: sized to the cache).
+    None or "none" keeps the recipe's own. chunk: rows per chunk (default `default_chunk`).
     compile: torch.compile the colour-jitter kernels (2-4x faster jitter; tens of seconds of compile
     on first use, cached on disk; the outputs equal the eager ones to float rounding)."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

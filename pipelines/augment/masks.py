@@ -49,9 +49,11 @@ def cells_to_pixels(cells: torch.Tensor, grid: torch.Tensor | int, height: int, 
 
 
 def pixel_counts(size: int, grid: int, device=None) -> torch.Tensor:
-    """(G,) how many pixel rows fall in each cell."""
-    g = torch.full((1,), grid, dtype=torch.long, device=device)
-    return torch.bincount(cell_index(size, g)[0], minlength=grid)
+    """(G,) int64: how many pixel rows fall in each cell. Row y lies in cell floor(y g / size), so cell
+    c holds rows ceil(c size / g) to ceil((c + 1) size / g) - 1: a closed form computed on the device
+    (torch.bincount reads its output size back from the device, a host sync per call)."""
+    start = (torch.arange(grid + 1, device=device) * size + grid - 1) // grid     # ceil(c size / g)
+    return start[1:] - start[:-1]
 
 
 def _exact_count(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
