@@ -4,6 +4,7 @@ models.syncbn) and the loss is SimCLR with negatives gathered across ranks. Ever
 CPU: MASKSIAM_DEVICE=cpu pins it for init_distributed, also on a CUDA host."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -18,7 +19,7 @@ from masksiam import dist as mdist
 from masksiam.config import Config, ConfigError
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone
-from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm
+from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm, global_batch_norm
 
 N_GLOBAL = 8
 
@@ -85,7 +86,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     views = [v[rank * half:(rank + 1) * half] for v in _batch()]
     loss, grads = _step_grads(model, views)
     torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    mdist.cleanup()                             # barrier first: see masksiam.dist.cleanup
 
 
 def test_two_gloo_processes_take_the_single_process_step(tmp_path):
@@ -100,6 +101,143 @@ def test_two_gloo_processes_take_the_single_process_step(tmp_path):
             rel = (ranks[r]["grads"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
             assert rel < 1e-4, f"{name}: rank {r} gradient differs by {rel:.2e} (relative norm)"
     assert any(g.abs().sum() > 0 for g in ref_grads.values())
+
+
+class _HostRead(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside: every way a tensor's value reaches Python (.item, .cpu, .tolist, bool/int/float of a
+    tensor, bincount, boolean-mask indexing) raises; on CUDA each of those is a device sync."""
+    def refuse(name):
+        def fn(*args, **kwargs):
+            raise _HostRead(f"host read in the step path: {name}")
+        return fn
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            raise _HostRead("host read in the step path: boolean-mask indexing")
+        return getitem(self, index)
+    patches = {name: refuse(name) for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__",
+                                              "__float__", "__index__")}
+    patches["__getitem__"] = checked_getitem
+    saved = {name: getattr(torch.Tensor, name) for name in patches}
+    bincount = torch.bincount
+    try:
+        for name, fn in patches.items():
+            setattr(torch.Tensor, name, fn)
+        torch.bincount = refuse("bincount")
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.bincount = bincount
+
+
+def _bn_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A global batch (8, 5, 3, 3), channels-last, mean ~100 and std ~1-3 per channel (naive
+    E[x^2] - E[x]^2 loses ~1e-3 of the variance in float32 here), and a loss weight like it."""
+    g = torch.Generator().manual_seed(10 + step)
+    x = 100 + torch.randn(N_GLOBAL, 5, 3, 3, generator=g) * torch.linspace(1, 3, 5).view(1, 5, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last), torch.randn(N_GLOBAL, 5, 3, 3, generator=g)
+
+
+def _bn_steps(bn: torch.nn.Module, rank: int | None) -> dict[str, torch.Tensor]:
+    """Two training steps of `bn` on the global batch (rank None) or on rank's half; per step the
+    output and the input gradient of sum(y * w), the summed weight/bias gradients, running stats."""
+    out = {}
+    for step in range(2):
+        x, w = _bn_data(step)
+        if rank is not None:
+            half = N_GLOBAL // 2
+            x, w = x[rank * half:(rank + 1) * half], w[rank * half:(rank + 1) * half]
+        x = x.clone().requires_grad_()
+        y = bn(x)
+        (y * w).sum().backward()
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
+    out.update(dw=bn.weight.grad, db=bn.bias.grad, mean=bn.running_mean, var=bn.running_var)
+    return out
+
+
+def _bn_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    mdist.init_distributed()
+    torch.set_num_threads(1)
+    results = {}
+    for momentum in (0.1, None):
+        with no_host_reads():
+            results[momentum] = _bn_steps(_seeded_bn(GlobalBatchNorm, momentum), rank)
+    torch.save(results, os.path.join(out_dir, f"bn{rank}.pt"))
+    mdist.cleanup()                             # barrier first: see masksiam.dist.cleanup
+
+
+def test_global_batchnorm_at_world_size_2_is_batchnorm_of_the_concatenated_batch(tmp_path):
+    """gloo, 2 ranks x 4: forward, input and parameter gradients, running stats (momentum 0.1 and
+    the cumulative average) equal nn.BatchNorm2d over the 8; no host read inside (no_host_reads)."""
+    spawn_and_join(_bn_worker, (_free_port(), str(tmp_path)), nprocs=2, timeout=120)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    for momentum in (0.1, None):
+        ref = _bn_steps(_seeded_bn(torch.nn.BatchNorm2d, momentum), None)
+        for step in range(2):
+            for key in (f"y{step}", f"dx{step}"):
+                got = torch.cat([ranks[0][momentum][key], ranks[1][momentum][key]])
+                torch.testing.assert_close(got, ref[key], rtol=1e-4, atol=1e-4, msg=f"{key}, momentum {momentum}")
+        for key in ("dw", "db"):   # per-rank shares; DDP's average times 2 is their sum
+            torch.testing.assert_close(ranks[0][momentum][key] + ranks[1][momentum][key], ref[key],
+                                       rtol=1e-4, atol=1e-4)
+        for r in range(2):
+            for key in ("mean", "var"):
+                torch.testing.assert_close(ranks[r][momentum][key], ref[key], rtol=1e-5, atol=1e-5)
+        assert ref["var"].min() > 0.1
+
+
+def _seeded_bn(cls, momentum) -> torch.nn.Module:
+    """A BatchNorm of 5 channels with random affine parameters, the same in every process."""
+    g = torch.Generator().manual_seed(0)
+    bn = cls(5, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-1, 1, generator=g)
+    return bn
+
+
+def test_global_batch_norm_function_at_world_size_1_is_batch_norm():
+    """The autograd function itself (the path every device takes at world size > 1) against
+    F.batch_norm, bf16 in with float32 statistics as under autocast."""
+    x, w = _bn_data(0)
+    weight, bias = torch.rand(5) + 0.5, torch.randn(5)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):   # x ~ 100: ulp 8e-6
+        xa = x.to(dtype).detach().clone().requires_grad_()
+        xb = xa.detach().clone().requires_grad_()
+        wa, ba = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        wb, bb = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        with no_host_reads():
+            y, mean, var, counts = global_batch_norm(xa, wa, ba, 1e-5)
+            (y.float() * w).sum().backward()
+        ref = torch.nn.functional.batch_norm(xb.float(), None, None, wb, bb, training=True, eps=1e-5)
+        (ref * w).sum().backward()
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(xa.grad.float(), xb.grad.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(ba.grad, bb.grad, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(mean, xb.detach().float().mean((0, 2, 3)), rtol=1e-5, atol=1e-3)
+        assert counts.tolist() == [N_GLOBAL * 9]
+
+
+def test_no_host_reads_catches_each_kind():
+    x = torch.arange(4.0)
+    for bad in (lambda: x.sum().item(), lambda: x.cpu(), lambda: x[x > 1], lambda: bool(x.sum()),
+                lambda: torch.bincount(x.long()), lambda: float(x[0])):
+        with no_host_reads(), pytest.raises(_HostRead):
+            bad()
+    with no_host_reads():
+        assert x[1:3].shape == (2,)
 
 
 def test_global_batchnorm_is_plain_batchnorm_in_one_process():
@@ -149,3 +287,38 @@ def test_cuda_device_is_the_local_rank_modulo_the_visible_gpus(monkeypatch):
     assert info.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert mdist.init_distributed("cuda").device == torch.device("cuda", 1)
+
+
+def test_convert_sync_batchnorm_is_the_sync_free_module_on_cuda_too():
+    """torch's nn.SyncBatchNorm reads counts on the host once per layer per forward: never used."""
+    conv = convert_sync_batchnorm(_net(), torch.device("cuda"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in conv.modules())
+    assert isinstance(conv.backbone.bn1, GlobalBatchNorm)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_global_batch_norm_cuda_kernels_are_batch_norm_without_syncs():
+    """The CUDA path (torch's SyncBatchNorm kernels) against F.batch_norm, under sync-debug 'error'."""
+    x, w = (t.cuda() for t in _bn_data(0))
+    weight, bias = torch.rand(5, device="cuda") + 0.5, torch.randn(5, device="cuda")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        xa = x.to(dtype).detach().clone().requires_grad_()
+        xb = xa.detach().clone().requires_grad_()
+        wa, ba = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        wb, bb = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y, mean, var, counts = global_batch_norm(xa, wa, ba, 1e-5)
+            (y.float() * w).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref = torch.nn.functional.batch_norm(xb.float(), None, None, wb, bb, training=True, eps=1e-5)
+        (ref * w).sum().backward()
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(xa.grad.float(), xb.grad.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(ba.grad, bb.grad, rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(var, xb.detach().float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
