@@ -340,7 +340,8 @@ def _knn(cfg, info, backbone) -> float:
 
 
 def _write(path: Path, fn) -> None:
-    """Run a write; a disk or I/O error stops the run naming the path (the checkpoint is kept)."""
+    """Run a read-modify-write of a run file; a disk or I/O error stops the run naming the path (the
+    checkpoint is kept)."""
     try:
         fn()
     except OSError as err:
@@ -348,10 +349,11 @@ def _write(path: Path, fn) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    _write(path, lambda: atomic_write_text(path, "".join(line + "\n" for line in keep)))
+    def truncate():
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+    _write(path, truncate)
 
 
 class _Logger:

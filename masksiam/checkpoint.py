@@ -14,6 +14,7 @@ states (torch.Generator.set_state takes CPU byte tensors only) stay where they b
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,28 @@ def rotation(path: str | Path, keep: int) -> list[Path]:
 
 def save_rotating(obj: dict[str, Any], path: str | Path, keep: int = 2) -> None:
     """Write `obj` as the newest checkpoint, keeping the previous keep - 1. A failed write (disk full,
-    an I/O error) leaves every existing checkpoint as it was and raises CheckpointError."""
+    an I/O error) leaves the newest existing checkpoint as it was, removes its temporary file and
+    raises CheckpointError."""
     names = rotation(path, max(1, keep))
     new = names[0].with_name(f".{names[0].name}.new")
     try:
         save_atomic(obj, new)
-    except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {names[0]}: {err}; the previous checkpoint "
-                              f"is kept") from err
-    try:
-        for older, newer in reversed(list(zip(names[1:], names[:-1]))):
+        for older, newer in reversed(list(zip(names[2:], names[1:-1]))):
             if newer.exists():
                 os.replace(newer, older)
+        if len(names) > 1 and names[0].exists():
+            # the previous checkpoint gets its second name first (a hard link: no copy), so that
+            # checkpoint.pt names a complete file at every moment, before and after the rename
+            names[1].unlink(missing_ok=True)
+            try:
+                os.link(names[0], names[1])
+            except OSError:                          # a file system without hard links
+                shutil.copyfile(names[0], names[1])
         os.replace(new, names[0])
     except OSError as err:
-        raise CheckpointError(f"could not rotate checkpoint {names[0]}: {err}") from err
+        new.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {names[0]}: {err}; the previous checkpoint "
+                              f"is kept") from err
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -128,9 +128,10 @@ def _wait_for(path: Path, pred, timeout: float = 120.0):
     raise AssertionError(f"{path} never satisfied the condition")
 
 
-def _spawn(args: list[str], **kw) -> subprocess.Popen:
+def _spawn(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
     # the same thread count as this process: float sums then run in the same order (bitwise results)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           **(env_extra or {})}
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -149,17 +150,28 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
+def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(image_folder, tmp_path):
+    """SIGKILL before step 6 (3 steps per epoch: the epoch-1 checkpoint holds step 3, steps 4-5 are
+    logged but lost): the resumed run repeats steps 4-5, logs each step once, and ends with the
+    uninterrupted run's losses and weights, bitwise."""
     common = ["epochs=4", "final_eval=false"]
     full = train.main(_args(image_folder, tmp_path, "full", *common))
-    proc = _spawn(["train.py", *_args(image_folder, tmp_path, "killed", *common)])
-    # kill as soon as the first epoch's checkpoint exists (mid-way through epoch 2 at the latest)
-    _wait_for(tmp_path / "killed" / "metrics.jsonl", lambda t: '"step": 4' in t)
-    proc.kill()
-    proc.wait(timeout=60)
+    proc = _spawn(["tests/_die_once.py", *_args(image_folder, tmp_path, "killed", *common)],
+                  env_extra={"MASKSIAM_TEST_DIE_BEFORE_STEP": "6", "MASKSIAM_TEST_DIE_RANK": "0",
+                             "MASKSIAM_TEST_DIE_HOW": "sigkill"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out[-2000:]
+    run = tmp_path / "killed"
+    assert ckpt_io.load(run / "checkpoint.pt")["step"] == 3
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2, 3, 4, 5]   # 4-5 after the checkpoint
     resumed = train.main(_args(image_folder, tmp_path, "killed", *common, "resume=true"))
-    assert resumed["step"] == full["step"]
-    assert _losses(tmp_path / "killed") == _losses(Path(full["run_dir"]))
+    assert resumed["step"] == full["step"] == 12
+    steps = [r["step"] for r in _metrics(run) if "loss" in r]
+    assert steps == list(range(1, 13))                                            # each step once
+    assert _losses(run) == _losses(Path(full["run_dir"]))
+    a = ckpt_io.load(run / "checkpoint.pt")["model"]
+    b = ckpt_io.load(Path(full["run_dir"]) / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
