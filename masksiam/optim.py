@@ -1,9 +1,11 @@
 """Optimizers (SGD, LARS, AdamW), their parameter groups and the warmup + cosine schedule.
 
-Skipping a bad step without a host sync: every optimizer here reads `optimizer.found_inf` (a 0-dim
-float tensor on the device, 1.0 = skip) and `optimizer.grad_scale` the way torch's fused optimizers
-do for torch.amp.GradScaler. The training loop sets found_inf from `~isfinite(loss)` (and the grad
-norm), so a NaN step leaves weights and optimizer state untouched and the CPU never waits for the GPU.
+Skipping a bad step without a host sync: every optimizer here takes `step(skip=flag)`, flag a 0-dim
+tensor on the device (bool or float, nonzero = skip), e.g. `~isfinite(loss)` (| ~isfinite(grad
+norm)). The step then leaves weights and optimizer state untouched, decided inside the fused kernels,
+so the CPU never waits for the GPU. The flag combines with torch.amp.GradScaler's own inf check:
+`scaler.step(optimizer, skip=flag)` passes it through. (The attributes `found_inf` / `grad_scale`,
+which GradScaler sets around its call, are still read; set by hand they are deprecated.)
 """
 from __future__ import annotations
 
@@ -28,6 +30,62 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
 
 
+def _skip_flag(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None) -> torch.Tensor | None:
+    """The float 0/1 found_inf a fused kernel reads: `skip`, or GradScaler's found_inf attribute,
+    or their max; None when neither is set (never skip)."""
+    scaler_flag = getattr(optimizer, "found_inf", None)
+    if skip is None:
+        return scaler_flag
+    skip = skip.detach().to(torch.float32).reshape(())
+    return skip if scaler_flag is None else torch.maximum(scaler_flag.to(skip.device), skip)
+
+
+class _SkipViaFoundInf:
+    """step(skip=flag) for torch's fused optimizers, which read `self.found_inf` (GradScaler's
+    contract): the flag is set for the one call and the previous value (GradScaler's) restored."""
+
+    def _step_with_flag(self, closure, skip):
+        flag = _skip_flag(self, skip)
+        had, previous = hasattr(self, "found_inf"), getattr(self, "found_inf", None)
+        if flag is not None:
+            self.found_inf = flag
+        try:
+            return super().step(closure)
+        finally:
+            if had:
+                self.found_inf = previous
+            elif hasattr(self, "found_inf"):
+                del self.found_inf
+
+
+class SGD(_SkipViaFoundInf, torch.optim.SGD):
+    """torch's fused momentum SGD with step(skip=flag), and momentum buffers zeroed up front.
+
+    torch creates the buffers with empty_like on the first step and fills them in the kernel; a
+    first step skipped as non-finite leaves them uninitialised, and the next step would add
+    momentum * garbage. Zeros then a normal step (buf = 0 * m + g) equal torch's first-step copy
+    (buf = g) for dampening 0, the only value the configs use."""
+
+    @torch.no_grad()
+    def step(self, closure=None, skip: torch.Tensor | None = None):
+        for group in self.param_groups:
+            if group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return self._step_with_flag(closure, skip)
+
+
+class AdamW(_SkipViaFoundInf, torch.optim.AdamW):
+    """torch's fused AdamW with step(skip=flag) (its state starts at zeros, its step count is
+    restored in-kernel on a skipped step)."""
+
+    @torch.no_grad()
+    def step(self, closure=None, skip: torch.Tensor | None = None):
+        return self._step_with_flag(closure, skip)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), foreach-vectorised.
 
@@ -43,9 +101,9 @@ class LARS(torch.optim.Optimizer):
                                       eta=eta, lars_adapt=lars_adapt))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, skip: torch.Tensor | None = None):
         grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        found_inf = _skip_flag(self, skip)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -89,9 +147,9 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        return SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
+        return AdamW(groups, lr=lr, fused=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
