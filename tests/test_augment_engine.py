@@ -3,13 +3,18 @@ documented noise, no host-device sync after the host plan, multi-size (multi-cro
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from masksiam.config import load_config
 from pipelines.augment import engine as E
+from pipelines.augment import ops as A
 from pipelines.augment.engine import build_augmenter
+from pipelines.augment.recipes import RecipeError, load_recipe
+from test_augment_replay import TOL, replay
 from test_recipes import photo_views
 
 aten = torch.ops.aten
@@ -94,3 +99,75 @@ def test_chunk_size_changes_only_the_noise_fill():
         if mask.any():
             assert not torch.equal(x[mask], y[mask])                           # other noise draws
             assert abs(y[mask].std() - p.noise_std) < 0.1 * p.noise_std
+
+
+# ---- multi-crop: views of several sizes -----------------------------------------------------------
+
+SIZES = [32, 32, 16, 16, 16, 16, 16, 16]                  # 2 global + 6 local crops, crop order
+
+
+def test_multicrop_recipes_pair_each_global_view_with_every_other():
+    simclr = load_recipe("simclr_multicrop")
+    assert simclr.sources == 8 and [b.local for b in simclr.branches] == [False] * 2 + [True] * 6
+    assert [b.source for b in simclr.branches] == list(range(8))
+    assert simclr.branches[7].color == load_recipe("simclr").branches[0].color
+    assert list(simclr.pairs) == [(0, 1)] + [(0, j) for j in range(2, 8)] + [(1, j) for j in range(2, 8)]
+    byol = load_recipe("byol_multicrop")
+    assert [b.blur.p for b in byol.branches] == [1.0, 0.1] + [0.5] * 6                # DINO's blur
+    assert [bool(b.solarize) for b in byol.branches] == [False, True] + [False] * 6
+    mscn = load_recipe("mscn_multicrop")
+    assert mscn.view_branches() == [0, 0, 1, 2, 3, 4, 5, 6, 7] and len(mscn.pairs) == 2 + 3 * 6
+    assert (0, 1) not in mscn.pairs and (0, 2) in mscn.pairs and (2, 3) in mscn.pairs and (3, 4) not in mscn.pairs
+    assert all(b.mask.p == 0.5 and b.highpass for b in mscn.branches[2:])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fmnist_simclr_multicrop.yaml")
+    assert load_recipe(cfg.recipe).sources == cfg.views == 8
+
+
+@pytest.mark.parametrize("text,match", [
+    ("branches: [{repeat: 0}]", r"branches\[0\]\.repeat: expected a positive integer"),
+    ("branches: [{local: true}, {local: true}]\npairs: multicrop", "multicrop needs a global view"),
+    ("branches: [{local: 1}]", r"branches\[0\]\.local: expected bool"),
+])
+def test_bad_multicrop_recipes(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["simclr_multicrop", "byol_multicrop"])
+def test_multicrop_views_equal_torchvision_replayed(name):
+    aug = build_augmenter(name, SIZES, seed=1)
+    views = [photo_views(5, s, 1, seed=i)[0] for i, s in enumerate(SIZES)]
+    out = aug(views, return_params=True)
+    assert [v.shape[-1] for v in out.views] == SIZES and out.groups == [[0, 1], [2, 3, 4, 5, 6, 7]]
+    assert out.pairs == list(aug.recipe.pairs)
+    for v, p in zip(out.views, out.params):
+        assert p.size == v.shape[-1] and v.is_contiguous(memory_format=torch.channels_last)
+        assert p.blur_kernel == A.blur_kernel_size(p.size)                            # the view's own side
+        if p.blur_sigma is not None:                                                  # the globals' pixels
+            assert p.blur_sigma.min() >= 0.1 * 32 / 224 - 1e-6 and p.blur_sigma.max() <= 2.0 * 32 / 224 + 1e-6
+        torch.testing.assert_close(v, replay(views, p), atol=TOL, rtol=0)
+
+
+def test_multicrop_mscn_masks_and_mixing_at_each_size():
+    aug = build_augmenter("mscn_multicrop", SIZES, seed=0, dtype=torch.bfloat16)
+    views = [photo_views(6, s, 1, seed=i)[0] for i, s in enumerate(SIZES)]
+    out = aug(views, return_params=True)
+    assert [v.shape[-1] for v in out.views] == [32, 32, 32] + [16] * 6
+    assert out.groups == [[0, 1, 2], [3, 4, 5, 6, 7, 8]]
+    for v, p in zip(out.views, out.params):
+        mask = p.mask_pixels()
+        assert mask.shape == (6, 3, p.size, p.size) and int(p.masked.sum()) == (6 if p.branch == 0 else 3)
+        torch.testing.assert_close(v.float()[~mask], replay(views, p)[~mask], atol=0.02, rtol=0.01)   # bf16
+    mixed = build_augmenter("simclr_multicrop", SIZES, seed=0, mix="mixmask")(views)
+    assert mixed.mixed.shape == (6, 3, 32, 32) and mixed.mix_source == 0
+
+
+def test_multicrop_sizes_are_checked():
+    aug = build_augmenter("simclr_multicrop", SIZES)
+    views = [photo_views(3, 32, 1)[0] for _ in SIZES]
+    with pytest.raises(ValueError, match=r"view 2 is 32x32, the augmenter was built for size 16"):
+        aug(views)
+    with pytest.raises(RecipeError, match="takes 8 loader views, got sizes for 2"):
+        build_augmenter("simclr_multicrop", [32, 16])

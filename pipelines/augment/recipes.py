@@ -20,9 +20,21 @@ A yaml recipe:
     branches:
       - {source: 0, copies: 2, color: {...}, grayscale: 0.2, blur: {...}, solarize: 0.2,
          highpass: {sigma: 5}, mask: {...}, flip: 0.0}
-    pairs: cross                  # all pairs of views from different branches, or [[i, j], ...]
+    pairs: cross                  # all pairs of views from different branches, or [[i, j], ...],
+                                  # or multicrop: each global view with every other view
     mix: {kind: mixmask, branch: 0, grid: 8, ratio: 0.5}  # or {kind: unmix, mixup_p: 0.5, beta: 1}
     simmim: {patch: 32, ratio: 0.6}
+
+Multi-crop (SwAV / DINO: 2 global + 6 local crops from the loader, e.g. 2 x 224 and 6 x 96 px): a
+branch marked `local: true` works on a local crop; `repeat: k` stands for k such branches on k
+consecutive loader views (sources s, s + 1, ...; s defaults to the branch's position). `pairs:
+multicrop` compares each global view (a view of a branch that is not local) with every view of
+another branch, global or local, as SwAV and DINO do; the global view comes first in each pair, so
+a method that embeds its target from global views only can read the pair (i, j) as "j predicts i":
+
+    base: simclr
+    branches: [{}, {}, {repeat: 6, local: true}]
+    pairs: multicrop
 
 A probability given alone is shorthand (`grayscale: 0.2`, `blur: 0.5`, `solarize: 0.2`); `null`
 turns an op off. Ranges are [lo, hi] or one number.
@@ -38,6 +50,7 @@ from typing import Any, Optional
 
 import yaml
 
+from masksiam.config import ConfigError
 from pipelines.augment import masks as M
 from pipelines.augment import ops as A
 
@@ -45,8 +58,8 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 Range = tuple[float, float]
 
 
-class RecipeError(ValueError):
-    """A recipe file is wrong; the message names the file and the key."""
+class RecipeError(ConfigError):
+    """A recipe file is wrong; the message names the file and the key (a config error: exit code 2)."""
 
 
 # ---- specs ----------------------------------------------------------------------------------------
@@ -101,6 +114,7 @@ class BranchSpec:
     solarize: Optional[SolarizeSpec] = None
     highpass: Optional[HighpassSpec] = None
     mask: Optional[MaskSpec] = None
+    local: bool = False              # a local crop (multi-crop): `pairs: multicrop` pairs it with globals only
 
 
 @dataclass(frozen=True)
@@ -191,14 +205,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[0] <= value[1]:
             return (float(value[0]), float(value[1]))
         raise RecipeError(f"{where}: expected a number or a range [lo, hi] with lo <= hi, got {value!r}")
-    if origin is tuple:                                          # tuple[int, ...]
+    if origin is tuple:                                          # tuple[int, ...]: grid sizes, branch indices
         items = value if isinstance(value, (list, tuple)) else [value]
-        if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
-            raise RecipeError(f"{where}: expected positive integers, got {value!r}")
+        least = 0 if where.endswith(".branches") else 1
+        if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in items):
+            raise RecipeError(f"{where}: expected integers >= {least}, got {value!r}")
         return tuple(items)
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is bool and isinstance(value, bool):
         return value
     if typ is str and isinstance(value, str):
         return value
@@ -297,8 +314,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     branches = []
     for i, b in enumerate(raw):
         merged = _merge(common, _expand_shorthand(b or {}, f"{where}: branches[{i}]"))
-        merged.setdefault("source", i)
-        branches.append(_spec(BranchSpec, merged, f"{where}: branches[{i}]"))
+        repeat = merged.pop("repeat", 1)
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+            raise RecipeError(f"{where}: branches[{i}].repeat: expected a positive integer, got {repeat!r}")
+        source = merged.pop("source", len(branches))
+        for r in range(repeat):                            # `repeat: k`: k branches, consecutive sources
+            one = {**merged, "source": source + r if isinstance(source, int) and not isinstance(source, bool)
+                   else source}
+            branches.append(_spec(BranchSpec, one, f"{where}: branches[{i}]"))
     norm = data.get("normalize") or {}
     if set(norm) - {"mean", "std"}:
         raise RecipeError(f"{where}: normalize takes mean and std only")
@@ -311,8 +334,15 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if pairs == "cross":
         pairs = [(i, j) for i in range(len(view_branch)) for j in range(i + 1, len(view_branch))
                  if view_branch[i] != view_branch[j]]
+    elif pairs == "multicrop":
+        is_global = [not branches[b].local for b in view_branch]
+        if not any(is_global):
+            raise RecipeError(f"{where}: pairs: multicrop needs a global view (a branch without local: true)")
+        # (global i, other j): every global with every view of another branch, global pairs once
+        pairs = [(i, j) for i in range(len(view_branch)) if is_global[i] for j in range(len(view_branch))
+                 if view_branch[i] != view_branch[j] and (not is_global[j] or j > i)]
     elif not (isinstance(pairs, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs)):
-        raise RecipeError(f"{where}: pairs must be `cross` or a list of [i, j] view pairs")
+        raise RecipeError(f"{where}: pairs must be `cross`, `multicrop` or a list of [i, j] view pairs")
     mix = _coerce(data.get("mix"), Optional[MixSpec], f"{where}: mix")
     simmim = _coerce(data.get("simmim"), Optional[SimMIMSpec], f"{where}: simmim")
     ref_size = data.get("ref_size", 224)
