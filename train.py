@@ -37,7 +37,7 @@ from masksiam import dist
 from masksiam.config import ConfigError, load_config, save_config, to_dict
 from masksiam.errors import UserError, exit_on_user_error
 from masksiam.io import atomic_write_text
-from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr, step_unless
+from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr
 from masksiam.runinfo import write_run_info
 from losses import build_method, get_method, hparams, shape_keys
 from models.resnet import build_backbone_from_config, use_small_stem
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     # ---- 4. the method: backbone, heads, EMA target, queue: one module ---------------------------
     method = build_method(cfg, build_backbone_from_config(cfg), mixes=augment.recipe.mix is not None)
     if cfg.sync_bn and info.world_size > 1:        # BN statistics over the global batch
-        method = convert_sync_batchnorm(method, info.device)
+        method = convert_sync_batchnorm(method)
     method = method.to(info.device, memory_format=memory_format)
     if cfg.compile:
         method.backbone.compile()                   # in place: state-dict keys stay torchvision's
@@ -283,7 +283,10 @@ def train_step(model, optimizer, scaler, autocast, out, grad_clip: float = 0.0):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
         nonfinite |= ~torch.isfinite(grad_norm)
         logs = {**logs, "grad_norm": grad_norm.detach()}
-    step_unless(optimizer, scaler, nonfinite)
+    if scaler.is_enabled():                         # fp16: the scaler also skips inf/nan gradients
+        scaler.step(optimizer, skip=nonfinite)
+    else:
+        optimizer.step(skip=nonfinite)              # skipped in-kernel: no sync, no NaN in the state
     scaler.update()
     return loss.detach(), logs, nonfinite
 

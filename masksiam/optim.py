@@ -4,8 +4,9 @@ Skipping a bad step without a host sync: every optimizer here takes `step(skip=f
 tensor on the device (bool or float, nonzero = skip), e.g. `~isfinite(loss)` (| ~isfinite(grad
 norm)). The step then leaves weights and optimizer state untouched, decided inside the fused kernels,
 so the CPU never waits for the GPU. The flag combines with torch.amp.GradScaler's own inf check:
-`scaler.step(optimizer, skip=flag)` passes it through. (The attributes `found_inf` / `grad_scale`,
-which GradScaler sets around its call, are still read; set by hand they are deprecated.)
+`scaler.step(optimizer, skip=flag)` passes it through (GradScaler's own flag and scale arrive as the
+attributes `found_inf` / `grad_scale` it sets around that call, the contract of torch's fused
+optimizers; nothing else sets them).
 """
 from __future__ import annotations
 
@@ -164,19 +165,3 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def step_unless(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, nonfinite: torch.Tensor) -> None:
-    """One optimizer step, skipped on the device where `nonfinite` (a 0-dim bool tensor) is set.
-
-    With a grad scaler (fp16) the scaler finds inf/nan gradients and skips by itself. Otherwise the
-    fused kernels' found_inf input skips the step in-kernel: no host sync, and a NaN never reaches
-    the weights or the optimizer state."""
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-        return
-    optimizer.found_inf, optimizer.grad_scale = nonfinite.float(), None
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf, optimizer.grad_scale
