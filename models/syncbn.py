@@ -153,11 +153,9 @@ class GlobalBatchNorm(_BatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Every BatchNorm{1,2,3}d -> GlobalBatchNorm, keeping weights, running statistics and keys.
-
-    The same module on every device (`device` is accepted for callers that pass it; it changes
-    nothing)."""
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm{1,2,3}d -> GlobalBatchNorm (on every device), keeping weights, running
+    statistics and keys."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
@@ -172,5 +170,5 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | None = None
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, device))
+        module.add_module(name, convert_sync_batchnorm(child))
     return module

@@ -80,7 +80,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     info = mdist.init_distributed()             # the CPU and gloo: MASKSIAM_DEVICE=cpu (_pin_cpu)
     assert info.device.type == "cpu" and dist.get_backend() == "gloo" and info.rank == rank
     torch.set_num_threads(1)
-    model = convert_sync_batchnorm(_net(), torch.device("cpu"))
+    model = convert_sync_batchnorm(_net())
     model = torch.nn.parallel.DistributedDataParallel(model)
     half = N_GLOBAL // 2
     views = [v[rank * half:(rank + 1) * half] for v in _batch()]
@@ -254,7 +254,7 @@ def test_convert_sync_batchnorm_keeps_weights_and_keys():
     with torch.no_grad():
         net.backbone.bn1.weight.uniform_()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    conv = convert_sync_batchnorm(net, torch.device("cpu"))
+    conv = convert_sync_batchnorm(net)
     assert isinstance(conv.backbone.bn1, GlobalBatchNorm)
     after = conv.state_dict()
     assert before.keys() == after.keys()
@@ -289,9 +289,9 @@ def test_cuda_device_is_the_local_rank_modulo_the_visible_gpus(monkeypatch):
     assert mdist.init_distributed("cuda").device == torch.device("cuda", 1)
 
 
-def test_convert_sync_batchnorm_is_the_sync_free_module_on_cuda_too():
+def test_convert_sync_batchnorm_never_gives_torch_syncbatchnorm():
     """torch's nn.SyncBatchNorm reads counts on the host once per layer per forward: never used."""
-    conv = convert_sync_batchnorm(_net(), torch.device("cuda"))
+    conv = convert_sync_batchnorm(_net())
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in conv.modules())
     assert isinstance(conv.backbone.bn1, GlobalBatchNorm)
 
