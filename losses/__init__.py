@@ -16,8 +16,10 @@ from losses.barlow import BarlowTwins
 from losses.byol import BYOL
 from losses.common import Embeddings, hparams  # noqa: F401  (the API tests and tools use)
 from losses.mixed import Mixed
+from losses.mixmae import MixMAE
 from losses.moco import MoCo
 from losses.simclr import SimCLR
+from losses.simmim import SimMIM
 from losses.simsiam import SimSiam
 from losses.vicreg import VICReg
 from masksiam.config import ConfigError
@@ -29,6 +31,8 @@ METHODS = {
     "simsiam": SimSiam,
     "barlow": BarlowTwins,
     "vicreg": VICReg,
+    "simmim": SimMIM,
+    "mixmae": MixMAE,
 }
 
 

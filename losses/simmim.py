@@ -90,7 +90,8 @@ class SimMIM(nn.Module):
             raise ConfigError("mim_encoder=sparse leaves the masked patches without features, which a linear "
                               "head cannot reconstruct: set config key 'decoder_depth' >= 1")
         self.tokens = None if self.sparse else MaskTokenEncoder(backbone)
-        self.decoder = PixelDecoder(backbone.num_features, self.stride, hp["decoder_depth"], hp["decoder_dim"])
+        self.decoder = PixelDecoder(backbone.num_features, self.stride, hp["decoder_depth"], hp["decoder_dim"],
+                                    mask_token=self.sparse)
         self.lut = lut_term.BroaderContext(backbone, hp) if hp["lut_weight"] > 0 else None
 
     def reconstruct(self, out) -> dict[str, Any]:

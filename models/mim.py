@@ -263,7 +263,7 @@ class PixelDecoder(nn.Module):
     encoders leave without any), then the 1x1 head.
     """
 
-    def __init__(self, in_channels: int, stride: int, depth: int = 0, dim: int = 512):
+    def __init__(self, in_channels: int, stride: int, depth: int = 0, dim: int = 512, mask_token: bool = True):
         super().__init__()
         self.depth = depth
         out = stride * stride * 3
@@ -272,8 +272,11 @@ class PixelDecoder(nn.Module):
             self.head = nn.Conv2d(in_channels, out, 1)
         else:
             self.embed = nn.Conv2d(in_channels, dim, 1)
-            self.token = nn.Parameter(torch.zeros(1, dim, 1, 1))
-            nn.init.trunc_normal_(self.token, std=0.02)
+            # no token when nothing is hidden from it (SimMIM's dense encoder): DDP wants every
+            # parameter to get a gradient
+            self.token = nn.Parameter(torch.zeros(1, dim, 1, 1)) if mask_token else None
+            if mask_token:
+                nn.init.trunc_normal_(self.token, std=0.02)
             layers: list[nn.Module] = []
             for _ in range(depth):
                 layers += [nn.Conv2d(dim, dim, 3, 1, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True)]
@@ -290,5 +293,7 @@ class PixelDecoder(nn.Module):
             return self.shuffle(self.head(f))
         e = self.embed(f)
         if hide is not None:
+            if self.token is None:
+                raise ValueError("PixelDecoder: built without a mask token, asked to hide positions")
             e = torch.where(hide[:, None], self.token.to(e.dtype), e)
         return self.shuffle(self.head(self.blocks(e)))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import masksiam  # noqa: F401  (torchvision importable on CPU torch)
+from masksiam.config import ConfigError
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -35,7 +36,7 @@ def build_backbone(arch: str, small_stem: bool = False, zero_init_residual: bool
                    width: int = 64) -> ResNet:
     """A torchvision ResNet without classifier; `width` scales every stage (64 = torchvision's)."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r} (config key 'arch'); choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r} (config key 'arch'); choose one of {', '.join(ARCHS)}")
     block, layers, kwargs = ARCHS[arch]
     kwargs = dict(kwargs)
     width *= kwargs.pop("width_multiplier", 1)

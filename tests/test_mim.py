@@ -327,3 +327,79 @@ def test_mim_config_errors_name_the_key():
     mix = MixMAE(_net(), _hp(MixMAE))                                     # ImageNet stem: stride 32
     with pytest.raises(ConfigError, match="simmim.patch is 16 px.*multiple of 32"):
         mix(_out(_smooth_images(2, size=64), _mask(2, 4)))
+
+
+# ---- through train.py ----------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MIM_TINY = ["arch=resnet10", "width=8", "size=32", "stem=small", "batch_size=8", "workers=0", "optimizer=adamw",
+            "lr=0.001", "weight_decay=0.05", "warmup_epochs=0.5", "log_every=1", "progress=false", "knn_k=5",
+            "crop_scale=[0.3,1.0]", "seed=0", "decoder_dim=16", "proj_hidden=32", "proj_dim=16", "pred_hidden=32"]
+MIM_RUNS = {
+    "simmim": ["method=simmim", "recipe=simmim_8px", "views=1"],
+    "simmim_sparse": ["method=simmim", "recipe=simmim_8px", "views=1", "mim_encoder=sparse", "decoder_depth=1"],
+    "simmim_lut": ["method=simmim", "recipe=simmim_lut_8px", "views=2", "lut_weight=0.25"],
+    "mixmae": ["method=mixmae", "recipe=mixmae_8px", "views=1", "decoder_depth=1"],
+}
+
+
+@pytest.fixture()
+def _cpu(monkeypatch):
+    monkeypatch.setenv("MASKSIAM_DEVICE", "cpu")
+
+
+def _mim_args(folder, out, name, run, *extra):
+    return [f"data={folder}", f"out_dir={out}", f"run_name={name}", *MIM_TINY, *MIM_RUNS[run], *extra]
+
+
+def _step_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("run", sorted(MIM_RUNS))
+def test_every_mim_recipe_runs_through_train_py(run, image_folder, tmp_path, _cpu):
+    import train
+    res = train.main(_mim_args(image_folder, tmp_path, run, run, "epochs=1"))
+    losses = _step_losses(Path(res["run_dir"]))
+    assert res["exit"] == "finished" and len(losses) == 3 and 0 <= res["knn_top1"] <= 1
+    assert all(v == v and v < 1e3 for v in losses.values())
+    row = json.loads((Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert "mim_loss" in row and (("lut_loss" in row) == (run == "simmim_lut"))
+
+
+@pytest.mark.parametrize("run", ["simmim", "mixmae"])
+def test_mim_resume_continues_bitwise(run, image_folder, tmp_path, _cpu):
+    import train
+    full = train.main(_mim_args(image_folder, tmp_path, "full", run, "epochs=2"))
+    cut = train.main(_mim_args(image_folder, tmp_path, "cut", run, "epochs=2", "max_steps=4"))
+    assert cut["step"] == 4
+    resumed = train.main(_mim_args(image_folder, tmp_path, "cut", run, "epochs=2", "resume=true"))
+    assert resumed["step"] == full["step"] == 6
+    assert _step_losses(Path(full["run_dir"])) == _step_losses(Path(resumed["run_dir"]))
+    a = torch.load(Path(full["run_dir"]) / "backbone.pt", weights_only=True)
+    b = torch.load(Path(resumed["run_dir"]) / "backbone.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["simmim", "mixmae"])
+def test_mim_torchrun_two_processes(run, image_folder, tmp_path, _cpu):
+    """torchrun --nproc_per_node=2 (gloo): each rank draws its own masks (the augment stream is per
+    rank), so the run cannot equal one process; it must finish with the global batch split, and DDP
+    must keep the ranks' weights equal (both ranks export, compared here)."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "train.py",
+                *_mim_args(image_folder, tmp_path, "two", run, "epochs=2", "final_eval=false")]
+    out = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    losses = _step_losses(tmp_path / "two")
+    assert len(losses) == 6 and all(v == v for v in losses.values())
+    state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False, map_location="cpu")
+    assert state["step"] == 6
