@@ -238,3 +238,52 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(image_folder, tmp_path):
     train.main(_args(image_folder, tmp_path, "run", "epochs=2", "final_eval=false", "resume=true"))
     steps = [json.loads(line)["step"] for line in _metrics_lines(tmp_path / "run")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_resume_is_exact_with_the_dali_and_ffcv_loaders(image_folder, tmp_path, loader):
+    from conftest import have_loader_library
+    if not have_loader_library({"dali": "nvidia.dali", "ffcv": "ffcv"}[loader]):
+        pytest.skip(f"{loader} is not installed")
+    data = image_folder
+    if loader == "ffcv":                                   # the .beton beside a copy of the folder
+        import convert
+        data = tmp_path / "data"
+        assert convert.main(["ffcv", "--src", str(image_folder / "train"), "--out", str(data / "train.beton"),
+                             "--max-res", "128", "--workers", "2", "--no-progress"]) == 0
+    _resume_matches(data, tmp_path, ["epochs=3", "final_eval=false", f"loader={loader}", "workers=2",
+                                     "recipe=simclr"])
+
+
+def test_checkpoints_are_read_onto_the_cpu(tmp_path, monkeypatch):
+    """Generator states must stay CPU byte tensors (torch.Generator.set_state takes nothing else): a
+    checkpoint is never mapped onto the training device (load_state_dict copies weights there)."""
+    seen = {}
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    ckpt_io.save_atomic({"augment": [{"device": torch.Generator().get_state()}]}, tmp_path / "c.pt")
+    monkeypatch.setattr(torch, "load", spy)
+    state = ckpt_io.load(tmp_path / "c.pt")
+    assert seen["map_location"] == "cpu" and seen["weights_only"] is True
+    torch.Generator().set_state(state["augment"][0]["device"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda(image_folder, tmp_path, monkeypatch):
+    """The first CUDA resume: augment generator states (CUDA and host) restored from a CPU-loaded
+    checkpoint; the resumed steps equal the uninterrupted run's (to float tolerance: cuDNN)."""
+    monkeypatch.setenv("MASKSIAM_DEVICE", "cuda")
+    common = ["epochs=2", "final_eval=false", "recipe=byol", "method=byol", "pred_hidden=32", "precision=fp32"]
+    full = train.main(_args(image_folder, tmp_path, "full", *common))
+    train.main(_args(image_folder, tmp_path, "cut", *common, "max_steps=4"))
+    train.main(_args(image_folder, tmp_path, "cut", *common, "resume=true"))
+    a, b = _losses(Path(full["run_dir"])), _losses(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-3, abs=1e-4)
