@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import masksiam  # noqa: F401
 from masksiam.config import Config, apply
-from masksiam.dist import DistInfo
+from masksiam.dist import DEVICE_ENV, DistInfo
 
 
 # ---- measurement helpers ------------------------------------------------------------------------
@@ -57,15 +57,20 @@ def _machine_busy() -> float:
 class Meter:
     """Per-batch wall times after warm-up, CPU time of this process and its children, and their peak
     RSS, sampled by a thread from construction on (loader workers come and go between batches).
-    On CUDA the peak GPU memory counts from construction too. other_cpu_percent is the CPU the rest
-    of the machine used meanwhile: the sign of a contended, untrustworthy measurement."""
+    On CUDA the peak GPU memory counts from construction too: peak_gpu_mb is torch's allocator,
+    peak_gpu_device_mb the device's memory in use (cudaMemGetInfo, sampled by the same thread) above
+    what it was at construction: every allocator, DALI's and nvJPEG's pools included (and any other
+    process on the GPU). other_cpu_percent is the CPU the rest of the machine used meanwhile: the
+    sign of a contended, untrustworthy measurement."""
 
     def __init__(self, device: torch.device):
         self.device, self.times = device, []
         self.proc = psutil.Process()
         self.peak_rss = 0
         if device.type == "cuda":
+            torch.cuda.empty_cache()                 # a previous row's cached blocks would hide this one's
             torch.cuda.reset_peak_memory_stats(device)
+            self.gpu_used0 = self.peak_gpu_used = self._gpu_used()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
@@ -73,6 +78,12 @@ class Meter:
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
             self._rss()
+            if self.device.type == "cuda":
+                self.peak_gpu_used = max(self.peak_gpu_used, self._gpu_used())
+
+    def _gpu_used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
 
     def _rss(self) -> int:
         total = self.proc.memory_info().rss
@@ -123,8 +134,13 @@ class Meter:
             "peak_rss_mb": self.peak_rss / 2**20,
         }
         if self.device.type == "cuda":
+            self.peak_gpu_used = max(self.peak_gpu_used, self._gpu_used())
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            out["peak_gpu_device_mb"] = (self.peak_gpu_used - self.gpu_used0) / 2**20
         return out
+
+
+GPU_COLUMNS = ["peak_gpu_mb", "peak_gpu_device_mb"]
 
 
 def _device(name: str) -> torch.device:
@@ -352,7 +368,7 @@ def cmd_loader(args) -> dict:
         rows += group.values()
     columns = ["label", "images_per_s", "ratio", *(["ratio_tv2"] if BASELINE in backends else []),
                "s_per_batch_p50", "s_per_batch_p95", "cpu_percent", "other_cpu_percent", "host_cpu_ms",
-               "host_cpu_ex_decode_ms", "peak_rss_mb", "startup_s"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+               "host_cpu_ex_decode_ms", "peak_rss_mb", "startup_s"] + (GPU_COLUMNS if device.type == "cuda" else [])
     return _report("loader", rows, args, columns)
 
 
@@ -606,7 +622,15 @@ def bench_loop(label: str, overrides: list[str], args, device: torch.device) -> 
     meter = Meter(device)
     meter.start()
     argv = (["--config", args.config] if args.config else []) + _overrides(args) + overrides
-    result = train.main(argv)
+    saved = os.environ.get(DEVICE_ENV)
+    os.environ[DEVICE_ENV] = device.type           # train.py trains on the row's device (--device cpu on a GPU host)
+    try:
+        result = train.main(argv)
+    finally:
+        if saved is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = saved
     wall = time.perf_counter() - meter.t0
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "images_per_s" in r]
@@ -636,16 +660,54 @@ def bench_loop(label: str, overrides: list[str], args, device: torch.device) -> 
     return res
 
 
-# The same network and step on synthetic uint8 batches already on the device, normalise only.
-MODEL_ONLY = ["loader=synthetic", "recipe=plain"]
+def model_only_recipe(recipe, mix: str | None) -> dict:
+    """The model-only twin of a recipe (a name, path or Recipe; `mix` the config's): its views
+    (branches' sources, copies, local), pairs, normalisation, mixing and SimMIM masks, without any
+    per-pixel op (colour, blur, high-pass, masks, flips). The network then sees the same number and
+    sizes of inputs as the recipe's run (mscn: 3 views, mixmask: 2 + the mixed one) and the method
+    computes the same loss terms: like for like. A recipe yaml (dict)."""
+    import dataclasses
+    from pipelines.augment.recipes import Recipe, load_recipe, with_mix
+    r = with_mix(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), mix)
+
+    def plain(value):                                  # tuples -> lists, for yaml
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+    out = {"description": f"model-only twin of {r.name}: its views, pairs, mixing and SimMIM masks, "
+                          f"normalise only (bench.py)",
+           "ref_size": r.ref_size, "normalize": {"mean": list(r.mean), "std": list(r.std)},
+           "branches": [{"source": b.source, "copies": b.copies, "local": b.local} for b in r.branches],
+           "pairs": plain(r.pairs)}
+    for key in ("mix", "simmim"):
+        spec = getattr(r, key)
+        if spec is not None:
+            out[key] = {k: plain(v) for k, v in dataclasses.asdict(spec).items()}
+    return out
+
+
+def model_only_overrides(args, sweep: list[str]) -> list[str]:
+    """train.py overrides of the model-only ceiling of a config (with --set and the sweep values):
+    synthetic uint8 batches already on the device, and the config's recipe's model-only twin
+    (model_only_recipe), written next to the run."""
+    from masksiam.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, [*args.set, *sweep])
+        twin = model_only_recipe(cfg.recipe, cfg.mix)
+    except ConfigError as err:                         # RecipeError is one
+        sys.exit(f"bench.py {args.mode}: {err}")
+    path = Path(args.out_dir) / f"model-only-{Path(cfg.recipe).stem}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(twin, sort_keys=False))
+    return ["loader=synthetic", f"recipe={path}", "mix=none"]
 
 
 def cmd_model(args) -> dict:
     device = _device(args.device)
-    rows = [bench_loop(_label("model-only", combo), [f"{k}={v}" for k, v in combo.items()] + MODEL_ONLY,
-                       args, device) for combo in _combos(args)]
+    rows = []
+    for combo in _combos(args):
+        sweep = [f"{k}={v}" for k, v in combo.items()]
+        rows.append(bench_loop(_label("model-only", combo), sweep + model_only_overrides(args, sweep), args, device))
     columns = ["label", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95",
-               "startup_s", "other_cpu_percent", "peak_rss_mb"] + (["peak_gpu_mb"] if device.type == "cuda" else [])
+               "startup_s", "other_cpu_percent", "peak_rss_mb"] + (GPU_COLUMNS if device.type == "cuda" else [])
     return _report("model", rows, args, columns)
 
 
@@ -656,7 +718,7 @@ def cmd_train(args) -> dict:
     rows = []
     for combo in _combos(args):
         sweep = [f"{k}={v}" for k, v in combo.items()]
-        model = bench_loop(_label("model-only", combo), sweep + MODEL_ONLY, args, device)
+        model = bench_loop(_label("model-only", combo), sweep + model_only_overrides(args, sweep), args, device)
         for backend in (args.compare.split(",") if args.compare else [None]):
             label = _label(f"end-to-end ({backend})" if backend else "end-to-end", combo)
             row = bench_loop(label, sweep + ([f"loader={backend}"] if backend else []), args, device)
@@ -666,7 +728,7 @@ def cmd_train(args) -> dict:
         rows.append(model)
     columns = ["label", "recipe", "images_per_s", "ratio", "efficiency", "data_wait", "s_per_batch_p50",
                "s_per_batch_p95", "startup_s", "cpu_percent", "other_cpu_percent", "peak_rss_mb"]
-    return _report("train", rows, args, columns + (["peak_gpu_mb"] if device.type == "cuda" else []))
+    return _report("train", rows, args, columns + (GPU_COLUMNS if device.type == "cuda" else []))
 
 
 # ---- reports: JSON, markdown table, chart -------------------------------------------------------

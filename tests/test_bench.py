@@ -5,6 +5,7 @@ too short and the machines too noisy for that, the numbers only have to be measu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +94,60 @@ def test_augment_mode_against_the_per_sample_reference(results):
 def test_train_mode_end_to_end_vs_model_only(results):
     e2e, model = check_outputs(results / "train.json")
     assert (e2e["label"], e2e["loader"], e2e["recipe"]) == ("end-to-end (torchvision)", "torchvision", "simclr")
-    assert (model["label"], model["loader"], model["recipe"]) == ("model-only", "synthetic", "plain")
+    assert (model["label"], model["loader"]) == ("model-only", "synthetic")
+    assert model["recipe"].endswith("model-only-simclr.yaml") and e2e["device"] == model["device"] == "cpu"
     assert e2e["efficiency"] == pytest.approx(e2e["images_per_s"] / model["images_per_s"])
     assert model["efficiency"] == 1.0
     for r in (e2e, model):
         assert r["steps"] == 2 and r["arch"] == "resnet10" and r["batch_size"] == 8
         assert 0 <= r["data_wait"] <= 1 and r["exit"] == "reached max_steps=4"
     assert model["data_wait"] < e2e["data_wait"]      # nothing to load: the one robust ordering here
+
+
+@pytest.mark.parametrize("recipe,mix", [("mscn", "none"), ("mixmask", "none"), ("simclr", "unmix"),
+                                        ("simmim", "none"), ("simclr_multicrop", "none")])
+def test_model_only_twin_feeds_the_network_what_the_recipe_does(recipe, mix, tmp_path):
+    """Like for like: the twin's views (count, sizes, pairs), mixed view and SimMIM masks are the
+    recipe's; every per-pixel op is off (a constant image stays constant after normalising)."""
+    import yaml
+    from pipelines.augment.engine import build_augmenter
+    from pipelines.augment.recipes import load_recipe, with_mix
+    path = tmp_path / "twin.yaml"
+    path.write_text(yaml.safe_dump(bench.model_only_recipe(recipe, mix)))
+    original, twin = with_mix(load_recipe(recipe), mix), load_recipe(path)
+    assert twin.pairs == original.pairs and twin.mix == original.mix and twin.simmim == original.simmim
+    assert [(b.source, b.copies, b.local) for b in twin.branches] == \
+           [(b.source, b.copies, b.local) for b in original.branches]
+    sizes = [32 if not b.local else 16 for b in original.branches]
+    sizes = [sizes[next(i for i, b in enumerate(original.branches) if b.source == s)] for s in range(original.sources)]
+    views = [torch.full((4, 3, s, s), 100, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+             for s in sizes]
+    ref, out = build_augmenter(original, size=sizes)(views), build_augmenter(twin, size=sizes)(views)
+    assert [v.shape for v in out.views] == [v.shape for v in ref.views]
+    assert (out.mixed is None) == (ref.mixed is None)
+    assert [m is None for m in out.mim_masks or []] == [m is None for m in ref.mim_masks or []]
+    assert (recipe == "simmim") == any(m is not None for m in ref.mim_masks or [])
+    for v in out.views:                                 # normalise only: (100/255 - mean) / std per channel
+        assert torch.allclose(v, v[:, :, :1, :1].expand_as(v))
+
+
+def test_train_rows_run_on_the_rows_device(monkeypatch, tmp_path):
+    """--device cpu: train.py's init_distributed is told the CPU (MASKSIAM_DEVICE), on a CUDA host
+    too; the variable is restored after the row."""
+    import train
+    from masksiam.dist import DEVICE_ENV, choose_device
+    seen = []
+
+    def fake_main(argv):
+        seen.append((os.environ.get(DEVICE_ENV), choose_device()))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setenv(DEVICE_ENV, "auto")
+    args = bench.main.__globals__["argparse"].Namespace(out_dir=str(tmp_path), config=None, set=[], warmup=1,
+                                                        batches=1, mode="train")
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.bench_loop("row", [], args, torch.device("cpu"))
+    assert seen == [("cpu", "cpu")] and os.environ[DEVICE_ENV] == "auto"
 
 
 def test_sweeps_are_cartesian(image_folder, tmp_path):
@@ -141,17 +189,24 @@ def test_loader_torchvision_v2_baseline_and_host_cpu(image_folder, tmp_path):
     header = out.with_suffix(".md").read_text().splitlines()[0]
     assert "| ratio_tv2 |" in header and "| host_cpu_ex_decode_ms |" in header
 
+    crops = "2x32@0.3-1,3x16@0.05-0.3"                # multi-crop: every backend, one label each
+    bench.main(["loader", "--compare", "torchvision-v2,torchvision", "--data", str(image_folder), *TINY_LOADER,
+                "--crops", crops, "--json", str(out)])
+    rows = check_outputs(out)
+    assert [r["label"] for r in rows] == [f"torchvision-v2 crops={crops}", f"torchvision crops={crops}"]
+
 
 def test_torchvision_v2_views():
     """The baseline's transform: V independent antialiased resized crops + flips of one image, uint8."""
     from PIL import Image
     from torchvision.transforms import v2
     photo = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    views = bench._Views(3, 32, scale=(0.2, 1.0), ratio=(0.75, 4 / 3), flip_prob=0.5)(Image.fromarray(photo))
-    assert len(views) == 3 and all(v.shape == (3, 32, 32) and v.dtype == torch.uint8 for v in views)
-    assert not torch.equal(views[0], views[1])
+    views = bench._Views([(32, (0.2, 1.0))] * 2 + [(16, (0.05, 0.2))], ratio=(0.75, 4 / 3),
+                         flip_prob=0.5)(Image.fromarray(photo))
+    assert [v.shape for v in views] == [(3, 32, 32), (3, 32, 32), (3, 16, 16)]
+    assert all(v.dtype == torch.uint8 for v in views) and not torch.equal(views[0], views[1])
     # the whole image at its own aspect ratio, always flipped: the flipped antialiased resize of it
-    whole = bench._Views(1, 32, scale=(1.0, 1.0), ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
+    whole = bench._Views([(32, (1.0, 1.0))], ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
     x = torch.from_numpy(photo).permute(2, 0, 1)
     assert torch.equal(whole, v2.functional.horizontal_flip(v2.functional.resize(x, [32, 32], antialias=True)))
 
