@@ -403,3 +403,16 @@ def test_mim_torchrun_two_processes(run, image_folder, tmp_path, _cpu):
     assert len(losses) == 6 and all(v == v for v in losses.values())
     state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert state["step"] == 6
+
+
+@pytest.mark.parametrize("run", ["simmim", "mixmae"])
+def test_show_draws_reconstructions_from_a_checkpoint(run, image_folder, tmp_path, _cpu):
+    import train
+    from PIL import Image
+    from pipelines.tools.show import main as show
+    res = train.main(_mim_args(image_folder, tmp_path, run, run, "epochs=1", "final_eval=false"))
+    out = tmp_path / "recon.png"
+    show(["--checkpoint", str(Path(res["run_dir"]) / "checkpoint.pt"), "--out", str(out), "--images", "3"])
+    img = Image.open(out)
+    columns = 4 if run == "simmim" else 5
+    assert img.size == (columns * 36 + 4, 16 + 3 * 36 + 4)              # 32 px tiles, 4 px gaps

@@ -2,6 +2,7 @@
 
     python -m pipelines.show --recipe mscn --data data/photos --out views.png [--images 6] [--seed 0]
     python -m pipelines.show --recipe mscn --data data/fashion-mnist --size 32 --zoom 3 --out fmnist.png
+    python -m pipelines.show --checkpoint RUN/checkpoint.pt --out recon.png   # MIM reconstructions (tools/recon.py)
 
 One row per image: the loader's crops (uint8, as decoded, cropped and flipped), then every output
 view of the recipe, then the mixed view (MixMask / Un-Mix, with its lam) when the recipe mixes.
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pipelines.show", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="mscn", help="a recipe name (pipelines/augment/recipes/) or yaml path")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ (and val/)")
+    p.add_argument("--data", default=None, help="ImageFolder root with train/ (and val/); with --checkpoint: "
+                   "the run's data unless given")
+    p.add_argument("--checkpoint", default=None, help="a simmim / mixmae run's checkpoint.pt: draw its "
+                   "reconstructions instead (pipelines/tools/recon.py)")
     p.add_argument("--out", default="views.png")
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
@@ -118,6 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zoom", type=int, default=1, help="enlarge every tile this many times (small images)")
     p.add_argument("--colours", type=int, default=0, help="quantise to this many colours (0 = full colour)")
     args = p.parse_args(argv)
+    if args.checkpoint:
+        from pipelines.tools.recon import render_reconstructions
+        save_png(render_reconstructions(args.checkpoint, args.images, args.seed, args.data, args.zoom),
+                 args.out, args.colours)
+        print(f"wrote {args.out}")
+        return
+    if args.data is None:
+        p.error("--data is required (or --checkpoint)")
     save_png(render(args.recipe, args.data, args.images, args.seed, args.size, args.split, args.mix, args.zoom),
              args.out, args.colours)
     print(f"wrote {args.out}")
