@@ -2,20 +2,22 @@
 
     check_eval_data(cfg)                                   # train.py at start-up: fail before training
     loader = eval_loader(cfg, info, cfg.val_split)         # resize + center crop, fixed order, one view
-    loader = eval_loader(cfg, info, "train", train=True, indices=subset)   # RRC + flip, a subset only
+    loader = eval_loader(cfg, info, "train", train=True)   # one random resized crop + flip per image
 
 Evaluation reads the split with the loader that `loader=` names, exactly as training does:
 torchvision reads <data>/<split>/ (an ImageFolder), ffcv reads <data>/<split>.beton (or ffcv_path
 with "{split}"), dali reads <data>/<split>/ as an ImageFolder or as webdataset shards (index.json).
 `eval_source` is the one place that says which file or folder that is.
 
-Subsets (semi-supervised fine-tuning) are positions in the split's sample list. The torchvision
-and DALI loaders take them directly (their sample lists are in memory); a .beton stores no file
-names, so a subset of one is refused with the command that writes the subset as its own file.
+Subsets (semi-supervised fine-tuning) are positions in the split's sample list (`sample_names`),
+written as an ImageFolder of links (`materialise_subset`; webdataset samples are copied out), which
+every folder loader then reads like any split. A .beton stores no file names, so a subset of one is
+refused with the way round it.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,74 +110,51 @@ def detect_loader(cfg, split: str) -> str:
 
 
 def eval_loader(cfg, info, split: str, *, train: bool = False, batch_size: int | None = None,
-                max_images: int = 0, indices: np.ndarray | None = None):
+                max_images: int = 0):
     """One view per image through cfg.loader: train=False the eval crop (resize + center crop,
     fixed order, every image once per rank set), train=True a random resized crop + flip.
 
-    batch_size is global (default cfg.batch_size, rounded to a multiple of the world size);
-    indices (positions in the whole split's sample list, `sample_names`) restrict it to a subset;
-    its batches then carry positions in the subset as `indices`."""
+    batch_size is global (default cfg.batch_size, rounded to a multiple of the world size)."""
     batch = batch_size or cfg.batch_size
     batch = max(info.world_size, batch // info.world_size * info.world_size)
     cfg = dataclasses.replace(cfg, batch_size=batch, views=1, max_images=max_images,
                               drop_last=False if not train else cfg.drop_last)
     _require(cfg, split)
-    if indices is None:
-        return build_loader(cfg, info, split, train)
-    return _subset_loader(cfg, info, split, train, np.asarray(indices, np.int64))
+    return build_loader(cfg, info, split, train)
 
 
 def sample_names(cfg, split: str) -> tuple[list[str], list[int], list[str]]:
     """(names, labels, classes) of the whole split in loader order; names are '<class>/<file>'."""
     if cfg.loader == "ffcv":
-        raise DataError(f"{eval_source(cfg, split)} is a .beton, which stores no file names: write the "
-                        f"subset as a folder (or its own .beton with convert.py ffcv --src SUBSET_FOLDER) "
-                        f"and fine-tune on it with --fraction 1.0, or use loader=torchvision / dali")
-    if cfg.loader == "dali":
-        from pipelines.tools.webdataset import open_split
+        raise DataError(f"{eval_source(cfg, split)} is a .beton, which stores no file names: fine-tune a "
+                        f"subset from the split's folder or webdataset shards (--data DIR --loader torchvision "
+                        f"or dali), or convert the subset folder with convert.py ffcv and use --fraction 1.0")
+    _require(cfg, split)
+    from pipelines.loaders.samples import open_split
+    samples = open_split(Path(cfg.data) / split)
+    return list(samples.names), list(samples.labels), list(samples.classes)
+
+
+def materialise_subset(cfg, split: str, indices: np.ndarray, dest: str | Path):
+    """An ImageFolder dest/<split>/<class>/<file> of the chosen samples (symbolic links to the
+    images of a folder; the bytes of webdataset samples), every class folder present so labels
+    keep their numbers; returns cfg reading it. Rank 0 writes, the others wait for it."""
+    from masksiam import dist
+    from pipelines.loaders.samples import open_split
+    root = Path(dest) / split
+    if dist.rank() == 0:
         samples = open_split(Path(cfg.data) / split)
-        return list(samples.names), list(samples.labels), list(samples.classes)
-    from pipelines.loaders.common import scan_image_folder
-    images = scan_image_folder(Path(cfg.data) / split)
-    return list(images.paths), list(images.labels), list(images.classes)
-
-
-class _SubsetSamples:
-    """A DALI sample source restricted to `indices` (positions in the full source)."""
-
-    def __init__(self, samples, indices: np.ndarray):
-        self._s, self._idx = samples, indices
-        self.classes = samples.classes
-        self.names = [samples.names[i] for i in indices]
-        self.labels = [samples.labels[i] for i in indices]
-
-    def __len__(self) -> int:
-        return len(self._idx)
-
-    def read(self, i: int):
-        return self._s.read(int(self._idx[i]))
-
-    def describe(self, i: int) -> str:
-        return self._s.describe(int(self._idx[i]))
-
-
-def _subset_loader(cfg, info, split: str, train: bool, indices: np.ndarray):
-    from pipelines.loaders.common import ImageList, per_rank_batch, scan_image_folder
-    if cfg.loader == "ffcv":
-        sample_names(cfg, split)            # raises the .beton explanation
-    size = cfg.size if train else (cfg.eval_size or cfg.size)
-    common = dict(views=1, size=size, batch_size=per_rank_batch(cfg.batch_size, info.world_size),
-                  scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob, seed=cfg.seed,
-                  rank=info.rank, world_size=info.world_size, device=info.device, prefetch=cfg.prefetch,
-                  train=train, drop_last=cfg.drop_last if train else False)
-    if cfg.loader == "dali":
-        from pipelines.loaders.dali_loader import DaliLoader, resolve_decoder
-        from pipelines.tools.webdataset import open_split
-        samples = _SubsetSamples(open_split(Path(cfg.data) / split), indices)
-        return DaliLoader(samples, decoder=resolve_decoder(cfg.dali_device, info.device),
-                          threads=cfg.workers, **common)
-    from pipelines.loaders.torchvision_loader import TorchvisionLoader
-    full = scan_image_folder(Path(cfg.data) / split)
-    images = ImageList(full.root, [full.paths[i] for i in indices], [full.labels[i] for i in indices],
-                       full.classes)
-    return TorchvisionLoader(images, workers=cfg.workers, **common)
+        if root.exists():
+            shutil.rmtree(root)
+        for c in samples.classes:
+            (root / c).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            name = samples.names[int(i)]
+            target = root / samples.classes[samples.labels[int(i)]] / Path(name).name
+            source = Path(samples.describe(int(i)))
+            if source.is_file():
+                target.symlink_to(source.resolve())
+            else:
+                samples.read(int(i)).tofile(target)
+    dist.barrier()
+    return dataclasses.replace(cfg, data=str(dest), loader="torchvision" if cfg.loader != "dali" else "dali")

@@ -106,9 +106,19 @@ def test_evaluation_reads_every_format_like_the_folder(formats, loader):
     assert 0 <= acc <= 1 and abs(acc - ref) <= 1 / 6 + 1e-6          # 6 val images: one vote apart at most
 
 
-def test_subset_loader_reads_only_the_subset(image_folder):
-    cfg = _cfg(image_folder)
-    loader = eval_loader(cfg, INFO, "train", indices=[0, 9, 23])
-    batches = list(loader)
-    labels = torch.cat([b.labels for b in batches])
-    assert labels.tolist() == [0, 1, 2] and len(loader.classes) == 3
+@pytest.mark.parametrize("fmt", ["torchvision", "dali"])
+def test_a_subset_is_read_as_a_folder_with_every_class(formats, tmp_path, fmt):
+    from eval.data import materialise_subset, sample_names
+    if fmt == "dali" and not have_loader_library("nvidia.dali"):
+        pytest.skip("nvidia.dali not installed")
+    cfg = _cfg(formats[fmt], loader=fmt)
+    names, labels, classes = sample_names(cfg, "train")
+    assert len(names) == 24 and labels == sorted(labels) and len(classes) == 3
+    sub = materialise_subset(cfg, "train", [0, 9, 10], tmp_path / "sub")    # nothing of class 2
+    loader = eval_loader(sub, INFO, "train", batch_size=2)
+    assert loader.classes == classes                                       # labels keep their numbers
+    got = torch.cat([b.labels for b in loader])
+    assert sorted(got.tolist()) == [0, 1, 1]
+    ref = torch.cat([b.views[0] for b in eval_loader(cfg, INFO, "train", batch_size=24)])   # the whole split
+    mine = torch.cat([b.views[0] for b in loader])
+    assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[9])   # the same images
