@@ -4,6 +4,7 @@
     python bench.py loader --compare torchvision,dali,ffcv --data DIR ...     # side by side, ratios to the first
     python bench.py augment --recipe mscn --batch-size 256 --size 224 --device cpu
     python bench.py train --compare torchvision,dali,ffcv --set data=DIR arch=resnet18 ...  # vs model-only
+    python bench.py model --config configs/demo_fmnist.yaml,configs/fmnist_simmim.yaml --set size=32   # methods side by side
     python bench.py loader ... --sweep workers=1,2 --sweep batch_size=32,64    # one row per combination
     python bench.py readme --results runs/bench --readme README.md   # the numbers table of a `make bench` run
 
@@ -21,6 +22,7 @@ minus the full PIL decodes of the image it needs (decode_ms, timed on the split'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -701,11 +703,16 @@ def model_only_overrides(args, sweep: list[str]) -> list[str]:
 
 
 def cmd_model(args) -> dict:
+    """--config A.yaml,B.yaml: one row group per config (methods side by side, ratios to the first)."""
     device = _device(args.device)
     rows = []
-    for combo in _combos(args):
-        sweep = [f"{k}={v}" for k, v in combo.items()]
-        rows.append(bench_loop(_label("model-only", combo), sweep + model_only_overrides(args, sweep), args, device))
+    configs = args.config.split(",") if args.config else [None]
+    for config in configs:
+        one = argparse.Namespace(**{**vars(args), "config": config})
+        name = "model-only" + (f" {Path(config).stem}" if len(configs) > 1 else "")
+        for combo in _combos(args):
+            sweep = [f"{k}={v}" for k, v in combo.items()]
+            rows.append(bench_loop(_label(name, combo), sweep + model_only_overrides(one, sweep), one, device))
     columns = ["label", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50", "s_per_batch_p95",
                "startup_s", "other_cpu_percent", "peak_rss_mb"] + (GPU_COLUMNS if device.type == "cuda" else [])
     return _report("model", rows, args, columns)
@@ -729,6 +736,147 @@ def cmd_train(args) -> dict:
     columns = ["label", "recipe", "images_per_s", "ratio", "efficiency", "data_wait", "s_per_batch_p50",
                "s_per_batch_p95", "startup_s", "cpu_percent", "other_cpu_percent", "peak_rss_mb"]
     return _report("train", rows, args, columns + (GPU_COLUMNS if device.type == "cuda" else []))
+
+
+# ---- syncs: the step path free of host syncs ----------------------------------------------------
+
+class HostRead(AssertionError):
+    """A tensor's value read on the host inside a guarded region (no_host_reads)."""
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside: every way a tensor's value reaches Python (.item, .cpu, .tolist, .numpy, bool / int /
+    float / index of a tensor, bincount, boolean-mask indexing) raises HostRead. On CUDA each is a
+    device sync; on the CPU this is how a test sees one (there is no sync-debug mode)."""
+    def refuse(name):
+        def fn(*args, **kwargs):
+            raise HostRead(f"host read in a sync-free region: {name}")
+        return fn
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            raise HostRead("host read in a sync-free region: boolean-mask indexing")
+        return getitem(self, index)
+    patches = {name: refuse(name) for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__",
+                                              "__float__", "__index__")}
+    patches["__getitem__"] = checked_getitem
+    saved = {name: getattr(torch.Tensor, name) for name in patches}
+    bincount = torch.bincount
+    try:
+        for name, fn in patches.items():
+            setattr(torch.Tensor, name, fn)
+        torch.bincount = refuse("bincount")
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.bincount = bincount
+
+
+@contextlib.contextmanager
+def _sync_free(device: torch.device):
+    """CUDA: torch's sync-debug mode "error" (any synchronising CUDA call raises); CPU: no_host_reads."""
+    if device.type != "cuda":
+        with no_host_reads():
+            yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class _GuardedAugmenter:
+    """The train.py augmenter with its calls after the first `skip` run sync-free."""
+
+    def __init__(self, aug, guard):
+        self._aug, self._guard = aug, guard
+
+    def __call__(self, *args, **kwargs):
+        return self._guard("augment", self._aug, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._aug, name)
+
+
+def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
+    """train.py `argv` with the per-step path sync-free after `skip` warm-up calls (cudnn autotuning,
+    lazy inits): on CUDA the augment stage, the train step (forward, backward, optimizer) and the
+    method's after_step hook under sync-debug "error"; on the CPU the train step and the hook under
+    no_host_reads (the CPU augmenter reads its host-side plan by design). The loader, logging and
+    checkpoints stay outside (they sync at intervals on purpose). -> calls guarded, ok, the error."""
+    import traceback
+    import train
+    calls = {"augment": 0, "train_step": 0, "after_step": 0}
+    seen = dict.fromkeys(calls, 0)
+
+    def guard(name, fn, *args, **kwargs):
+        seen[name] += 1
+        if seen[name] <= skip:
+            return fn(*args, **kwargs)
+        with _sync_free(device):
+            result = fn(*args, **kwargs)
+        calls[name] += 1
+        return result
+
+    build_augmenter, build_method, train_step = train.build_augmenter, train.build_method, train.train_step
+
+    def guarded_augmenter(*args, **kwargs):
+        aug = build_augmenter(*args, **kwargs)
+        return _GuardedAugmenter(aug, guard) if device.type == "cuda" else aug
+
+    def guarded_method(*args, **kwargs):
+        method = build_method(*args, **kwargs)
+        hook = method.after_step
+        method.after_step = lambda *a, **k: guard("after_step", hook, *a, **k)
+        return method
+    train.build_augmenter, train.build_method = guarded_augmenter, guarded_method
+    train.train_step = lambda *a, **k: guard("train_step", train_step, *a, **k)
+    saved = os.environ.get(DEVICE_ENV)
+    os.environ[DEVICE_ENV] = device.type
+    error, where = None, []
+    try:
+        train.main(argv)
+    except (HostRead, RuntimeError) as err:       # sync-debug "error" raises RuntimeError
+        error = f"{type(err).__name__}: {err}".strip()
+        root = str(Path(__file__).resolve().parent)
+        where = [f"{Path(f.filename).relative_to(root)}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)
+                 if f.filename.startswith(root) and "/.venv/" not in f.filename and f.filename != __file__][-4:]
+    finally:
+        train.build_augmenter, train.build_method, train.train_step = build_augmenter, build_method, train_step
+        if saved is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = saved
+    return {"device": str(device), "guard": "sync-debug error" if device.type == "cuda" else "no_host_reads",
+            "guarded_calls": calls, "ok": error is None and calls["train_step"] > 0, "error": error, "where": where}
+
+
+def cmd_syncs(args) -> dict:
+    device = _device(args.device)
+    argv = (["--config", args.config] if args.config else []) + [
+        f"out_dir={args.out_dir}", "run_name=syncs", f"max_steps={args.skip + args.steps}",
+        f"log_every={args.skip + args.steps}", "final_eval=false", "ckpt_every=0", "knn_every=0",
+        "progress=false", "resume=false", *args.set]
+    import shutil
+    shutil.rmtree(Path(args.out_dir) / "syncs", ignore_errors=True)
+    res = {"label": "sync-free step path", **sync_check(argv, device, args.skip), "steps": args.steps}
+    line = (f"sync check on {device} ({res['guard']}): " + ("no host sync in " if res["ok"] else "FAILED in ")
+            + ", ".join(f"{n} {k} calls" for k, n in res["guarded_calls"].items())
+            + (f": {res['error']} at {' <- '.join(reversed(res['where']))}" if res["error"] else ""))
+    print(line, flush=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mode": "syncs", "machine": _machine(), "args": {k: v for k, v in vars(args).items()
+                                                                               if k != "run"},
+                               "results": [res], "table": line}, indent=2) + "\n")
+    if not res["ok"] and args.strict:
+        sys.exit(f"bench.py syncs: {line}")
+    return res
 
 
 # ---- reports: JSON, markdown table, chart -------------------------------------------------------
@@ -885,7 +1033,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, run, help_text in (("model", cmd_model, "the training step on synthetic data on the device: the ceiling"),
                                  ("train", cmd_train, "the real loop end to end, per loader, vs model-only")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
+        p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml); model mode: "
+                       "comma-separated for several, side by side")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
         p.add_argument("--compare", default="", help="train mode: comma-separated loaders, end to end each")
         p.add_argument("--batches", type=int, default=20, help="measured steps (a multiple of --warmup)")
@@ -896,6 +1045,18 @@ def main(argv: list[str] | None = None) -> dict:
                        help=f"{sweep_help} (train.py config keys: batch_size, workers, ...)")
         p.add_argument("--json", default=f"runs/bench/{name}.json", help="also writes .md and .png next to it")
         p.set_defaults(run=run)
+
+    p = sub.add_parser("syncs", help="a few train.py steps with the step path sync-free (CUDA: sync-debug "
+                       "error; CPU: host reads refused): names the first host sync")
+    p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    p.add_argument("--steps", type=int, default=4, help="guarded steps")
+    p.add_argument("--skip", type=int, default=2, help="unguarded warm-up steps first (autotuning, lazy init)")
+    p.add_argument("--out-dir", default="runs/bench-tmp")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when a sync is found")
+    p.add_argument("--json", default="runs/bench/syncs.json")
+    p.set_defaults(run=cmd_syncs)
 
     p = sub.add_parser("readme", help=f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
     p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json")

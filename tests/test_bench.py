@@ -150,6 +150,31 @@ def test_train_rows_run_on_the_rows_device(monkeypatch, tmp_path):
     assert seen == [("cpu", "cpu")] and os.environ[DEVICE_ENV] == "auto"
 
 
+SYNC_TRAIN = ["loader=synthetic", "arch=resnet10", "width=8", "size=24", "stem=small", "batch_size=8", "views=2",
+              "proj_hidden=32", "proj_dim=16", "recipe=simclr", "seed=0"]
+
+
+def test_syncs_passes_the_step_path_and_names_a_planted_host_read(monkeypatch, tmp_path):
+    args = ["syncs", "--device", "cpu", "--steps", "2", "--skip", "1", "--out-dir", str(tmp_path / "runs"),
+            "--json", str(tmp_path / "syncs.json"), "--set", f"data={tmp_path}", *SYNC_TRAIN]
+    res = bench.main(args)
+    assert res["ok"] and res["guarded_calls"]["train_step"] == 2 and res["guarded_calls"]["after_step"] == 2
+    assert json.loads((tmp_path / "syncs.json").read_text())["results"][0]["ok"]
+    import train
+    step = train.train_step
+
+    def reads_the_loss(*a, **k):
+        loss, logs, nonfinite = step(*a, **k)
+        print(f"loss {loss.item()}")               # a sync per step on CUDA
+        return loss, logs, nonfinite
+    monkeypatch.setattr(train, "train_step", reads_the_loss)
+    res = bench.main(args)
+    assert not res["ok"] and "item" in res["error"] and any("reads_the_loss" in w for w in res["where"])
+    assert train.train_step is reads_the_loss          # the guard is removed afterwards
+    with pytest.raises(SystemExit, match="FAILED in"):
+        bench.main(args + ["--strict"])
+
+
 def test_sweeps_are_cartesian(image_folder, tmp_path):
     out = tmp_path / "loader.json"
     bench.main(["loader", "--data", str(image_folder), *TINY_LOADER, "--sweep", "workers=0,1",

@@ -4,7 +4,6 @@ models.syncbn) and the loss is SimCLR with negatives gathered across ranks. Ever
 CPU: MASKSIAM_DEVICE=cpu pins it for init_distributed, also on a CUDA host."""
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
@@ -19,6 +18,7 @@ from masksiam import dist as mdist
 from masksiam.config import Config, ConfigError
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone
+from bench import HostRead, no_host_reads
 from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm, global_batch_norm
 
 N_GLOBAL = 8
@@ -101,41 +101,6 @@ def test_two_gloo_processes_take_the_single_process_step(tmp_path):
             rel = (ranks[r]["grads"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
             assert rel < 1e-4, f"{name}: rank {r} gradient differs by {rel:.2e} (relative norm)"
     assert any(g.abs().sum() > 0 for g in ref_grads.values())
-
-
-class _HostRead(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Inside: every way a tensor's value reaches Python (.item, .cpu, .tolist, bool/int/float of a
-    tensor, bincount, boolean-mask indexing) raises; on CUDA each of those is a device sync."""
-    def refuse(name):
-        def fn(*args, **kwargs):
-            raise _HostRead(f"host read in the step path: {name}")
-        return fn
-    getitem = torch.Tensor.__getitem__
-
-    def checked_getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
-            raise _HostRead("host read in the step path: boolean-mask indexing")
-        return getitem(self, index)
-    patches = {name: refuse(name) for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__",
-                                              "__float__", "__index__")}
-    patches["__getitem__"] = checked_getitem
-    saved = {name: getattr(torch.Tensor, name) for name in patches}
-    bincount = torch.bincount
-    try:
-        for name, fn in patches.items():
-            setattr(torch.Tensor, name, fn)
-        torch.bincount = refuse("bincount")
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-        torch.bincount = bincount
 
 
 def _bn_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +199,7 @@ def test_no_host_reads_catches_each_kind():
     x = torch.arange(4.0)
     for bad in (lambda: x.sum().item(), lambda: x.cpu(), lambda: x[x > 1], lambda: bool(x.sum()),
                 lambda: torch.bincount(x.long()), lambda: float(x[0])):
-        with no_host_reads(), pytest.raises(_HostRead):
+        with no_host_reads(), pytest.raises(HostRead):
             bad()
     with no_host_reads():
         assert x[1:3].shape == (2,)
