@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from masksiam.yamlio import coerce, read_layers
 
 
 class ConfigError(ValueError):
@@ -46,13 +47,18 @@ class Config:
     workers: int = 4                       # CPU workers / threads per rank for the loader
     batch_size: int = 256                  # global batch, split evenly across ranks
     views: int = 2                         # crops per image from one decode
+    crops: str = ""                        # multi-crop: "2x224@0.14-1,6x96@0.05-0.14" (COUNTxSIZE@SCALE, in
+                                           # Batch.views order); "" = views x size at crop_scale
     size: int = 224                        # output crop size (px)
     crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area fraction
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     flip_prob: float = 0.5                 # horizontal flip, applied per view in the loader
     drop_last: bool = True
     prefetch: int = 2                      # batches prepared ahead per worker / pipeline
-    max_images: int = 0                    # use only the first N images of a split (0 = all)
+    max_images: int = 0                    # use only N images of a split, spread over it (0 = all)
+    bad_images: Literal["skip", "stop"] = "skip"   # an unreadable image: replace it by the next of its
+                                           # class folder / shard (named in metrics.jsonl), or stop the run
+    max_bad_images: int = 100              # skip: stop once more distinct images than this were bad
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"   # decoder: mixed (nvJPEG) or cpu
     ffcv_path: str = ""                    # .beton of the train split ("" = <data>/train.beton)
     ffcv_order: Literal["random", "quasi_random", "sequential"] = "random"
@@ -127,64 +133,7 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
 
 def _coerce(key: str, typ: Any, value: Any, where: str) -> Any:
     """Check `value` against the annotation `typ`; convert the few safe cases (int->float, list->tuple)."""
-    origin = typing.get_origin(typ)
-    bad = ConfigError(f"config key {key!r} in {where}: expected {_type_name(typ)}, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(typ)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, arg, value, where)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        if value not in typing.get_args(typ):
-            raise ConfigError(f"config key {key!r} in {where}: {value!r} is not one of "
-                              f"{', '.join(repr(a) for a in typing.get_args(typ))}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(typ)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_coerce(key, a, v, where) for a, v in zip(args, value))
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. run_name=123
-        raise bad
-    if typ is dict:
-        if isinstance(value, dict):
-            return value
-        raise bad
-    raise bad
-
-
-def _type_name(typ: Any) -> str:
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(typ))
-    if origin is tuple:
-        return "[" + ", ".join(_type_name(a) for a in typing.get_args(typ)) + "]"
-    return "null" if typ is type(None) else getattr(typ, "__name__", str(typ))
+    return coerce(value, typ, f"config key {key!r} in {where}", ConfigError)
 
 
 _HINTS = None
@@ -221,20 +170,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_file(cfg: Config, path: Path, seen: tuple[Path, ...] = ()) -> Config:
+def _apply_file(cfg: Config, path: Path) -> Config:
     """Apply a yaml file; `base: other.yaml` (relative to the file) is applied first."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (f" (base of {seen[-1]})" if seen else ""))
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of key: value")
-    base = values.pop("base", None)
-    if base is not None:
-        cfg = _apply_file(cfg, path.parent / str(base), seen + (path.resolve(),))
-    return apply(cfg, values, str(path))
+    for layer, values in read_layers(path, error=ConfigError, what="config file"):
+        cfg = apply(cfg, values, str(layer))
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

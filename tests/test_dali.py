@@ -106,7 +106,7 @@ def test_gpu_crop_graph_on_cpu_matches_torchvision(image_folder, train):
     """The graph the GPU path runs (DALI's fn.resize on the decoded window, a reversed ROI for flips,
     a fractional ROI for the eval crop), run on the CPU: same pixels as the reference."""
     from pipelines.loaders.dali_loader import DaliLoader
-    from pipelines.tools.webdataset import open_split
+    from pipelines.loaders.samples import open_split
     split = "train" if train else "val"
     ours = DaliLoader(open_split(image_folder / split), views=2, size=48, batch_size=4, scale=(0.08, 1.0),
                       ratio=(3 / 4, 4 / 3), flip_prob=0.5, seed=0, rank=0, world_size=1, device=torch.device("cpu"),

@@ -28,7 +28,8 @@ from masksiam.dist import DistInfo  # noqa: E402
 from pipelines.loaders import build_loader  # noqa: E402
 from pipelines.loaders.common import DataError, random_resized_crop_params, scan_image_folder, shard_indices  # noqa: E402
 from pipelines.tools.ffcv_convert import cap_resolution, capped_size, convert as convert_beton, load_rgb  # noqa: E402
-from pipelines.loaders.ffcv_loader import beton_path, crop_params, epoch_key  # noqa: E402
+from pipelines.loaders.ffcv_loader import beton_path  # noqa: E402
+from pipelines.loaders.spec import loader_spec  # noqa: E402
 from conftest import make_image_folder  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -238,27 +239,6 @@ def test_refuses_to_overwrite_and_names_the_problem(data, tmp_path):
     assert convert.main(["ffcv", "--src", str(data / "nope"), "--out", str(tmp_path / "y.beton")]) == 2
 
 
-# ---- crop parameters ----------------------------------------------------------------------------
-
-def test_crop_draws_follow_torchvision_random_resized_crop():
-    """The decoder's draws (replayed by crop_params) against common.random_resized_crop_params."""
-    h, w, n = 300, 400, 3000
-    key = epoch_key(0, 0)
-    ours = np.array([crop_params(key, row, 0, h, w, SCALE, RATIO, 0.5) for row in range(n)], dtype=float)
-    rng = np.random.default_rng(0)
-    ref = np.array([random_resized_crop_params(h, w, SCALE, RATIO, rng) for _ in range(n)], dtype=float)
-    for params in (ours, ref):
-        assert (params[:, 0] >= 0).all() and (params[:, 0] + params[:, 2] <= h).all()
-        assert (params[:, 1] >= 0).all() and (params[:, 1] + params[:, 3] <= w).all()
-    area, ref_area = ours[:, 2] * ours[:, 3] / (h * w), ref[:, 2] * ref[:, 3] / (h * w)
-    assert abs(area.mean() - ref_area.mean()) < 0.02                 # both ~0.52; s.e. ~0.005
-    aspect = ours[:, 3] / ours[:, 2]
-    assert ((aspect > 0.7) & (aspect < 1.4)).mean() > 0.99
-    assert abs(ours[:, 4].mean() - 0.5) < 0.03                        # flips
-    assert crop_params(key, 5, 1, h, w, SCALE, RATIO, 0.5) == crop_params(key, 5, 1, h, w, SCALE, RATIO, 0.5)
-    assert crop_params(key, 5, 1, h, w, SCALE, RATIO, 0.5) != crop_params(key, 5, 0, h, w, SCALE, RATIO, 0.5)
-
-
 # ---- the loader ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -294,18 +274,19 @@ def test_fused_decode_equals_per_view_decode(data, fused_epoch0):
 
 
 def test_crops_replay_from_the_seed_pixel_exact(data, fused_epoch0):
-    """Raw mode: every view equals cv2 INTER_AREA of the crop_params box of the source image (+ flip),
+    """Raw mode: every view equals cv2 INTER_AREA of the LoaderSpec.boxes box of the source image (+ flip),
     bit for bit; jpg mode: the same within JPEG tolerance."""
     sources = source_pixels(data)
     raw = build_loader(cfg_for(data, ffcv_path=str(data / "raw" / "train.beton")), DistInfo(0, 1, 0, CPU))
-    key = epoch_key(0, 0)
+    spec = loader_spec(cfg_for(data), DistInfo(0, 1, 0, CPU))
     for batches, exact in ((epoch(raw, 0), True), (fused_epoch0[1], False)):
         views, _, indices = stacked(batches)
         errors = []
         for n, row in enumerate(indices.tolist()):
             src = sources[row]
+            boxes = spec.boxes(0, row, *src.shape[:2])
             for v in range(2):
-                top, left, h, w, flip = crop_params(key, row, v, *src.shape[:2], SCALE, RATIO, 0.5)
+                top, left, h, w, flip = boxes[v]
                 ref = cv2.resize(np.ascontiguousarray(src[top:top + h, left:left + w]), (SIZE, SIZE),
                                  interpolation=cv2.INTER_AREA)
                 ref = ref[:, ::-1] if flip else ref

@@ -140,11 +140,12 @@ def test_eval_transform_center_crop():
 
 
 def test_corrupt_file_error_names_it(image_folder, tmp_path):
+    """bad_images=stop (skip: tests/test_loader_spec.py)."""
     folder = tmp_path / "f"
     shutil.copytree(image_folder, folder)
     bad = sorted((folder / "train").rglob("*.jpg"))[0]
     bad.write_bytes(bad.read_bytes()[:200])                      # truncated JPEG
-    loader = build_loader(_cfg(folder, batch_size=24, drop_last=False), CPU)
+    loader = build_loader(_cfg(folder, batch_size=24, drop_last=False, bad_images="stop"), CPU)
     loader.set_epoch(0)
     with pytest.raises(DataError, match=bad.name):
         list(loader)

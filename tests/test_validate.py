@@ -13,7 +13,7 @@ from PIL import Image
 import convert
 from conftest import import_loader_library
 from pipelines.tools.validate import BadImage, check_image, find_bad, image_size
-from pipelines.tools.webdataset import open_split
+from pipelines.loaders.samples import open_split
 from conftest import skimage_photos
 
 # Pillow test images that PIL opens but DALI's JPEG parser rejects ("Invalid marker"): measured

@@ -5,14 +5,27 @@ Contract (torchvision, DALI and FFCV loaders all meet it):
     loader = build_loader(cfg, info, split="train")     # pipelines/loaders/__init__.py
     loader.set_epoch(epoch, start_batch=0)              # reshuffle from the run seed; skip batches on resume
     len(loader)                                         # batches per epoch on this rank
+    loader.bad_images                                   # ["file: reason"] replaced so far (bad_images=skip)
     for batch in loader:                                # Batch(views, labels, indices)
-        batch.views    # list of cfg.views tensors, each (N, 3, H, W) uint8, channels-last, on info.device
+        batch.views    # V tensors (spec.views), view v (N, 3, S_v, S_v) uint8, channels-last, on info.device
         batch.labels   # (N,) int64 on info.device: class index from the folder name
         batch.indices  # (N,) int64 on info.device: position of each image in the split's file list
 
-N = cfg.batch_size // world_size. Every view is an independent RandomResizedCrop(size, scale, ratio)
-plus a horizontal flip with probability flip_prob of the same decoded image. Everything after crop
-and flip (colour, blur, masks, normalisation) belongs to the batched augment stage.
+N = cfg.batch_size // world_size. Every view is an independent RandomResizedCrop(S_v, scale_v, ratio)
+plus a horizontal flip with probability flip_prob of the same decoded image, its box drawn by
+LoaderSpec.boxes. Everything after crop and flip (colour, blur, masks, normalisation) belongs to the
+batched augment stage.
+
+Settings: every loader reads one frozen LoaderSpec (spec.py: views, sizes, scales, the eval crop,
+per-rank batch, drop_last, max_images, bad_images) built once from the config by `build_loader`.
+
+Views: `crops=` gives groups of views of different sizes (multi-crop, e.g. 2 x 224 px + 6 x 96 px);
+batch.views lists them in that order, each (N, 3, S_v, S_v). Each image is decoded once for all.
+
+Bad images (bad_images=skip, the default): a file that cannot be read or decoded is replaced by
+`replacement` (the next image of its class folder or shard, deterministic), and named in
+`loader.bad_images` ("file: reason" per distinct image); more than max_bad_images of them, or any
+under bad_images=stop, raise DataError naming them.
 
 Shuffling: the order of an epoch is a permutation drawn from (seed, epoch) alone, cut into disjoint
 per-rank parts (`shard_indices`), so every rank agrees without communication and a resumed run sees
@@ -30,17 +43,20 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from masksiam.errors import UserError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class Batch(NamedTuple):
-    views: list[torch.Tensor]   # V x (N, 3, H, W) uint8 channels-last
+    views: list[torch.Tensor]   # V x (N, 3, S_v, S_v) uint8 channels-last, in crop order
     labels: torch.Tensor        # (N,) int64
     indices: torch.Tensor       # (N,) int64
 
 
 class Loader(Protocol):
     classes: list[str]
+    bad_images: list[str]
 
     def __iter__(self): ...
 
@@ -49,7 +65,7 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset problem; the message names the file or folder."""
 
 
@@ -65,7 +81,7 @@ class ImageList:
 
 
 def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
-    """ImageNet's layout: root/<class>/<image>. Deterministic order; the first max_images if > 0."""
+    """ImageNet's layout: root/<class>/<image>. Deterministic order; max_images > 0 keeps `spread` of them."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
@@ -80,11 +96,16 @@ def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
         labels += [label] * len(names)
     if not paths:
         raise DataError(f"image folder {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
-    if max_images > 0 and max_images < len(paths):
-        # spread over classes rather than taking the first class only
-        keep = np.linspace(0, len(paths) - 1, max_images).round().astype(int)
-        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-    return ImageList(root, paths, labels, classes)
+    keep = spread(len(paths), max_images)
+    return ImageList(root, [paths[i] for i in keep], [labels[i] for i in keep], classes)
+
+
+def spread(n: int, max_images: int) -> np.ndarray:
+    """Which of n samples `max_images` keeps: spread evenly over the list (so over every class of a
+    class-sorted list rather than the first class only); all of them when max_images is 0 or >= n."""
+    if 0 < max_images < n:
+        return np.linspace(0, n - 1, max_images).round().astype(np.int64)
+    return np.arange(n, dtype=np.int64)
 
 
 def split_dir(data: str | Path, split: str) -> Path:
@@ -96,7 +117,8 @@ def split_dir(data: str | Path, split: str) -> Path:
 
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the world size {world_size}")
+        from masksiam.config import ConfigError
+        raise ConfigError(f"batch_size={batch_size} is not divisible by the world size {world_size}")
     return batch_size // world_size
 
 
@@ -133,6 +155,15 @@ def num_batches(n: int, world_size: int, batch_size: int, drop_last: bool) -> in
     if drop_last:
         return n // (batch_size * world_size)
     return math.ceil(math.ceil(n / world_size) / batch_size)
+
+
+def replacement(groups: np.ndarray, index: int, k: int) -> int:
+    """The k-th stand-in (k >= 1) for unreadable sample `index` under bad_images=skip: the k-th next
+    sample of its group (`groups[i]`: its class folder in an ImageFolder, its tar shard in webdataset
+    shards), wrapping around within the group. It depends on the data alone, not on the order,
+    workers or ranks, so every loader replaces alike and a resumed run sees the same samples."""
+    members = np.flatnonzero(groups == groups[index])
+    return int(members[(np.searchsorted(members, index) + k) % len(members)])
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

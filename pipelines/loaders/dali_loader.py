@@ -51,10 +51,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.loaders.common import (Batch, DataError, num_batches, per_rank_batch, random_resized_crop_params,
+from pipelines.loaders.common import (Batch, DataError, num_batches, random_resized_crop_params,
                               sample_rng, shard_indices, split_dir, to_device_views)
 from pipelines.tools.validate import BadImage, check_image, image_size
-from pipelines.tools.webdataset import open_split
+from pipelines.loaders.samples import open_split
+from pipelines.loaders.spec import LoaderSpec, eval_short_side
 
 # nvJPEG buffers sized for ImageNet's largest images (DALI's ImageNet examples) so nothing is
 # reallocated mid-run; the hardware decoder (A100, H100) takes this share of every batch, the
@@ -88,7 +89,7 @@ class _Plan(NamedTuple):
 def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
     """torchvision_loader.eval_transform as a box in source pixels: resizing the short side to
     size/0.875 (`size` below 64 px) and cutting the central size x size is resizing this box."""
-    short = size if size <= 64 else int(round(size / 0.875))
+    short = eval_short_side(size)
     scale = short / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     sy, sx = height / new_h, width / new_w
@@ -154,6 +155,7 @@ class DaliLoader:
         self.threads, self.prefetch = max(1, threads), max(1, prefetch)
         self.crop_in_dali = device.type == "cuda" if crop_in_dali is None else crop_in_dali
         self.epoch, self.start_batch = 0, 0
+        self.bad_images: list[str] = []  # the contract's list; a bad image still stops this loader
         # reads and host crops. One intra-op thread each (a per-thread setting; the training thread
         # keeps its own): the pool already spreads images over the cores, and an OpenMP team per
         # 224 px resize oversubscribed them (measured: 1.3x more images/s on 2 cores)
@@ -340,11 +342,14 @@ def resolve_decoder(dali_device: str, device: torch.device) -> str:
     return "mixed" if dali_device == "gpu" or (dali_device == "auto" and device.type == "cuda") else "cpu"
 
 
-def build(cfg, info, split: str, train: bool = True) -> DaliLoader:
-    samples = open_split(split_dir(cfg.data, split), cfg.max_images)
+def build(cfg, spec: LoaderSpec, split: str) -> DaliLoader:
+    if len(set(zip(spec.view_sizes, spec.view_scales))) > 1:
+        from masksiam.config import ConfigError
+        raise ConfigError(f"loader=dali takes one crop size and scale for now (crops={cfg.crops!r}); "
+                          "use loader=torchvision or ffcv for multi-crop")
+    samples = open_split(split_dir(cfg.data, split), spec.max_images)
     return DaliLoader(
-        samples, views=cfg.views, size=cfg.size if train else (cfg.eval_size or cfg.size),
-        batch_size=per_rank_batch(cfg.batch_size, info.world_size), scale=cfg.crop_scale,
-        ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob, seed=cfg.seed, rank=info.rank,
-        world_size=info.world_size, device=info.device, decoder=resolve_decoder(cfg.dali_device, info.device),
-        threads=cfg.workers, prefetch=cfg.prefetch, train=train, drop_last=cfg.drop_last if train else False)
+        samples, views=spec.views, size=spec.view_sizes[0], batch_size=spec.batch_size, scale=spec.view_scales[0],
+        ratio=spec.ratio, flip_prob=spec.flip_prob, seed=spec.seed, rank=spec.rank, world_size=spec.world_size,
+        device=spec.device, decoder=resolve_decoder(cfg.dali_device, spec.device), threads=spec.workers,
+        prefetch=spec.prefetch, train=spec.train, drop_last=spec.drop_last)

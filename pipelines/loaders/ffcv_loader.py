@@ -7,18 +7,23 @@
 Decoding. FFCV's own multi-view recipe is one pipeline per view, each with a
 RandomResizedCropRGBImageDecoder, so every JPEG is decoded V times. `MultiViewDecoder` is an FFCV
 decoder that decodes each JPEG once (libffcv's turbojpeg `imdecode`, into a scratch image) and
-cuts all V crops from it (libffcv's `resize_crop`, cv2 INTER_AREA), each flipped with probability
-flip_prob in place. Raw-mode images are cropped straight from the file's pages. cfg.ffcv_fused
-picks it (one pipeline, `views` crops) or FFCV's recipe (V pipelines of the same decoder with one
-crop each: same crops, decoded V times). The scratch is one batch of decoded images per loader,
-unpinned (FFCV's decoders pin one per sample, batch slot and view pipeline).
+cuts all V crops from it (libffcv's `resize_crop`, cv2 INTER_AREA), each to its own size
+(multi-crop: spec.view_sizes) and flipped in place where drawn. Raw-mode images are cropped straight
+from the file's pages. cfg.ffcv_fused picks it (one pipeline, every crop) or FFCV's recipe (V
+pipelines of the same decoder with one crop each: same crops, decoded V times). The scratch is one
+batch of decoded images per loader, unpinned (FFCV's decoders pin one per sample, batch slot and
+view pipeline).
 
-Crops are reproducible. FFCV 1.0.2 draws crops from numba's unseeded per-thread np.random, so they
-differ from run to run. Here every (seed, epoch, row, view) seeds numba's np.random before the
-draws (FFCV's get_random_crop: torchvision's RandomResizedCrop algorithm, then one uniform for the
-flip), so crops do not depend on threads, fusion or batch composition, and a Python reference can
-replay them (`crop_params`). The per-epoch part of the seed lives in a one-word cell that the
-compiled decoder reads by address, because numba freezes Python globals at compile time.
+Crops are every loader's crops. FFCV 1.0.2 draws crops from numba's unseeded per-thread np.random.
+Here the boxes and flips come from LoaderSpec.boxes (the project's per-sample stream,
+sample_rng(seed, epoch, index), drawn as the torchvision reference draws them), where `index` is
+the sample's position in its source folder (the .beton's `index` field; the row for a .beton made
+elsewhere). The compiled decoder asks the host for one batch's boxes (`BoxPlanner`, through numba's
+object mode, once per batch); a planner thread draws them a few batches ahead, in the order the
+batches will come, so the decoder rarely waits.
+
+A JPEG that libjpeg-turbo cannot decode stops the epoch with a DataError naming its row and index
+(.beton files are checked when written: `convert.py ffcv` skips or replaces unreadable images).
 
 Order. A custom FFCV TraversalOrder gives each rank its part of the epoch: `random` and
 `sequential` use the project's `shard_indices` (same permutation and cut as the torchvision loader,
@@ -44,21 +49,27 @@ import json
 import math
 import queue
 import sys
+import threading
 import time
+import warnings
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.loaders.common import Batch, DataError, num_batches, per_rank_batch, shard_indices
+from pipelines.loaders.common import Batch, DataError, shard_indices
+from pipelines.loaders.spec import LoaderSpec
 
 MISSING_FFCV = "loader=ffcv needs the ffcv package (with numba, opencv and libturbojpeg): run `make install`"
 try:
     import numba
     import numba.core.event as numba_event
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, RGBImageField, get_center_crop, get_random_crop
+    from ffcv.fields.rgb_image import IMAGE_MODES, RGBImageField, get_center_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader as FFCVLoaderCore
     from ffcv.pipeline import PipelineSpec
@@ -72,59 +83,14 @@ except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(f"{MISSING_FFCV} ({err})") from err
 
 JPG = int(IMAGE_MODES["jpg"])
-MASK64 = (1 << 64) - 1
-
-
-# ---- per-sample random streams ------------------------------------------------------------------
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def epoch_key(seed: int, epoch: int) -> int:
-    """The 64-bit key of one epoch's crops; the decoder reads it from the loader's key cell."""
-    return _splitmix64(_splitmix64(seed & MASK64) ^ (epoch & MASK64))
-
-
-def stream_seed(key: int, row: int, view: int) -> int:
-    """The uint32 that seeds numba's np.random for one (epoch key, row, view): Python twin of `_stream_seed`."""
-    return _splitmix64(key ^ ((row * 0xD1B54A32D192ED03) & MASK64) ^ ((view * 0xABC98388FB8FAC03) & MASK64)) >> 32
-
-
-@numba.njit(nogil=True)
-def _stream_seed(key, row, view):
-    # stream_seed in numba, all in uint64 (mixing signed and unsigned integers gives floats in numba)
-    z = np.uint64(key) ^ (np.uint64(row) * np.uint64(0xD1B54A32D192ED03))
-    z = z ^ (np.uint64(view) * np.uint64(0xABC98388FB8FAC03))
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return np.uint32(z >> np.uint64(32))
-
-
-def crop_params(key: int, row: int, view: int, height: int, width: int, scale, ratio,
-                flip_prob: float) -> tuple[int, int, int, int, bool]:
-    """(top, left, h, w, flip) of one view, exactly as the compiled decoder draws them.
-
-    numba's np.random is MT19937 with NumPy's legacy seeding, so NumPy's global generator replays it.
-    """
-    state = np.random.get_state()
-    try:
-        np.random.seed(stream_seed(key, row, view))
-        top, left, h, w = get_random_crop(height, width, np.asarray(scale, np.float64),
-                                          np.asarray(ratio, np.float64))
-        return top, left, h, w, bool(np.random.random() < flip_prob)
-    finally:
-        np.random.set_state(state)
+# numba says this of every nogil function with an object-mode block (the kernel's host calls, which
+# take the GIL by design); the decode loop itself is a separate parallel function
+warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel execution",
+                        category=numba.NumbaWarning)
 
 
 # ---- the compiled decode kernel -----------------------------------------------------------------
 
-_random_crop = numba.njit(nogil=True)(get_random_crop)
 _center_crop = numba.njit(nogil=True)(get_center_crop)
 _imdecode = numba.njit(nogil=True)(imdecode)
 _resize_crop = numba.njit(nogil=True)(resize_crop)
@@ -151,28 +117,41 @@ def _flip_inplace(img):
 
 @dataclass(frozen=True)
 class CropSpec:
-    """What a decoder produces: random-resized crops + flips (train) or one center crop (eval)."""
-    size: int
+    """What a decoder produces (its compile-time constants): crops of `sizes` with the host's boxes
+    and flips (train), or one center crop (eval)."""
+    sizes: tuple[int, ...]           # one per crop the decoder writes
     train: bool
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-    flip_prob: float = 0.5
-    center_ratio: float = 0.875     # eval: side of the center crop / shorter image side
+    center_ratio: float = 0.875      # eval: side of the center crop / shorter image side
+
+
+# Host callbacks of compiled decoders, by the address of their loader's key cell (numba freezes
+# Python globals at compile time, so the kernel names this table and passes the address).
+_PLANNERS: "weakref.WeakValueDictionary[int, BoxPlanner]" = weakref.WeakValueDictionary()
+
+
+def _host_boxes(address: int, rows: np.ndarray) -> np.ndarray:
+    return _PLANNERS[address](rows)
+
+
+def _host_failed(address: int, rows: np.ndarray, failed: np.ndarray) -> None:
+    _PLANNERS[address].failures.extend(int(r) for r, f in zip(rows, failed[:, 0]) if f)
 
 
 @functools.cache
-def _decode_kernel(spec: CropSpec, views: int, os_cache: bool, page_shift: int, parallel: bool):
+def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bool):
     """The numba kernel behind MultiViewDecoder, compiled once per process for these constants.
 
-    kernel(batch_indices, storage, metadata, storage_state, key_address, scratch_address,
-    scratch_stride, first_view) fills storage[v][i] (v < views) with crop first_view + v of image
-    batch_indices[i]. JPEGs decode into row i of the loader's scratch (see DecodeCells). The file
-    is read from storage_state directly (FFCV's OS-cache or process-cache layout) rather than
-    through the loader's own compiled reader, so that no per-loader object is baked in.
+    kernel(batch_indices, storage, metadata, storage_state, cells_address, scratch_address,
+    scratch_stride, first_view) fills storage[v][i] (v < len(spec.sizes)) with crop
+    first_view + v of image batch_indices[i]; boxes (B, V_all, 5) come from the host per batch.
+    JPEGs decode into row i of the loader's scratch (see DecodeCells); a JPEG that fails to decode
+    sets its batch slot in the `failed` cell (at cells_address) and is reported to the host. The file is read from storage_state directly (FFCV's
+    OS-cache or process-cache layout) rather than through the loader's own compiled reader, so that
+    no per-loader object is baked in.
     """
     loop = numba.prange if parallel else range
-    scale, ratio = np.array(spec.scale, np.float64), np.array(spec.ratio, np.float64)
-    train, flip_prob, center_ratio, shift = spec.train, spec.flip_prob, spec.center_ratio, np.uint64(page_shift)
+    train, center_ratio, shift = spec.train, spec.center_ratio, np.uint64(page_shift)
+    views = len(spec.sizes)
 
     if os_cache:
         @numba.njit(nogil=True)
@@ -187,12 +166,11 @@ def _decode_kernel(spec: CropSpec, views: int, os_cache: bool, page_shift: int, 
             offset = ptr - (page << shift)
             return state[0][state[3][page], offset:offset + size]
 
-    def kernel(batch_indices, storage, metadata, storage_state, key_address, scratch_address, scratch_stride,
-               first_view):
+    def decode_all(batch_indices, storage, metadata, storage_state, boxes, failed, scratch_address, scratch_stride,
+                   first_view):
         # hand images to threads 2 at a time rather than in one block per thread: a thread that the
         # OS preempts (shared machines) then does not hold up the whole batch
         previous_chunk = numba.set_parallel_chunksize(2)
-        key = _load_u64(key_address)
         # typed (not literal) constants: a literal argument would give the shared helpers one
         # compiled version per call site
         zero, one, no = np.uint32(0), np.uint32(1), np.bool_(False)
@@ -201,21 +179,23 @@ def _decode_kernel(spec: CropSpec, views: int, os_cache: bool, page_shift: int, 
             field = metadata[row]
             data = read(field["data_ptr"], storage_state)
             height, width = np.uint32(field["height"]), np.uint32(field["width"])
+            failed[i, 0] = 0
             if field["mode"] == JPG:            # decode once, for every view
                 # a 3-D array, never a flat uint8[::1]: every FFCV loader with an OS cache flips
                 # numba's shared uint8[::1] type to read-only (ffcv os_cache.state_type), which
                 # corrupts the overload table of any long-lived function that took one
                 image = numba.carray(cast_int_to_byte_ptr(scratch_address + i * scratch_stride),
                                      (np.int64(height), np.int64(width), 3))
-                _imdecode(data, image, height, width, height, width, zero, zero, one, one, no, no)
+                if _imdecode(data, image, height, width, height, width, zero, zero, one, one, no, no) != 0:
+                    failed[i, 0] = 1
+                    continue
             else:                               # raw pixels: crop from the file's page
                 image = data.reshape(height, width, 3)
             for v in range(views):
                 out = storage[v][i]
                 if train:
-                    np.random.seed(_stream_seed(key, row, first_view + v))
-                    top, left, h, w = _random_crop(height, width, scale, ratio)
-                    flip = np.random.random() < flip_prob
+                    box = boxes[i, first_view + v]
+                    top, left, h, w, flip = box[0], box[1], box[2], box[3], box[4] != 0
                 else:
                     top, left, h, w = _center_crop(height, width, None, center_ratio)
                     flip = False
@@ -223,15 +203,98 @@ def _decode_kernel(spec: CropSpec, views: int, os_cache: bool, page_shift: int, 
                 if flip:
                     _flip_inplace(out)
         numba.set_parallel_chunksize(previous_chunk)
+        bad = 0
+        for i in range(len(batch_indices)):
+            bad += failed[i, 0]
+        return bad
+
+    decode_all = numba.njit(nogil=True, parallel=parallel)(decode_all)
+
+    # the host calls (object mode: they take the GIL) stay outside the parallel loop's function
+    def kernel(batch_indices, storage, metadata, storage_state, cells_address, scratch_address, scratch_stride,
+               first_view):
+        if train:
+            with numba.objmode(boxes="int32[:, :, ::1]"):
+                boxes = _host_boxes(cells_address, batch_indices)
+        else:
+            boxes = np.zeros((1, 1, 5), np.int32)
+        # (B, 1), not a flat uint8[::1]: see the scratch image in decode_all
+        failed = numba.carray(cast_int_to_byte_ptr(cells_address), (len(batch_indices), 1))
+        if decode_all(batch_indices, storage, metadata, storage_state, boxes, failed, scratch_address,
+                      scratch_stride, first_view):
+            with numba.objmode():
+                _host_failed(cells_address, batch_indices, failed)
         return storage
 
-    return numba.njit(nogil=True, parallel=parallel)(kernel)
+    return numba.njit(nogil=True)(kernel)
+
+
+class BoxPlanner:
+    """The host side of a loader's decoders: boxes (B, V, 5) int32 (top, left, h, w, flip) per batch of
+    .beton rows, from LoaderSpec.boxes. `start(epoch, rows)` plans the epoch's batches in order on a
+    background thread, `AHEAD` batches ahead of the decoder; a batch it did not plan (or the same
+    batch asked again by the per-view pipelines) is drawn or served on the spot."""
+    AHEAD = 3
+
+    def __init__(self, spec, sample_index: np.ndarray, heights: np.ndarray, widths: np.ndarray):
+        self.spec, self.sample_index, self.heights, self.widths = spec, sample_index, heights, widths
+        self.epoch = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ffcv-boxes")
+        self._ahead: deque = deque()               # (rows bytes, future), in the decoder's order
+        self._batches: list[np.ndarray] = []
+        self._next = 0
+        self._last: tuple[bytes, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self.failures: list[int] = []              # rows the decoder could not decode
+
+    def draw(self, epoch: int, rows: np.ndarray) -> np.ndarray:
+        spec, index, h, w = self.spec, self.sample_index, self.heights, self.widths
+        out = np.empty((len(rows), spec.views, 5), np.int32)
+        for i, r in enumerate(rows):
+            out[i] = spec.boxes(epoch, int(index[r]), int(h[r]), int(w[r]))
+        return out
+
+    def start(self, epoch: int, rows: np.ndarray) -> None:
+        with self._lock:
+            for _, job in self._ahead:
+                job.cancel()
+            self.epoch, self._last, self._next = epoch, None, 0
+            b = self.spec.batch_size
+            self._batches = [rows[k:k + b] for k in range(0, len(rows), b)]
+            self._ahead = deque()
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self._ahead) < self.AHEAD and self._next < len(self._batches):
+            rows = self._batches[self._next]
+            self._ahead.append((rows.tobytes(), self._pool.submit(self.draw, self.epoch, rows)))
+            self._next += 1
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        key = rows.tobytes()
+        with self._lock:
+            if self._last is not None and self._last[0] == key:
+                return self._last[1]
+            job = None
+            if self._ahead and self._ahead[0][0] == key:
+                job = self._ahead.popleft()[1]
+                self._fill()
+            epoch = self.epoch
+        boxes = job.result() if job is not None else self.draw(epoch, rows)
+        with self._lock:
+            self._last = (key, boxes)
+        return boxes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DecodeCells:
     """Host memory that a loader's compiled decoders reach by address (numba freezes Python globals).
 
-    key: the current epoch's crop key (epoch_key), written before each epoch.
+    failed: one flag per batch slot, set by the decoder for a JPEG it cannot decode; its address
+    also names the loader's BoxPlanner (_PLANNERS).
     scratch: one decoded JPEG per sample of a batch, (batch, max_h * max_w * 3) uint8. FFCV decodes
     one batch at a time per loader and runs a loader's decoders one after another, so one scratch
     serves them all; FFCV's own decoders instead allocate one per sample for each of the
@@ -239,37 +302,37 @@ class DecodeCells:
     """
 
     def __init__(self, batch_size: int, max_jpeg_pixels: int):
-        self.key = np.zeros(1, np.uint64)
+        self.failed = np.zeros(max(1, batch_size), np.uint8)
         self.scratch = np.empty((batch_size, max(1, max_jpeg_pixels) * 3), np.uint8)
 
 
 class MultiViewDecoder(Operation):
-    """FFCV decoder for an RGBImageField: each image decoded once, `views` crops out.
+    """FFCV decoder for an RGBImageField: each image decoded once, every crop of `spec` out.
 
-    Output: a tuple of `views` arrays (B, size, size, 3) uint8, view v being crop first_view + v.
+    Output: a tuple of len(spec.sizes) arrays, array v (B, S_v, S_v, 3) uint8 being crop first_view + v.
     os_cache and page_size describe how the loader reads the file (FFCV's memory managers).
     """
 
-    def __init__(self, spec: CropSpec, views: int, first_view: int, cells: DecodeCells, *,
-                 os_cache: bool, page_size: int):
+    def __init__(self, spec: CropSpec, first_view: int, cells: DecodeCells, *, os_cache: bool, page_size: int):
         super().__init__()
-        self.spec, self.views, self.first_view, self.cells = spec, views, first_view, cells
+        self.spec, self.first_view, self.cells = spec, first_view, cells
         self.os_cache, self.page_shift = os_cache, int(page_size).bit_length() - 1
 
     def declare_state_and_memory(self, previous_state):
-        size, u8 = self.spec.size, np.dtype("u1")
-        queries = tuple([AllocationQuery((size, size, 3), u8)] * self.views)
+        u8 = np.dtype("u1")
+        queries = tuple(AllocationQuery((s, s, 3), u8) for s in self.spec.sizes)
+        size = self.spec.sizes[0]
         return replace(previous_state, jit_mode=True, shape=(size, size, 3), dtype=u8), queries
 
     def generate_code(self):
-        kernel = _decode_kernel(self.spec, self.views, self.os_cache, self.page_shift, Compiler.num_threads > 1)
-        key, scratch = self.cells.key.ctypes.data, self.cells.scratch.ctypes.data
+        kernel = _decode_kernel(self.spec, self.os_cache, self.page_shift, Compiler.num_threads > 1)
+        failed, scratch = self.cells.failed.ctypes.data, self.cells.scratch.ctypes.data
         stride, first_view = self.cells.scratch.strides[0], self.first_view
 
         # FFCV compiles this thin wrapper per loader; the kernel is shared. np.int64(...): plain
         # int64 arguments, not literals (a literal would compile the kernel again for each loader)
         def decode(batch_indices, storage, metadata, storage_state):
-            return kernel(batch_indices, storage, metadata, storage_state, np.int64(key), np.int64(scratch),
+            return kernel(batch_indices, storage, metadata, storage_state, np.int64(failed), np.int64(scratch),
                           np.int64(stride), np.int64(first_view))
 
         return decode
@@ -336,9 +399,7 @@ class RankOrder(TraversalOrder):
 class FFCVLoader:
     """Multi-view crops from a .beton; the loader contract of pipelines/loaders/common.py."""
 
-    def __init__(self, path: str | Path, *, spec: CropSpec, views: int, batch_size: int, rank: int,
-                 world_size: int, seed: int, order: str, os_cache: bool, fused: bool, workers: int,
-                 prefetch: int, drop_last: bool, device: torch.device, max_images: int = 0,
+    def __init__(self, path: str | Path, spec: LoaderSpec, *, order: str, os_cache: bool, fused: bool,
                  verbose: bool = True):
         from ffcv.reader import Reader
         path = Path(path)
@@ -350,34 +411,46 @@ class FFCVLoader:
             if name not in reader.handlers or (kind and not isinstance(reader.handlers[name], kind)):
                 raise DataError(f"{path} needs an RGBImageField 'image' and an IntField 'label'; "
                                 f"it has {', '.join(reader.handlers)}")
-        n = int(reader.num_samples)
-        rows = np.arange(n)
-        if 0 < max_images < n:                           # as scan_image_folder: spread over classes
-            rows = np.linspace(0, n - 1, max_images).round().astype(np.int64)
-        self.path, self.device, self.seed, self.verbose = path, device, seed, verbose
-        self.views, self.spec, self.fused = views, spec, fused
+        rows = spec.keep(int(reader.num_samples))
+        batch_size, views = spec.batch_size, spec.views
+        self.path, self.spec, self.device, self.verbose = path, spec, spec.device, verbose
+        self.views, self.fused = views, fused
         self.classes = _classes(path, reader)
-        self.num_rows, self.world_size, self.batch_size, self.drop_last = len(rows), world_size, batch_size, drop_last
+        self.bad_images: list[str] = []                  # the contract's list; a bad JPEG stops this loader
+        self.num_rows = len(rows)
         self.epoch, self.start_batch = 0, 0
         self.compile_seconds: float | None = None        # numba compile during construction + first batch
         self.first_batch_seconds: float | None = None
         self._running = None                             # the FFCV epoch iterator in flight
 
         # numba's thread pool cannot exceed NUMBA_NUM_THREADS (the core count by default)
-        self.threads = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
-        image_meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+        self.threads = max(1, min(spec.workers, numba.config.NUMBA_NUM_THREADS))
+        fields = list(reader.handlers)
+        image_meta = reader.metadata[f"f{fields.index('image')}"]
         jpg = image_meta["mode"] == JPG
         self._cells = DecodeCells(batch_size, int((image_meta["height"][jpg].astype(np.int64)
                                                    * image_meta["width"][jpg]).max()) if jpg.any() else 0)
-        self._order = RankOrder(order, rank, world_size, batch_size, drop_last)
-        make = functools.partial(MultiViewDecoder, spec, cells=self._cells, os_cache=os_cache,
+        # crops are drawn for the sample's index in its source folder (the `index` field), as every loader does
+        sample_index = (np.asarray(reader.metadata[f"f{fields.index('index')}"], np.int64) if "index" in fields
+                        else np.arange(int(reader.num_samples), dtype=np.int64))
+        self._planner = BoxPlanner(spec, sample_index, np.asarray(image_meta["height"], np.int64),
+                                   np.asarray(image_meta["width"], np.int64))
+        self._sample_index = sample_index
+        _PLANNERS[self._cells.failed.ctypes.data] = self._planner
+        self._order = RankOrder(order, spec.rank, spec.world_size, batch_size, spec.drop_last)
+        make = functools.partial(MultiViewDecoder, cells=self._cells, os_cache=os_cache,
                                  page_size=int(reader.page_size))
+        if spec.train:
+            crop = CropSpec(spec.view_sizes, True)
+        else:                                            # the eval crop's short-side ratio (spec.eval_short_side)
+            crop = CropSpec(spec.view_sizes, False, center_ratio=spec.eval_size / spec.eval_short_side)
         pipelines = {name: None for name in reader.handlers}                 # skip unread fields
         if fused:
-            pipelines["image"] = PipelineSpec("image", decoder=make(views, 0))
+            pipelines["image"] = PipelineSpec("image", decoder=make(crop, 0))
         else:                                            # FFCV's recipe: one pipeline (one decode) per view
             for v in range(views):
-                pipelines["image" if v == 0 else f"image_view{v}"] = PipelineSpec("image", decoder=make(1, v))
+                pipelines["image" if v == 0 else f"image_view{v}"] = PipelineSpec(
+                    "image", decoder=make(replace(crop, sizes=(crop.sizes[v],)), v))
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder())
         pipelines["index"] = PipelineSpec("index", decoder=IntDecoder()) if "index" in reader.handlers \
             else PipelineSpec("label", decoder=RowDecoder())
@@ -386,9 +459,9 @@ class FFCVLoader:
         numba_event.register("numba:compile", timer)
         try:
             self.core = FFCVLoaderCore(str(path), batch_size=batch_size, num_workers=self.threads,
-                                       os_cache=os_cache, order=self._order, distributed=False, seed=seed,
-                                       indices=rows, pipelines=pipelines, drop_last=drop_last,
-                                       batches_ahead=max(1, prefetch))
+                                       os_cache=os_cache, order=self._order, distributed=False, seed=spec.seed,
+                                       indices=rows, pipelines=pipelines, drop_last=spec.drop_last,
+                                       batches_ahead=max(1, spec.prefetch))
         finally:
             numba_event.unregister("numba:compile", timer)
         self._compile_timer = timer
@@ -397,7 +470,7 @@ class FFCVLoader:
         self._image_slots = [names.index("image")] + [names.index(f"image_view{v}") for v in range(1, views)
                                                       if not fused]
         self._label_slot, self._index_slot = names.index("label"), names.index("index")
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration yields epoch `epoch` from batch `start_batch` on (skipped for free)."""
@@ -406,7 +479,7 @@ class FFCVLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return num_batches(self.num_rows, self.world_size, self.batch_size, self.drop_last)
+        return self.spec.num_batches(self.num_rows)
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """This rank's .beton rows of an epoch, in the order they are yielded."""
@@ -414,8 +487,10 @@ class FFCVLoader:
 
     def __iter__(self):
         self._close()                                    # an abandoned epoch stops filling the ring
-        self._cells.key[0] = epoch_key(self.seed, self.epoch)
         self._order.start_batch = self.start_batch
+        self._planner.failures.clear()
+        if self.spec.train:
+            self._planner.start(self.epoch, self._order.sample_order(self.epoch))
         self.core.next_epoch = self.epoch                # FFCV's own epoch counter (orders take it)
         first = self.compile_seconds is None
         if first:
@@ -432,6 +507,8 @@ class FFCVLoader:
         copied = None                                    # CUDA event: the previous batch left its slot
         try:
             while out is not None:
+                if self._planner.failures:
+                    raise self._decode_error()
                 batch, copied = self._to_device(out)
                 yield batch
                 if copied is not None:
@@ -440,6 +517,12 @@ class FFCVLoader:
         finally:
             if self._running is epoch:                   # not if a newer epoch already replaced it
                 self._close()
+
+    def _decode_error(self) -> DataError:
+        rows = sorted(set(self._planner.failures))
+        named = ", ".join(f"row {r} (index {self._sample_index[r]})" for r in rows[:10])
+        return DataError(f"{self.path}: libjpeg-turbo cannot decode the JPEG of {named}; re-write the .beton "
+                         f"(`python convert.py ffcv --force`, which skips unreadable images)")
 
     def _report_compile(self, first_batch: float) -> None:
         timer = self._compile_timer
@@ -528,16 +611,6 @@ def beton_path(cfg, split: str) -> Path:
     return Path(cfg.data) / f"{split}.beton"
 
 
-def build(cfg, info, split: str, train: bool = True) -> FFCVLoader:
-    batch = per_rank_batch(cfg.batch_size, info.world_size)
-    if train:
-        spec = CropSpec(cfg.size, True, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.flip_prob)
-    else:                                               # torchvision loader's eval: short side size/0.875, center crop
-        size = cfg.eval_size or cfg.size
-        spec = CropSpec(size, False, center_ratio=1.0 if size <= 64 else size / round(size / 0.875))
-    return FFCVLoader(
-        beton_path(cfg, split), spec=spec, views=cfg.views if train else 1, batch_size=batch, rank=info.rank,
-        world_size=info.world_size, seed=cfg.seed, order=cfg.ffcv_order if train else "sequential",
-        os_cache=cfg.ffcv_os_cache, fused=cfg.ffcv_fused, workers=cfg.workers, prefetch=cfg.prefetch,
-        drop_last=cfg.drop_last if train else False, device=info.device, max_images=cfg.max_images,
-        verbose=info.rank == 0)
+def build(cfg, spec: LoaderSpec, split: str) -> FFCVLoader:
+    return FFCVLoader(beton_path(cfg, split), spec, order=cfg.ffcv_order if spec.train else "sequential",
+                      os_cache=cfg.ffcv_os_cache, fused=cfg.ffcv_fused, verbose=spec.rank == 0)

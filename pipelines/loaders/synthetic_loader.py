@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.loaders.common import Batch, num_batches, per_rank_batch
+from pipelines.loaders.common import Batch
+from pipelines.loaders.spec import LoaderSpec
 
 IMAGENET_TRAIN = 1_281_167
 
 
 class SyntheticLoader:
-    def __init__(self, views: int, size: int, batch_size: int, num_images: int, world_size: int,
-                 drop_last: bool, device: torch.device, seed: int, num_classes: int = 1000):
-        g = torch.Generator().manual_seed(seed)
+    def __init__(self, spec: LoaderSpec, num_images: int, num_classes: int = 1000):
+        g = torch.Generator().manual_seed(spec.seed)
+        n, device = spec.batch_size, spec.device
+        self.spec = spec
         self.classes = [str(c) for c in range(num_classes)]
-        self.length = num_batches(num_images, world_size, batch_size, drop_last)
-        # (N, H, W, 3) -> permuted to (N, 3, H, W): channels-last like every real loader
+        self.bad_images: list[str] = []                  # no files, none bad
+        self.length = spec.num_batches(num_images)
+        # (N, S_v, S_v, 3) -> permuted to (N, 3, S_v, S_v): channels-last like every real loader
         self.batch = Batch(
-            [torch.randint(0, 256, (batch_size, size, size, 3), generator=g, dtype=torch.uint8)
-             .to(device).permute(0, 3, 1, 2) for _ in range(views)],
-            torch.randint(0, num_classes, (batch_size,), generator=g).to(device),
-            torch.arange(batch_size, device=device))
+            [torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8).to(device).permute(0, 3, 1, 2)
+             for size in spec.view_sizes],
+            torch.randint(0, num_classes, (n,), generator=g).to(device),
+            torch.arange(n, device=device))
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -38,6 +41,5 @@ class SyntheticLoader:
             yield self.batch
 
 
-def build(cfg, info, split: str, train: bool = True) -> SyntheticLoader:
-    return SyntheticLoader(cfg.views if train else 1, cfg.size, per_rank_batch(cfg.batch_size, info.world_size),
-                           cfg.max_images or IMAGENET_TRAIN, info.world_size, cfg.drop_last, info.device, cfg.seed)
+def build(cfg, spec: LoaderSpec, split: str) -> SyntheticLoader:
+    return SyntheticLoader(spec, spec.max_images or IMAGENET_TRAIN)

@@ -1,9 +1,11 @@
 """The reference loader: ImageFolder files, PIL decoding in DataLoader workers, torchvision semantics.
 
-Each image is decoded once; its `views` crops are RandomResizedCrop (torchvision's parameter
-algorithm, bilinear with antialias as torchvision does on PIL images) plus a horizontal flip, all in
-the worker. Workers return NHWC uint8 arrays; the main process moves them to the device and permutes
-to NCHW, which is channels-last memory for free (pipelines/loaders/common.py).
+Each image is decoded once; its crops (spec.views, of spec.view_sizes: multi-crop) are
+RandomResizedCrop with the boxes of LoaderSpec.boxes (torchvision's parameter algorithm; bilinear
+with antialias as torchvision does on PIL images) plus a horizontal flip, all in the worker.
+Workers return NHWC uint8 arrays; the main process moves them to the device and permutes to NCHW,
+which is channels-last memory for free (pipelines/loaders/common.py). Unreadable images:
+bad_images (common.py), replaced in the worker, named in `loader.bad_images`.
 
 It is the baseline that the DALI and FFCV loaders are measured against, and the eval loader
 (resize + center crop, one view, fixed order) for every backend.
@@ -14,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.loaders.common import (Batch, DataError, ImageList, num_batches, per_rank_batch,
-                              random_resized_crop_params, sample_rng, scan_image_folder,
-                              shard_indices, split_dir, to_device_views)
+from pipelines.loaders.common import (Batch, DataError, ImageList, replacement, scan_image_folder, split_dir,
+                                      to_device_views)
+from pipelines.loaders.spec import LoaderSpec, check_bad, eval_short_side
 
 
 def decode_rgb(path) -> Image.Image:
@@ -43,7 +45,7 @@ def crop_flip(img: Image.Image, box: tuple[int, int, int, int], size: int, flip:
 def eval_transform(img: Image.Image, size: int) -> np.ndarray:
     """Resize the short side to size/0.875 (ImageNet's 256 for 224; just `size` below 64 px) and
     center-crop size x size."""
-    short = size if size <= 64 else int(round(size / 0.875))
+    short = eval_short_side(size)
     w, h = img.size
     scale = short / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -53,68 +55,81 @@ def eval_transform(img: Image.Image, size: int) -> np.ndarray:
 
 
 class _ViewsDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (views: V x (H, W, 3) uint8, label, index)."""
+    """Item (epoch, index) -> (views: V x (S_v, S_v, 3) uint8, label, index, [(file, reason)] replaced).
 
-    def __init__(self, images: ImageList, views: int, size: int, scale, ratio, flip_prob: float,
-                 seed: int, train: bool):
-        self.images, self.views, self.size = images, views, size
-        self.scale, self.ratio, self.flip_prob, self.seed, self.train = scale, ratio, flip_prob, seed, train
+    An image that cannot be decoded is replaced by the next of its class folder (`replacement`)
+    under bad_images=skip; the item then carries the stand-in's label and index, and its crops."""
+
+    def __init__(self, images: ImageList, spec: LoaderSpec):
+        self.images, self.spec = images, spec
+        self.groups = np.asarray(images.labels)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _decode(self, index: int):
+        bad = []
+        for k in range(len(self.images)):
+            candidate = index if k == 0 else replacement(self.groups, index, k)
+            if k and candidate == index:
+                break                                    # wrapped around: the whole class is bad
+            path = self.images.root / self.images.paths[candidate]
+            try:
+                return candidate, decode_rgb(path), bad
+            except DataError as err:
+                if self.spec.bad_images == "stop":
+                    raise
+                cause = err.__cause__ or err
+                bad.append((str(path), f"{type(cause).__name__}: {cause}"))
+        raise DataError(f"every image of class {self.images.classes[self.images.labels[index]]!r} in "
+                        f"{self.images.root} is unreadable: " + "; ".join(f"{f}: {r}" for f, r in bad[:5]))
+
     def __getitem__(self, key):
         epoch, index = key
-        img = decode_rgb(self.images.root / self.images.paths[index])
-        if self.train:
-            rng = sample_rng(self.seed, epoch, index)
-            crops = []
-            for _ in range(self.views):
-                box = random_resized_crop_params(img.height, img.width, self.scale, self.ratio, rng)
-                crops.append(crop_flip(img, box, self.size, rng.random() < self.flip_prob))
+        index, img, bad = self._decode(index)
+        spec = self.spec
+        if spec.train:
+            crops = [crop_flip(img, box[:4], size, bool(box[4]))
+                     for box, size in zip(spec.boxes(epoch, index, img.height, img.width), spec.view_sizes)]
         else:
-            crops = [eval_transform(img, self.size)]
-        return crops, self.images.labels[index], index
+            crops = [eval_transform(img, spec.eval_size)]
+        return crops, self.images.labels[index], index, bad
 
 
 def _collate(items):
     views = [torch.from_numpy(np.stack([it[0][v] for it in items])) for v in range(len(items[0][0]))]
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    return views, labels, indices
+    return views, labels, indices, [b for it in items for b in it[3]]
 
 
 class _EpochBatchSampler:
     """Yields lists of (epoch, index) for this rank's shard of one epoch, from start_batch on."""
 
-    def __init__(self, n, rank, world_size, batch, seed, shuffle, drop_last):
-        self.n, self.rank, self.world_size, self.batch = n, rank, world_size, batch
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+    def __init__(self, n: int, spec: LoaderSpec):
+        self.n, self.spec = n, spec
         self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
-        idx = shard_indices(self.n, self.rank, self.world_size, self.seed, self.epoch, self.batch,
-                            self.shuffle, self.drop_last)
+        idx, batch = self.spec.shard(self.n, self.epoch), self.spec.batch_size
         for b in range(self.start_batch, len(self)):
-            yield [(self.epoch, int(i)) for i in idx[b * self.batch:(b + 1) * self.batch]]
+            yield [(self.epoch, int(i)) for i in idx[b * batch:(b + 1) * batch]]
 
     def __len__(self) -> int:
-        return num_batches(self.n, self.world_size, self.batch, self.drop_last)
+        return self.spec.num_batches(self.n)
 
 
 class TorchvisionLoader:
-    def __init__(self, images: ImageList, *, views: int, size: int, batch_size: int, scale, ratio,
-                 flip_prob: float, seed: int, rank: int, world_size: int, device: torch.device,
-                 workers: int, prefetch: int, train: bool, drop_last: bool):
-        self.images, self.classes, self.device = images, images.classes, device
-        self.views = views if train else 1
-        dataset = _ViewsDataset(images, self.views, size, scale, ratio, flip_prob, seed, train)
-        self.sampler = _EpochBatchSampler(len(images), rank, world_size, batch_size, seed,
-                                          shuffle=train, drop_last=drop_last)
+    def __init__(self, images: ImageList, spec: LoaderSpec):
+        self.images, self.classes, self.spec, self.device = images, images.classes, spec, spec.device
+        self.views = spec.views
+        self.bad_images: list[str] = []                  # "file: reason", distinct, in the order met
+        workers = spec.workers
+        self.sampler = _EpochBatchSampler(len(images), spec)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=prefetch if workers > 0 else None)
+            _ViewsDataset(images, spec), batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=spec.prefetch if workers > 0 else None)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
@@ -123,16 +138,12 @@ class TorchvisionLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        for views, labels, indices in self.loader:
+        for views, labels, indices, bad in self.loader:
+            for name, reason in bad:
+                check_bad(self.spec, self.bad_images, name, reason)
             yield Batch(to_device_views(views, self.device), labels.to(self.device, non_blocking=True),
                         indices.to(self.device, non_blocking=True))
 
 
-def build(cfg, info, split: str, train: bool = True) -> TorchvisionLoader:
-    images = scan_image_folder(split_dir(cfg.data, split), cfg.max_images)
-    batch = per_rank_batch(cfg.batch_size, info.world_size)
-    return TorchvisionLoader(
-        images, views=cfg.views, size=cfg.size if train else (cfg.eval_size or cfg.size),
-        batch_size=batch, scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob,
-        seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=info.device,
-        workers=cfg.workers, prefetch=cfg.prefetch, train=train, drop_last=cfg.drop_last if train else False)
+def build(cfg, spec: LoaderSpec, split: str) -> TorchvisionLoader:
+    return TorchvisionLoader(scan_image_folder(split_dir(cfg.data, split), spec.max_images), spec)

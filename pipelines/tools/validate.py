@@ -12,7 +12,7 @@ The core is reusable by every loader and converter:
 
     check_image(data) -> None or "reason"      # one encoded image (bytes / uint8 array)
     image_size(data) -> (height, width)        # header only; raises BadImage
-    find_bad(samples, workers) -> [(i, reason)]  # any indexable sample source (pipelines/tools/webdataset.py)
+    find_bad(samples, workers) -> [(i, reason)]  # any indexable sample source (pipelines/loaders/samples.py)
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
+
+from pipelines.loaders.common import DataError
+from pipelines.loaders.samples import is_split, open_split
 
 
 class BadImage(ValueError):
@@ -149,12 +152,10 @@ def find_bad(samples, workers: int = 4, progress=None) -> list[tuple[int, str]]:
 def find_splits(path: Path) -> list[Path]:
     """The split folders under `path`: itself if it is one (ImageFolder or webdataset), else its
     sub-folders that are."""
-    from pipelines.tools.webdataset import is_split
     if is_split(path):
         return [path]
     splits = sorted(p for p in path.iterdir() if p.is_dir() and is_split(p)) if path.is_dir() else []
     if not splits:
-        from pipelines.loaders.common import DataError
         raise DataError(f"{path} holds no images: expected <split>/<class>/<image>, <class>/<image> "
                         "or webdataset shards (index.json) from `convert.py webdataset`")
     return splits
@@ -162,7 +163,6 @@ def find_splits(path: Path) -> list[Path]:
 
 def validate(path: str | Path, workers: int = 4, verbose: bool = True) -> dict:
     """Check every image under `path`; returns the report (counts and bad files per split)."""
-    from pipelines.tools.webdataset import open_split
     report = {"path": str(path), "splits": {}, "checked": 0, "bad": 0}
     for split in find_splits(Path(path)):
         samples = open_split(split)

@@ -1,4 +1,4 @@
-"""Webdataset tar shards for network file systems, and the sample sources the DALI loader reads.
+"""Webdataset tar shards for network file systems: the writer (`convert.py webdataset`).
 
     python convert.py webdataset --src data/photos --out data/photos-wds --shard-size 1000
 
@@ -19,11 +19,7 @@ of a webdataset split is image i of the folder (minus files found corrupt, liste
 "skipped"): every loader sees the same images per rank and epoch whichever format it reads. Tar
 headers are fixed (mtime 0, uid 0, mode 0644): the same folder gives byte-identical shards.
 
-Reading: the DALI loader does not use fn.readers.webdataset. That reader cuts each rank a
-contiguous range of shards and shuffles through a bounded buffer, which is neither the run's
-(seed, epoch) permutation nor resumable mid-epoch. `TarSamples` instead keeps the shard files open
-and reads any sample with one pread at the offset in the index: random access in the order of
-`shard_indices`, without the per-file open/stat round trips that make ImageFolders slow on NFS.
+Reading: pipelines/loaders/samples.py (TarSamples: random access through the index).
 """
 from __future__ import annotations
 
@@ -31,179 +27,14 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import tarfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipelines.loaders.common import DataError, scan_image_folder
-
-INDEX = "index.json"
-FORMAT = "masksiam-webdataset"
-
-
-def _spread(n: int, max_images: int) -> np.ndarray:
-    """The first max_images spread over the list, as scan_image_folder picks them (same images)."""
-    return np.linspace(0, n - 1, max_images).round().astype(int)
-
-
-class FolderSamples:
-    """An ImageFolder split (root/<class>/<image>) as a sample source: one file per read."""
-    format = "imagefolder"
-
-    def __init__(self, root: str | Path, max_images: int = 0):
-        images = scan_image_folder(root, max_images)
-        self.root, self.names, self.labels, self.classes = images.root, images.paths, images.labels, images.classes
-        self._paths = [os.path.join(self.root, p) for p in self.names]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def read(self, i: int) -> np.ndarray:
-        """The encoded bytes of sample i as a writable (nbytes,) uint8 array."""
-        return np.fromfile(self._paths[i], dtype=np.uint8)
-
-    def describe(self, i: int) -> str:
-        return self._paths[i]
-
-
-class TarSamples:
-    """A webdataset split written by `convert.py webdataset`: random access through its index.
-
-    Each shard file is opened once, on first use, and kept open (reads from several threads share
-    the descriptor: pread has no file position). If the open-file limit cannot fit every shard even
-    after raising the soft limit to the hard one, each read opens its shard instead.
-    """
-    format = "webdataset"
-
-    def __init__(self, root: str | Path, max_images: int = 0):
-        self.root = Path(root)
-        meta = read_index(self.root)
-        self.classes = meta["classes"]
-        shard_ids, offsets, sizes, names, labels = [], [], [], [], []
-        for s, shard in enumerate(meta["shards"]):
-            entries = _read_idx(self.root / _idx_name(shard["name"]))
-            if len(entries) != shard["num_samples"] or len(shard["labels"]) != shard["num_samples"]:
-                raise DataError(f"{self.root / shard['name']}: index lists {len(entries)} samples and "
-                                f"{len(shard['labels'])} labels, {INDEX} says {shard['num_samples']}; "
-                                "re-run convert.py webdataset")
-            for name, offset, size in entries:
-                shard_ids.append(s), offsets.append(offset), sizes.append(size), names.append(name)
-            labels += shard["labels"]
-        if not names:
-            raise DataError(f"webdataset split {self.root} has no samples")
-        keep = _spread(len(names), max_images) if 0 < max_images < len(names) else np.arange(len(names))
-        self.shards = [self.root / shard["name"] for shard in meta["shards"]]
-        self.shard_of = np.asarray(shard_ids, np.int32)[keep]
-        self.offsets = np.asarray(offsets, np.int64)[keep]
-        self.sizes = np.asarray(sizes, np.int64)[keep]
-        self.names = [names[i] for i in keep]
-        self.labels = [labels[i] for i in keep]
-        self._fds = [-1] * len(self.shards)
-        self._keep_open = _allow_open_files(len(self.shards) + 256)
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def _fd(self, shard: int) -> int:
-        if self._fds[shard] < 0:
-            with self._lock:
-                if self._fds[shard] < 0:
-                    self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        return self._fds[shard]
-
-    def read(self, i: int) -> np.ndarray:
-        """The encoded bytes of sample i as a writable (nbytes,) uint8 array: one pread."""
-        shard, size, offset = int(self.shard_of[i]), int(self.sizes[i]), int(self.offsets[i])
-        out = np.empty(size, np.uint8)
-        if self._keep_open:
-            got = os.preadv(self._fd(shard), [out], offset)
-        else:
-            with open(self.shards[shard], "rb") as f:
-                got = os.preadv(f.fileno(), [out], offset)
-        if got != size:
-            raise OSError(f"{self.describe(i)}: read {got} of {size} bytes (shard truncated?)")
-        return out
-
-    def describe(self, i: int) -> str:
-        return f"{self.shards[int(self.shard_of[i])]}:{self.names[i]}"
-
-    def __del__(self):
-        for fd in getattr(self, "_fds", []):
-            if fd >= 0:
-                os.close(fd)
-
-
-def _allow_open_files(n: int) -> bool:
-    """Raise the soft open-file limit towards the hard one if n files need it; False if it cannot."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if n <= soft:
-        return True
-    if hard != resource.RLIM_INFINITY and n > hard:
-        return False
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-    return True
-
-
-def is_webdataset(path: str | Path) -> bool:
-    return (Path(path) / INDEX).is_file()
-
-
-def is_split(path: str | Path) -> bool:
-    """A webdataset split, or a folder whose sub-folders hold images directly (an ImageFolder)."""
-    path = Path(path)
-    if is_webdataset(path):
-        return True
-    from pipelines.loaders.common import IMG_EXTENSIONS
-    for sub in (p for p in path.iterdir() if p.is_dir()) if path.is_dir() else ():
-        if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(sub)):
-            return True
-    return False
-
-
-def open_split(path: str | Path, max_images: int = 0) -> FolderSamples | TarSamples:
-    """The sample source at `path`: webdataset shards if it holds index.json, else an ImageFolder."""
-    return TarSamples(path, max_images) if is_webdataset(path) else FolderSamples(path, max_images)
-
-
-def read_index(split: Path) -> dict:
-    try:
-        with open(split / INDEX) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read webdataset index {split / INDEX}: {err}") from err
-    if meta.get("format") != FORMAT or meta.get("version") != 1:
-        raise DataError(f"{split / INDEX} is not a {FORMAT} v1 index (format={meta.get('format')!r})")
-    return meta
-
-
-def _idx_name(tar_name: str) -> str:
-    return tar_name[:-len(".tar")] + ".idx"
-
-
-def _read_idx(path: Path) -> list[tuple[str, int, int]]:
-    """(image member name, data offset, size) per sample of a v1.2 DALI webdataset index."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read shard index {path}: {err}") from err
-    if not lines or not lines[0].startswith("v1.2 "):
-        raise DataError(f"{path} is not a v1.2 webdataset index")
-    out = []
-    for line in lines[1:]:
-        fields = line.split()
-        # components "ext offset size name"; the image is every component that is not the label
-        image = next((fields[j:j + 4] for j in range(0, len(fields), 4) if fields[j] != "cls"), None)
-        if image is None or len(image) != 4:
-            raise DataError(f"{path}: malformed line {line!r}")
-        out.append((image[3], int(image[1]), int(image[2])))
-    return out
-
+from pipelines.loaders.common import DataError
+from pipelines.loaders.samples import FORMAT, INDEX, FolderSamples, is_webdataset
+from pipelines.tools.validate import check_image, find_splits
 
 # ---- conversion --------------------------------------------------------------------------------
 
@@ -254,7 +85,6 @@ def convert_split(src: Path, out: Path, shard_size: int, workers: int, on_bad: s
     the conversion with on_bad="fail"."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.tools.validate import check_image
     folder = FolderSamples(src)
     out.mkdir(parents=True)
     keys = [_key(p) for p in folder.names]
@@ -313,7 +143,6 @@ def convert(src: str | Path, out: str | Path, shard_size: int, workers: int = 4,
             force: bool = False, verbose: bool = True) -> dict:
     """Every split of `src` (or `src` itself if it is one ImageFolder split, written as OUT/<name>)
     into webdataset shards under `out`, built in a temporary folder and renamed into place."""
-    from pipelines.tools.validate import find_splits
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be positive, got {shard_size}")

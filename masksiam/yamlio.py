@@ -1,0 +1,125 @@
+"""Yaml files with `base:` inheritance, and values checked against type annotations.
+
+Used by run configs (masksiam/config.py) and augmentation recipes (pipelines/augment/recipes.py):
+
+    layers = read_layers(path, error=ConfigError, what="config file")   # [(file, mapping)], base first
+    value = coerce(raw, Optional[int], "config key 'x' in a.yaml", ConfigError)
+
+A file may name another with `base: other`; the other is read first and this file's keys are laid
+over it (how depends on the caller: configs replace key by key, recipes merge nested mappings).
+Errors are the caller's error class and name the file, the base chain or the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+
+def _relative(base: Any, parent: Path) -> Path:
+    return parent.parent / str(base)
+
+
+def read_layers(path: str | Path, *, error: type[Exception], what: str,
+                resolve: Callable[[Any, Path], Path] = _relative) -> list[tuple[Path, dict]]:
+    """`path` and its `base` chain as [(file, mapping without `base`)], the deepest base first.
+
+    resolve(base value, file naming it) -> the base's path (default: relative to that file); it may
+    raise `error` itself (e.g. an unknown recipe name)."""
+    layers: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    path, child = Path(path), None
+    while True:
+        if not path.is_file():
+            raise error(f"{what} {path} does not exist" + (f" (base of {child})" if child else ""))
+        if path.resolve() in seen:
+            raise error(f"{what} {path}: `base` chain loops back to itself "
+                        f"({' -> '.join(str(p) for p in seen + [path.resolve()])})")
+        seen.append(path.resolve())
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise error(f"{what} {path} is not valid yaml: {err}") from None
+        if not isinstance(data, dict):
+            raise error(f"{what} {path} must hold a mapping of key: value")
+        base = data.pop("base", None)
+        layers.append((path, data))
+        if base is None:
+            return layers[::-1]
+        path, child = resolve(base, path), path
+
+
+def type_name(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(typ))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(typ))
+    if origin is tuple:
+        return "[" + ", ".join(type_name(a) for a in typing.get_args(typ)) + "]"
+    return "null" if typ is type(None) else getattr(typ, "__name__", str(typ))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def coerce(value: Any, typ: Any, where: str, error: type[Exception]) -> Any:
+    """`value` checked against the annotation `typ`, with the few safe conversions (int -> float,
+    list -> tuple, a number -> str); a dataclass type takes a mapping of its fields. `where` starts
+    the error message (it names the key and the file)."""
+    origin = typing.get_origin(typ)
+    bad = error(f"{where}: expected {type_name(typ)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where, error)
+            except error:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            raise error(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(typ))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], where, error) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(coerce(v, a, where, error) for a, v in zip(args, value))
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected a mapping of {typ.__name__} settings, got {value!r}")
+        hints = typing.get_type_hints(typ)
+        names = [f.name for f in dataclasses.fields(typ)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise error(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+        return typ(**{k: coerce(v, hints[k], f"{where}.{k}", error) for k, v in value.items()})
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is float and _number(value):
+        return float(value)
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if _number(value):
+            return str(value)  # e.g. run_name=123
+    if typ is dict and isinstance(value, dict):
+        return value
+    raise bad
