@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import masksiam  # noqa: F401
+from eval import knn as knn_mod
 from eval.knn import extract_features, knn_accuracy, knn_predict
 from pipelines.loaders.common import Batch
 
@@ -67,3 +69,85 @@ def test_extract_features_orders_dedupes_and_knn_accuracy_end_to_end():
     assert labs.tolist() == [0, 1, 0, 1, 0, 1]                                    # by index 0..5
     acc = knn_accuracy(backbone, loader, loader, transform, torch.device("cpu"), num_classes=2, k=3)
     assert acc == 1.0
+
+
+# ---- the sharded bank: 2 gloo processes give the 1-process answer ------------------------------
+
+def _sharded_data():
+    """A bank of 101 images (odd: unequal shards) in 6 noisy clusters, 40 queries, float16 bank."""
+    g = torch.Generator().manual_seed(7)
+    centres = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    bank_labels = torch.randint(0, 6, (101,), generator=g)
+    bank = F.normalize(centres[bank_labels] + 0.4 * torch.randn(101, 16, generator=g), dim=1).half()
+    q_labels = torch.randint(0, 6, (40,), generator=g)
+    queries = F.normalize(centres[q_labels] + 0.4 * torch.randn(40, 16, generator=g), dim=1)
+    return bank, bank_labels, queries, q_labels
+
+
+class _ShardLoader(_Loader):
+    """Rank r's share of an eval epoch as the loaders cut it: interleaved, the tail padded by wrapping."""
+
+    def __init__(self, pixels, labels, rank, world, batch):
+        from pipelines.loaders.common import shard_indices
+        idx = torch.as_tensor(shard_indices(len(labels), rank, world, 0, 0, batch, shuffle=False, drop_last=False))
+        super().__init__(pixels[idx], labels[idx], idx, batch)
+
+
+def _pixels():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(2).repeat(13)[:25]                                  # 25 images: padding at 2 ranks
+    base = torch.tensor([[200, 20, 20], [20, 20, 200]], dtype=torch.float32)
+    pixels = (base[labels] + 40 * torch.randn(25, 3, generator=g)).clamp(0, 255).to(torch.uint8).view(-1, 3, 1, 1)
+    return pixels, labels
+
+
+def _knn_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    from eval.knn import owned
+    from masksiam import dist as mdist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    mdist.init_distributed("cpu")                # gloo on the CPU, also on a CUDA host
+    torch.set_num_threads(1)
+    bank, bank_labels, queries, _ = _sharded_data()
+    shard = slice(0, 60) if rank == 0 else slice(60, 101)                     # 60 / 41 images
+    out = {"shard_rows": bank[shard].shape[0]}
+    for k in (5, 50):                                                         # 50 > rank 1's 41: -inf padding
+        out[f"k{k}"] = knn_predict(bank[shard], bank_labels[shard], queries, 6, k=k, t=0.07, chunk=16, sharded=True)
+    # end to end through loaders that pad the last batch: each index owned once, the answer unchanged
+    pixels, labels = _pixels()
+    loader = _ShardLoader(pixels, labels, rank, 2, batch=4)
+    _, _, idx = knn_mod.embed(torch.nn.Flatten(), loader, _transform, torch.device("cpu"))
+    out["owned"] = idx[owned(idx)]
+    out["acc"] = knn_accuracy(torch.nn.Flatten(), loader, loader, _transform, torch.device("cpu"), 2, k=3)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    mdist.cleanup()
+
+
+def _transform(x):
+    return x.float() / 255 - 0.4
+
+
+@pytest.mark.slow
+def test_sharded_bank_in_two_gloo_processes_equals_one_process(tmp_path):
+    from test_ddp import _free_port, spawn_and_join
+    bank, bank_labels, queries, q_labels = _sharded_data()
+    ref = {k: knn_predict(bank, bank_labels, queries, 6, k=k, t=0.07) for k in (5, 50)}
+    assert (ref[5] == q_labels).float().mean() > 0.5                         # a real classification
+    pixels, labels = _pixels()
+    ref_acc = knn_accuracy(torch.nn.Flatten(), _Loader(pixels, labels, torch.arange(25), 4),
+                           _Loader(pixels, labels, torch.arange(25), 4), _transform, torch.device("cpu"), 2, k=3)
+    spawn_and_join(_knn_worker, (_free_port(), str(tmp_path)), nprocs=2, timeout=180)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert torch.equal(r["k5"], ref[5]) and torch.equal(r["k50"], ref[50])
+        assert r["acc"] == ref_acc
+    assert [r["shard_rows"] for r in ranks] == [60, 41]                      # each rank holds its part only
+    owned_all = torch.cat([r["owned"] for r in ranks])
+    assert sorted(owned_all.tolist()) == list(range(25))                     # the padded copy dropped
+
+
+def test_owned_drops_repeats_in_one_process():
+    from eval.knn import owned
+    idx = torch.tensor([4, 1, 0, 3, 3, 2, 1])
+    assert owned(idx).tolist() == [True, True, True, True, False, True, False]
