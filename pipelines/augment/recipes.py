@@ -48,9 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from masksiam.config import ConfigError
+from masksiam.yamlio import coerce, read_layers
 from pipelines.augment import masks as M
 from pipelines.augment import ops as A
 
@@ -211,15 +210,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in items):
             raise RecipeError(f"{where}: expected integers >= {least}, got {value!r}")
         return tuple(items)
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if typ is bool and isinstance(value, bool):
-        return value
-    if typ is str and isinstance(value, str):
-        return value
-    raise RecipeError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+    return coerce(value, typ, where, RecipeError)             # scalars: the config's rules
 
 
 def _spec(cls, data: Any, where: str):
@@ -280,27 +271,28 @@ def _validate(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"{where}: simmim.branches names branch {b}, which does not exist")
 
 
-def _load_yaml(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
-    """The recipe's dict with its `base` chain merged in, and the file it came from."""
+def _recipe_path(name_or_path: str | Path, child: Path | None = None) -> Path:
+    """A recipe name (a built-in) or a yaml path -> its file."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
-        raise RecipeError(f"recipe {name_or_path!r}: no file {path} (built-in recipes: {names})")
-    if str(path) in seen:
-        raise RecipeError(f"recipe {path}: `base` chain loops ({' -> '.join(seen)})")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path}: must hold a mapping")
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise RecipeError(f"recipe {path}: unknown key(s) {', '.join(unknown)}; valid keys: "
-                          f"{', '.join(sorted(_TOP_KEYS))}")
-    if "base" in data:
-        base, _ = _load_yaml(data["base"], seen + (str(path),))
-        data = _merge(base, {k: v for k, v in data.items() if k != "base"})
+        raise RecipeError(f"recipe {name_or_path!r}: no file {path}" + (f" (base of {child})" if child else "")
+                          + f" (built-in recipes: {names})")
+    return path
+
+
+def _load_yaml(name_or_path: str | Path) -> tuple[dict, str]:
+    """The recipe's dict with its `base` chain merged in (masksiam.yamlio), and the file it came from."""
+    path = _recipe_path(name_or_path)
+    data: dict = {}
+    for layer, values in read_layers(path, error=RecipeError, what="recipe", resolve=_recipe_path):
+        unknown = sorted(set(values) - _TOP_KEYS)
+        if unknown:
+            raise RecipeError(f"recipe {layer}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                              f"{', '.join(sorted(_TOP_KEYS))}")
+        data = _merge(data, values)
     return data, str(path)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from masksiam.io import atomic_write_text
 from pipelines.loaders.common import IMG_EXTENSIONS, DataError
 
 SPLITS = ("train", "val")
@@ -92,10 +93,8 @@ def staged_output(out: str | Path, force: bool) -> Iterator[Path]:
 
 
 def write_report(folder: Path, report: dict) -> None:
-    """folder/.complete = the JSON report, written under a temporary name and renamed."""
-    tmp = folder / ".complete.tmp"
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / ".complete")
+    """folder/.complete = the JSON report, written atomically."""
+    atomic_write_text(folder / ".complete", json.dumps(report, indent=1, sort_keys=True) + "\n")
 
 
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:

@@ -43,6 +43,7 @@ import numpy as np
 import psutil
 from PIL import Image, ImageOps
 
+from masksiam.io import atomic_write_text
 from pipelines.loaders.common import DataError, scan_image_folder
 
 HELP = "convert an ImageFolder split into an FFCV .beton (+ FILE.beton.json report)"
@@ -321,10 +322,8 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
                     "workers": workers, "page_size": page_size},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    tmp = sidecar.with_name(sidecar.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2))
     out.unlink(missing_ok=True)         # --force: never an old .beton beside the new report
-    os.replace(tmp, sidecar)
+    atomic_write_text(sidecar, json.dumps(report, indent=2))
     os.replace(partial, out)            # the commit point: a .beton exists only once complete
     return report
 

@@ -13,8 +13,6 @@ with their masked patches darkened.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from PIL import Image, ImageDraw
 import masksiam  # noqa: F401  (torchvision importable before the loader)
 from masksiam.config import Config, apply
 from masksiam.dist import DistInfo
+from masksiam.io import atomic_write
 from pipelines.loaders import build_loader
 from pipelines.augment.masks import upsample_mask
 from pipelines.augment.engine import build_augmenter
@@ -94,15 +93,7 @@ def save_png(img: Image.Image, out: str | Path, colours: int = 0) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if colours:
         img = img.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG", optimize=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda f: img.save(f, format="PNG", optimize=True))
 
 
 def main(argv: list[str] | None = None) -> None:

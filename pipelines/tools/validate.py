@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from masksiam.io import atomic_write_text
 from pipelines.loaders.common import DataError
 from pipelines.loaders.samples import is_split, open_split
 
@@ -189,15 +190,6 @@ def validate(path: str | Path, workers: int = 4, verbose: bool = True) -> dict:
     return report
 
 
-def write_json_atomic(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def add_arguments(p) -> None:
     p.add_argument("path", help="dataset root, split folder, ImageFolder or webdataset split")
     p.add_argument("--json", help="also write the report here (JSON)")
@@ -207,7 +199,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     report = validate(args.path, args.workers)
     if args.json:
-        write_json_atomic(report, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     print(f"{report['checked']} images checked, {report['bad']} bad")
     return 1 if report["bad"] else 0
 

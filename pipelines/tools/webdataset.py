@@ -32,6 +32,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from masksiam.io import atomic_write, atomic_write_text
 from pipelines.loaders.common import DataError
 from pipelines.loaders.samples import FORMAT, INDEX, FolderSamples, is_webdataset
 from pipelines.tools.validate import check_image, find_splits
@@ -61,20 +62,20 @@ def _padded(size: int) -> int:
 def _write_shard(path: Path, samples: list[tuple[str, str, int, bytes]]) -> int:
     """Write one tar (and its .idx) atomically; samples are (key, ext, label, data). Returns bytes."""
     idx_lines = [f"v1.2 {len(samples)}"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, ext, label, data in samples:
-            line = []
-            for member_ext, payload in ((ext, data), ("cls", str(label).encode())):
-                name = f"{key}.{member_ext}"
-                tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
-                # the data ends at tar.offset, padded to a block: whatever the header size was
-                line.append(f"{member_ext} {tar.offset - _padded(len(payload))} {len(payload)} {name}")
-            idx_lines.append(" ".join(line))
-    idx_tmp = tmp.with_suffix(".idx")
-    idx_tmp.write_text("\n".join(idx_lines) + "\n")
-    os.replace(idx_tmp, path.with_suffix(".idx"))
-    os.replace(tmp, path)
+
+    def write_tar(f):
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for key, ext, label, data in samples:
+                line = []
+                for member_ext, payload in ((ext, data), ("cls", str(label).encode())):
+                    name = f"{key}.{member_ext}"
+                    tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
+                    # the data ends at tar.offset, padded to a block: whatever the header size was
+                    line.append(f"{member_ext} {tar.offset - _padded(len(payload))} {len(payload)} {name}")
+                idx_lines.append(" ".join(line))
+
+    atomic_write(path, write_tar)
+    atomic_write_text(path.with_suffix(".idx"), "\n".join(idx_lines) + "\n")
     return path.stat().st_size
 
 

@@ -1,0 +1,71 @@
+"""masksiam/yamlio.py (configs and recipes share it) and masksiam/io.py's file permissions."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import pytest
+
+from masksiam.io import atomic_write_text
+from masksiam.yamlio import coerce, read_layers
+
+
+class Bad(ValueError):
+    pass
+
+
+def test_base_chain_deepest_first_and_relative_to_each_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("a: 1\nb: 1\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nb: 2\n")
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\nc: 3\n")
+    layers = read_layers(tmp_path / "top.yaml", error=Bad, what="config file")
+    assert [p.name for p, _ in layers] == ["root.yaml", "mid.yaml", "top.yaml"]
+    assert [d for _, d in layers] == [{"a": 1, "b": 1}, {"b": 2}, {"c": 3}]     # `base` removed
+
+
+def test_base_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(Bad, match=r"loops back.*a.yaml -> .*b.yaml -> .*a.yaml"):
+        read_layers(tmp_path / "a.yaml", error=Bad, what="config file")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(Bad, match=r"missing.yaml does not exist \(base of .*c.yaml\)"):
+        read_layers(tmp_path / "c.yaml", error=Bad, what="config file")
+    (tmp_path / "d.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(Bad, match="must hold a mapping"):
+        read_layers(tmp_path / "d.yaml", error=Bad, what="config file")
+    (tmp_path / "e.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(Bad, match="not valid yaml"):
+        read_layers(tmp_path / "e.yaml", error=Bad, what="recipe")
+
+
+@dataclass(frozen=True)
+class Inner:
+    p: float = 0.5
+    name: str = "x"
+
+
+def test_coerce_rules():
+    assert coerce(1, float, "k", Bad) == 1.0 and isinstance(coerce(1, float, "k", Bad), float)
+    assert coerce([1, 2], tuple[float, float], "k", Bad) == (1.0, 2.0)
+    assert coerce([1, 2, 3], tuple[int, ...], "k", Bad) == (1, 2, 3)
+    assert coerce(None, Optional[int], "k", Bad) is None and coerce(3, Optional[int], "k", Bad) == 3
+    assert coerce(123, str, "k", Bad) == "123"
+    assert coerce({"p": 1}, Inner, "k", Bad) == Inner(p=1.0)
+    for value, typ, says in ((True, int, "expected int, got True"), (1.5, int, "expected int"),
+                             ("a", Optional[int], "expected int or null"), ([1], tuple[float, float], r"\[float, float\]"),
+                             ("c", Literal["a", "b"], "'c' is not one of 'a', 'b'"), (1, bool, "expected bool"),
+                             ({"q": 1}, Inner, r"k: unknown key\(s\) q; valid keys: p, name"),
+                             ({"p": "hi"}, Inner, "k.p: expected float")):
+        with pytest.raises(Bad, match=says):
+            coerce(value, typ, "k", Bad)
+
+
+def test_atomic_write_gives_open_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "r.json", "{}")
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
