@@ -42,6 +42,7 @@ from masksiam.runinfo import write_run_info
 from losses import build_method, get_method, hparams, shape_keys
 from models.resnet import build_backbone_from_config, use_small_stem
 from models.syncbn import convert_sync_batchnorm
+from pipelines.augment.ahead import AugmentAhead
 from pipelines.augment.engine import build_augmenter
 from pipelines.loaders import build_loader
 from pipelines.loaders.common import DataError
@@ -102,6 +103,7 @@ def main(argv=None) -> dict:
     loader = build_loader(cfg, info)
     augment = build_augmenter(cfg.recipe, size=cfg.size, device=info.device, dtype=aug_dtype,
                               seed=cfg.seed, rank=info.rank, mix=cfg.mix, compile=cfg.compile)
+    ahead = AugmentAhead(augment, enabled=cfg.augment_ahead)   # batch k+1 augmented while k trains
     if augment.sources != cfg.views:
         raise ConfigError(f"recipe {cfg.recipe!r} takes {augment.sources} crops per image but views={cfg.views}")
     steps_per_epoch = len(loader)
@@ -135,7 +137,7 @@ def main(argv=None) -> dict:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        augment.load_state_dict(state["augment"][info.rank])
+        ahead.load_state_dict(state["augment"][info.rank])
         torch.set_rng_state(state["rng_cpu"][info.rank])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         if info.is_main:
@@ -153,7 +155,7 @@ def main(argv=None) -> dict:
     dist.barrier()
 
     def save_checkpoint(batch_in_epoch: int) -> None:
-        aug_states = _all_gather_object(augment.state_dict())
+        aug_states = _all_gather_object(ahead.state_dict())
         rng_states = _all_gather_object(torch.get_rng_state())
         failed = None
         if info.is_main:
@@ -192,11 +194,11 @@ def main(argv=None) -> dict:
             log.start_epoch(epoch, steps_per_epoch, start_batch)
             batch_in_epoch = start_batch
             t_wait = time.perf_counter()
-            for batch in loader:
+            # out: float views (N,3,H,W) channels-last, masks, mixed view
+            for batch, out in ahead.epoch(loader):
                 since_log.data += time.perf_counter() - t_wait
                 lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.min_lr_ratio)
                 set_lr(optimizer, lr)
-                out = augment(batch.views)          # float views (N,3,H,W) channels-last, masks, mix
                 loss, logs, nonfinite = train_step(model, optimizer, scaler, autocast, out, cfg.grad_clip)
                 method.after_step(step, total_steps)   # EMA target, queue: every method's own hook
                 bad_in_row = (bad_in_row + 1) * nonfinite

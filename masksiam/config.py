@@ -19,11 +19,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from masksiam.errors import UserError
 from masksiam.yamlio import coerce, read_layers
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and where it came from."""
+    exit_code = 2
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Config:
     max_steps: int = 0                     # stop after this many optimizer steps (0 = no limit)
     progress: bool = True                  # progress bar on rank 0
     max_bad_steps: int = 10                # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2              # checkpoint.pt and the previous ones (checkpoint.1.pt, ...): a resume
+                                           # falls back to the newest readable one
 
     # ---- data -----------------------------------------------------------------------------------
     data: str = "data/fashion-mnist"       # ImageFolder root with train/ and val/ inside
@@ -69,6 +73,7 @@ class Config:
     recipe: str = "simclr"                 # name in pipelines/augment/recipes/ or a yaml path
     mix: Literal["none", "mixmask", "unmix"] = "none"   # add this mixing to a recipe without one ("none": the recipe's own)
     highpass_eval: Optional[bool] = None   # high-pass kNN / eval inputs (None: when the recipe high-passes, MSCN)
+    augment_ahead: bool = True             # augment batch k+1 while batch k trains (a side stream on CUDA)
 
     # ---- model ----------------------------------------------------------------------------------
     arch: str = "resnet50"
@@ -95,6 +100,12 @@ class Config:
     sim_coeff: Optional[float] = None      # VICReg invariance
     std_coeff: Optional[float] = None      # VICReg variance
     cov_coeff: Optional[float] = None      # VICReg covariance
+    mim_encoder: Optional[Literal["dense", "sparse"]] = None   # SimMIM: mask token after the stem, or SparK-style
+    decoder_depth: Optional[int] = None    # SimMIM / MixMAE: 3x3 conv blocks before the pixel head (0 = linear)
+    decoder_dim: Optional[int] = None      # their width
+    norm_pix_loss: Optional[bool] = None   # MIM target: per-patch normalised pixels (MAE / MixMIM)
+    lut_weight: Optional[float] = None     # LUT broader-context loss weight (0 = off; seed 003: 0.25)
+    lut_momentum: Optional[float] = None   # its EMA teacher's momentum (start of the cosine schedule)
     mix_weight: float = 1.0                # weight of the mixed loss term
 
     # ---- optimisation ---------------------------------------------------------------------------
