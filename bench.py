@@ -215,18 +215,19 @@ BASELINE = "torchvision-v2"
 
 
 class _Views:
-    """ImageFolder transform: PIL image -> V x (3, S, S) uint8, each view RandomResizedCrop (antialiased
-    bilinear) + horizontal flip of the one decoded image, all torchvision.transforms.v2 on tensors."""
+    """ImageFolder transform: PIL image -> V x (3, S_v, S_v) uint8, view v RandomResizedCrop(S_v,
+    scale_v) (antialiased bilinear) + horizontal flip of the one decoded image, all
+    torchvision.transforms.v2 on tensors. views: (size, scale) per view."""
 
-    def __init__(self, views: int, size: int, scale, ratio, flip_prob: float):
+    def __init__(self, views, ratio, flip_prob: float):
         from torchvision.transforms import v2
-        self.views, self.to_tensor = views, v2.PILToTensor()
-        self.crop = v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-                                v2.RandomHorizontalFlip(flip_prob)])
+        self.to_tensor = v2.PILToTensor()
+        self.crops = [v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+                                  v2.RandomHorizontalFlip(flip_prob)]) for size, scale in views]
 
     def __call__(self, img):
         x = self.to_tensor(img)                      # (3, H, W) uint8
-        return [self.crop(x) for _ in range(self.views)]
+        return [crop(x) for crop in self.crops]
 
 
 class _TorchvisionV2:
@@ -235,15 +236,17 @@ class _TorchvisionV2:
     V x (N, 3, S, S) uint8 moved to the device. It draws its own crops (not masksiam's per-sample
     stream), which does not change its speed."""
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, info: DistInfo):
         from torchvision import datasets
-        self.device = device
+
+        from pipelines.loaders.spec import loader_spec
+        self.device, spec = info.device, loader_spec(cfg, info)    # the views of cfg.crops (multi-crop)
         dataset = datasets.ImageFolder(str(Path(cfg.data) / cfg.train_split),
-                                       transform=_Views(cfg.views, cfg.size, cfg.crop_scale, cfg.crop_ratio,
+                                       transform=_Views(zip(spec.view_sizes, spec.view_scales), cfg.crop_ratio,
                                                         cfg.flip_prob))
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
-            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
             prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -283,13 +286,18 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
     from pipelines.loaders import build_loader
     if backend not in LOADER_BACKENDS:
         sys.exit(f"bench.py loader: unknown backend {backend!r}; choose from {', '.join(LOADER_BACKENDS)}")
-    cfg = apply(Config(), {"data": args.data, **LOADER_BACKENDS[backend], "views": args.views, "size": args.size,
+    views = args.views
+    if args.crops:                                   # the config wants views = the crops' total
+        from pipelines.loaders.spec import parse_crops
+        views = sum(g.count for g in parse_crops(args.crops, args.size, args.views, (0.08, 1.0), "--crops"))
+    cfg = apply(Config(), {"data": args.data, **LOADER_BACKENDS[backend], "views": views, "size": args.size,
                            "batch_size": args.batch_size, "workers": args.workers, "prefetch": args.prefetch,
-                           "train_split": args.split, "ffcv_path": args.ffcv_path, "seed": 0}, "bench.py")
+                           "train_split": args.split, "ffcv_path": args.ffcv_path, "seed": 0,
+                           "crops": args.crops}, "bench.py")
     info = DistInfo(0, 1, 0, device)
     meter = Meter(device)                            # from here: the start-up's memory peak counts too
     t0 = time.perf_counter()
-    loader = _TorchvisionV2(cfg, device) if backend == BASELINE else build_loader(cfg, info)
+    loader = _TorchvisionV2(cfg, info) if backend == BASELINE else build_loader(cfg, info)
     epoch = 0
     loader.set_epoch(epoch)
     it = iter(loader)
@@ -320,7 +328,7 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
     # once per run, in cmd_loader)
     res["host_cpu_ms"] = 10.0 * res["cpu_percent"] / res["images_per_s"]
     res["decodes_per_image"] = _decodes_per_image(backend, args.views, device)
-    res.update(backend=backend, startup_s=startup, views=args.views, size=args.size,
+    res.update(backend=backend, startup_s=startup, views=views, size=args.size, crops=args.crops,
                batch_size=args.batch_size, workers=args.workers, device=str(device))
     if hasattr(loader, "compile_seconds"):           # ffcv: numba compile, part of startup_s
         res["compile_seconds"] = loader.compile_seconds
@@ -361,7 +369,8 @@ def cmd_loader(args) -> dict:
                       f"{run.batches} batches of {run.batch_size} x {run.views} views @ {run.size}px, "
                       f"{run.workers} workers", flush=True)
                 measured[backend].append(bench_loader(backend, run, device))
-        group = {b: {"label": _label(b, combo), **_merge_repeats(measured[b])} for b in backends}
+        group = {b: {"label": _label(b, {**combo, **({"crops": args.crops} if args.crops else {})}),
+                     **_merge_repeats(measured[b])} for b in backends}
         for row in group.values():
             if BASELINE in group:
                 row["ratio_tv2"] = row["images_per_s"] / group[BASELINE]["images_per_s"]
@@ -944,7 +953,8 @@ def readme_block(runs: dict[str, dict], results: str) -> str:
              + f". Full tables and charts: `{results}/*.md`, `*.png`.", "",
              "| measured | setting | rate | ratio |", "|---|---|---|---|"]
     for r in runs.get("loader", {}).get("results", []):
-        lines.append(f"| loader: {r['label']} | {r['views']} views x {r['size']} px, batch {r['batch_size']}, "
+        views = f"crops {r['crops']}" if r.get("crops") else f"{r['views']} views x {r['size']} px"
+        lines.append(f"| loader: {r['label']} | {views}, batch {r['batch_size']}, "
                      f"{r['workers']} workers, {r['device']} | {r['images_per_s']:,.0f} images/s, host CPU "
                      f"{r['host_cpu_ms']:.2f} ms/image ({r['host_cpu_ex_decode_ms']:.2f} ex decode) | "
                      f"x{r['ratio']:.2f}" + (f", x{r['ratio_tv2']:.2f} vs {BASELINE}" if "ratio_tv2" in r else "")
@@ -999,6 +1009,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="train")
     p.add_argument("--ffcv-path", default="", help="the .beton for ffcv (default DATA/SPLIT.beton)")
     p.add_argument("--views", type=int, default=2)
+    p.add_argument("--crops", default="", help="multi-crop views, e.g. 2x224@0.14-1,6x96@0.05-0.14 "
+                   "(the config's crops=; replaces --views/--size)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=20)

@@ -24,6 +24,7 @@ from masksiam.dist import DistInfo
 from pipelines.loaders import build_loader
 from pipelines.loaders.common import DataError, random_resized_crop_params, sample_rng, scan_image_folder, shard_indices
 from pipelines.loaders.torchvision_loader import crop_flip
+from pipelines.tools.validate import image_size
 
 HAVE_DALI = have_loader_library("nvidia.dali")  # an error, not skips, where the project installed it
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
@@ -107,10 +108,11 @@ def test_gpu_crop_graph_on_cpu_matches_torchvision(image_folder, train):
     a fractional ROI for the eval crop), run on the CPU: same pixels as the reference."""
     from pipelines.loaders.dali_loader import DaliLoader
     from pipelines.loaders.samples import open_split
+    from pipelines.loaders.spec import loader_spec
     split = "train" if train else "val"
-    ours = DaliLoader(open_split(image_folder / split), views=2, size=48, batch_size=4, scale=(0.08, 1.0),
-                      ratio=(3 / 4, 4 / 3), flip_prob=0.5, seed=0, rank=0, world_size=1, device=torch.device("cpu"),
-                      decoder="cpu", threads=2, prefetch=2, train=train, drop_last=train, crop_in_dali=True)
+    cfg = Config(data=str(image_folder), loader="dali", batch_size=4, views=2, size=48, workers=2)
+    spec = loader_spec(cfg, DistInfo(0, 1, 0, torch.device("cpu")), train)
+    ours = DaliLoader(open_split(image_folder / split), spec, decoder="cpu", crop_in_dali=True)
     ref = loader(image_folder, backend="torchvision", split=split, train=train, size=48)
     for a, b in zip(epoch(ours, 1), epoch(ref, 1)):
         assert torch.equal(a.indices, b.indices) and len(a.views) == len(b.views) == (2 if train else 1)
@@ -164,6 +166,49 @@ def test_shards_are_disjoint_and_cover(image_folder, drop_last):
 def epoch_order(image_folder, n, world, drop_last, e):
     ld = loader(image_folder, rank=0, world_size=world, batch_size=9, max_images=n, drop_last=drop_last)
     return torch.cat([b.indices for b in epoch(ld, e)]).tolist()
+
+
+MULTI_CROP = "2x48@0.3-1,3x24@0.05-0.3"   # 2 global + 3 local views
+
+
+@needs_dali
+@pytest.mark.parametrize("crop_in_dali", [False, True])
+def test_multi_crop_decodes_once_same_crops_as_torchvision(image_folder, crop_in_dali):
+    """crops=: every view at its own size, each image decoded once (one window per image, the union of
+    its 5 boxes), the boxes spec.boxes draws, and so the torchvision loader's pixels, view by view;
+    the host crop (torch) and the GPU graph (DALI's fn.resize, run on the CPU) alike."""
+    from pipelines.loaders.dali_loader import DaliLoader
+    from pipelines.loaders.samples import open_split
+    from pipelines.loaders.spec import loader_spec
+    cfg = Config(data=str(image_folder), loader="dali", batch_size=4, views=5, crops=MULTI_CROP, workers=2)
+    spec = loader_spec(cfg, DistInfo(0, 1, 0, torch.device("cpu")), True)
+    assert spec.view_sizes == (48, 48, 24, 24, 24)
+    ours = DaliLoader(open_split(image_folder / "train"), spec, decoder="cpu", crop_in_dali=crop_in_dali)
+    ref = loader(image_folder, backend="torchvision", views=5, crops=MULTI_CROP)
+
+    # the plan of one batch: one encoded image and one window per sample; window + box = spec.boxes
+    indices = spec.shard(len(ours.samples), 2)[:4]
+    plan = ours._plan_batch(2, indices)
+    start, shape = plan.inputs[1], plan.inputs[2]                  # (n, 2) x, y and w, h
+    assert len(plan.encoded) == len(indices) and plan.views.shape == (5, 4, 5)
+    for k, i in enumerate(indices):
+        height, width = image_size(ours.samples.read(int(i)))
+        want = spec.boxes(2, int(i), height, width).astype(np.float32)  # (V, 5) top, left, h, w, flip
+        got = plan.views[:, k].copy()
+        got[:, 0] += start[k, 1]
+        got[:, 1] += start[k, 0]
+        np.testing.assert_array_equal(got, want)
+        assert (plan.views[:, k, 0] >= 0).all() and (plan.views[:, k, 0] + plan.views[:, k, 2] <= shape[k, 1]).all()
+        assert (plan.views[:, k, 1] >= 0).all() and (plan.views[:, k, 1] + plan.views[:, k, 3] <= shape[k, 0]).all()
+
+    for e in (0, 2):
+        for a, b in zip(epoch(ours, e), epoch(ref, e)):
+            assert torch.equal(a.indices, b.indices) and len(a.views) == len(b.views) == 5
+            for u, v, size in zip(a.views, b.views, spec.view_sizes):
+                assert u.shape == v.shape == (4, 3, size, size)
+                assert u.is_contiguous(memory_format=torch.channels_last)
+                diff = (u.int() - v.int()).abs()
+                assert interior(diff).max() <= 2 and diff.float().mean() < 0.5
 
 
 @needs_dali
@@ -298,11 +343,44 @@ def test_bad_files_are_named(tmp_path):
     }
     for name, (data, reason) in cases.items():
         root = folder_with(tmp_path / name, name, data)
-        ld = loader(root, batch_size=2)
+        ld = loader(root, batch_size=2, bad_images="stop")
         for attempt in range(2):  # and again: the loader recovers from the failed pipeline
             with pytest.raises(DataError) as err:
                 epoch(ld, attempt)
             assert f"b/{name}" in str(err.value) and reason in str(err.value), str(err.value)
+
+
+@needs_dali
+@pytest.mark.parametrize("name", ["text.jpg", "junk.jpg", "truncated.jpg"])
+def test_bad_images_skip_replaces_names_and_resumes(tmp_path, name):
+    """bad_images=skip (the default): the bad file (found on the host, by DALI's parser or by its
+    decoder) is replaced by the next image of its class (common.replacement: b/0.jpg, wrapping
+    around), named once in loader.bad_images; the epoch is whole and a resume sees the same batches."""
+    good = jpeg_bytes(skimage_photos()[1][:120, :160])
+    first_len = good[4] << 8 | good[5]
+    data = {"text.jpg": b"definitely not a jpeg", "junk.jpg": good[:4 + first_len] + b"\x00\x11" + good[4 + first_len:],
+            "truncated.jpg": good[:len(good) // 2]}[name]
+    root = folder_with(tmp_path, name, data)
+    files = scan_image_folder(root / "train").paths
+    bad, stand_in = files.index(f"b/{name}"), files.index("b/0.jpg")
+    ld = loader(root, batch_size=2, drop_last=False)
+    batches = epoch(ld, 0)
+    indices = torch.cat([b.indices for b in batches]).tolist()
+    order = shard_indices(len(files), 0, 1, 0, 0, 2, drop_last=False).tolist()
+    assert indices == [stand_in if i == bad else i for i in order]
+    assert len(ld.bad_images) == 1 and f"b/{name}" in ld.bad_images[0]
+    k = order.index(bad) // 2                       # the batch that holds the stand-in
+    labels = torch.cat([b.labels for b in batches]).tolist()
+    assert labels[order.index(bad)] == 1            # class b
+    resumed = epoch(ld, 0, start_batch=k)
+    for a, b in zip(resumed, batches[k:]):
+        assert torch.equal(a.indices, b.indices)
+        for u, v in zip(a.views, b.views):
+            assert torch.equal(u, v)
+    assert len(ld.bad_images) == 1                  # still one entry: the same image, met again
+    if name != "junk.jpg":                          # PIL reads junk.jpg: the torchvision loader keeps it
+        ref = epoch(loader(root, backend="torchvision", batch_size=2, drop_last=False), 0)
+        assert torch.cat([b.indices for b in ref]).tolist() == indices
 
 
 @needs_dali

@@ -1,39 +1,50 @@
 """The DALI loader (loader=dali): decode only the pixels the crops keep, on the GPU when there is one.
 
-It meets the contract of pipelines/loaders/common.py: V views per image, each (N, 3, S, S) uint8 channels-last
-on the training device, plus labels and indices. Reads an ImageFolder split or webdataset shards
-(`convert.py webdataset`; detected by their index.json), see pipelines/tools/webdataset.py.
+It meets the contract of pipelines/loaders/common.py: the spec's views (multi-crop: view v is
+(N, 3, S_v, S_v)), uint8 channels-last on the training device, plus labels and indices. Reads an
+ImageFolder split or webdataset shards (`convert.py webdataset`; detected by their index.json), see
+pipelines/loaders/samples.py.
 
 One batch, start to finish:
 
-    host (a planner thread, one batch ahead of DALI's requests, + a pool of cfg.workers threads)
-        order       shard_indices(seed, epoch): the same images per rank and epoch as every backend
+    host (a planner thread, one batch ahead of DALI's requests, + a pool of spec.workers threads,
+          each taking one contiguous run of the batch's samples)
+        order       spec.shard(n, epoch): the same images per rank and epoch as every loader
         read        the encoded bytes: one file, or one pread from an open webdataset shard
-        plan        (H, W) from the header; V boxes + flips from sample_rng(seed, epoch, index),
-                    drawn exactly as the torchvision loader draws them: same crops, resumable
-        window      the union of the V boxes: the only region that gets decoded (train=False: the
-                    whole image, one view = torchvision_loader.eval_transform as a fractional box)
-    DALI (fn.external_source -> cfg.workers threads, cfg.prefetch batches ahead)
-        decode      decoders.image_slice(window): "mixed" = nvJPEG with the hardware JPEG decoder
-                    where the GPU has one, "cpu" = libjpeg-turbo; both skip what lies outside it
+        plan        (H, W) from the header; the V boxes + flips of spec.boxes(epoch, index, H, W),
+                    the crops every loader draws: same crops, resumable
+        window      the union of the V boxes, for the whole batch at once in numpy: the only
+                    region that gets decoded (train=False: the whole image, one view =
+                    torchvision_loader.eval_transform as a fractional box)
+    DALI (fn.external_source -> spec.workers threads, spec.prefetch batches ahead)
+        decode      decoders.image_slice(window), once per image whatever the number of views:
+                    "mixed" = nvJPEG with the hardware JPEG decoder where the GPU has one, "cpu" =
+                    libjpeg-turbo; both skip what lies outside it
         crop        training on a GPU: fn.resize per view on the GPU, ROI = the box inside the
-                    window (given right-to-left for a flip), antialiased bilinear to S x S
+                    window (given right-to-left for a flip), antialiased bilinear to S_v x S_v
     torch
-        GPU         V x (N, S, S, 3) DALI buffers -> torch through DLPack, no copy; NHWC permuted
-                    to NCHW is channels-last for free
-        CPU         the decoded windows come back and torch crops them in the pool (crop_resize)
+        GPU         V x (N, S_v, S_v, 3) DALI buffers -> torch through DLPack, no copy; NHWC
+                    permuted to NCHW is channels-last for free
+        CPU         the pool resizes each box of the decoded windows (a view, no copy; flipped
+                    first) straight into its row of the (N, S_v, S_v, 3) batch (crop_resize)
 
 Why the window and not one decode per view: on the CPU, decoding the union once is as fast as the
 full image or faster (rows below it are never decoded, columns outside skip the IDCT) and cheaper
 than V region decodes, which each redo the entropy decoding; on the GPU it feeds nvJPEG's ROI
 decode. Why torch crops on the CPU: measured on this machine (CPU time per 224 px antialiased view
-from a ~400 px photo) DALI's CPU resampler takes ~1.8 ms, PIL ~1.2 ms, torch's uint8 channels-last
-kernel ~0.4 ms, and the resize is most of the work. On the GPU DALI's resize is the fast one.
+from photos of at most 256 px, one thread) DALI's CPU fn.resize takes ~0.4 ms, torch's uint8
+channels-last kernel writing into the batch ~0.05-0.09 ms; per image the resizes are about as much
+work as the decode. On the GPU DALI's resize is the fast one. What stays in Python per image (the
+read, the header, the crop draws, two calls per view) is ~0.1 ms; the kernels release the
+interpreter lock.
 
-Errors: a file that cannot be read or whose header is unusable stops the batch on the host with a
-DataError naming it. If DALI's decoder fails later, the batches in flight are re-checked with
-pipelines.tools.validate (PIL + DALI's header rules) so the DataError names the file, not only
-"sample #3". `python convert.py validate DIR` finds all of them before a run.
+Bad images (bad_images, pipelines/loaders/spec.py): a file that cannot be read or whose header is
+unusable is found on the host; one that DALI's decoder rejects makes the pipeline fail, and the
+batches in flight are re-checked with pipelines.tools.validate (PIL + DALI's header rules) to name
+it, not only "sample #3". Under bad_images=skip it is replaced by common.replacement (the next image
+of its class folder or shard, as every loader does), named once in loader.bad_images, and the
+batches not yet yielded are planned again on a new pipeline; under bad_images=stop a DataError names
+it. `python convert.py validate DIR` finds all of them before a run.
 
 DALI is imported only here, when a loader is built.
 """
@@ -51,11 +62,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.loaders.common import (Batch, DataError, num_batches, random_resized_crop_params,
-                              sample_rng, shard_indices, split_dir, to_device_views)
+from pipelines.loaders.common import Batch, DataError, replacement, split_dir, to_device_views
 from pipelines.tools.validate import BadImage, check_image, image_size
 from pipelines.loaders.samples import open_split
-from pipelines.loaders.spec import LoaderSpec, eval_short_side
+from pipelines.loaders.spec import LoaderSpec, check_bad, eval_short_side
 
 # nvJPEG buffers sized for ImageNet's largest images (DALI's ImageNet examples) so nothing is
 # reallocated mid-run; the hardware decoder (A100, H100) takes this share of every batch, the
@@ -80,10 +90,12 @@ def import_dali():
 
 class _Plan(NamedTuple):
     """What the host prepared for one batch of n images (kept alive until DALI has used it)."""
-    indices: np.ndarray          # (n,) int64 positions in the split
+    indices: np.ndarray          # (n,) int64 positions in the split (bad images replaced)
     encoded: list[np.ndarray]    # n x (nbytes,) uint8
     views: np.ndarray            # (V, n, 5) float32: top, left, height, width, flip inside the window
     inputs: tuple                # what external_source handed to DALI (no_copy: must stay alive)
+    job: tuple                   # (epoch, the batch's indices as drawn): to plan it again
+    bad: list                    # (file, reason) of the images replaced in this batch
 
 
 def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
@@ -96,29 +108,36 @@ def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, f
     return (new_h - size) // 2 * sy, (new_w - size) // 2 * sx, size * sy, size * sx
 
 
-def crop_resize(image: torch.Tensor, box, size: int) -> torch.Tensor:
+# the call behind F.interpolate(mode="bilinear", antialias=True), with out=: it resizes straight into
+# the batch tensor (torch releases the interpreter lock inside it)
+_RESIZE_AA = torch._C._nn._upsample_bilinear2d_aa
+
+
+def crop_resize(image: torch.Tensor, box, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(h, w, 3) uint8 -> (size, size, 3) uint8: `box` = (top, left, height, width, flip) of
     `image` resized with antialiased bilinear (PIL's filter, as torchvision uses), then flipped.
+    out: a (size, size, 3) uint8 tensor to write into (a row of a batch) instead of a new one.
 
-    An integer box is cut out and resized. A fractional one (the eval crop) is the whole image
-    resized so that the box becomes size x size, then cut out: torchvision's resize-then-crop.
+    An integer box is resized from a view of it, no copy, into `out`, flipped first when asked:
+    the filter is symmetric, so flipping the (usually smaller) box equals flipping the result. A
+    fractional one (the eval crop) is the whole image resized so that the box becomes size x size,
+    then cut out: torchvision's resize-then-crop.
     """
     top, left, height, width, flip = (float(v) for v in box)
     x = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), channels-last strides
-    resize = dict(mode="bilinear", antialias=True, align_corners=False)
+    out = torch.empty(size, size, 3, dtype=torch.uint8) if out is None else out
     if all(v.is_integer() for v in (top, left, height, width)):
         t, l, h, w = int(top), int(left), int(height), int(width)
-        # a contiguous channels-last copy of the box takes torch's vectorised uint8 kernel
-        x = x[..., t:t + h, l:l + w].contiguous(memory_format=torch.channels_last)
-        x = F.interpolate(x, size=(size, size), **resize)
-    else:
-        out_h, out_w = round(x.shape[2] * size / height), round(x.shape[3] * size / width)
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out_h, out_w), **resize)
-        t, l = round(top * size / height), round(left * size / width)
-        x = x[..., t:t + size, l:l + size]
-    if flip:
-        x = x.flip(-1)
-    return x[0].permute(1, 2, 0)
+        x = x[..., t:t + h, l:l + w]
+        _RESIZE_AA(x.flip(-1) if flip else x, (size, size), False, None, out=out.permute(2, 0, 1).unsqueeze(0))
+        return out
+    out_h, out_w = round(x.shape[2] * size / height), round(x.shape[3] * size / width)
+    x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out_h, out_w), mode="bilinear",
+                      antialias=True, align_corners=False)
+    t, l = round(top * size / height), round(left * size / width)
+    x = x[..., t:t + size, l:l + size]
+    out.copy_((x.flip(-1) if flip else x)[0].permute(1, 2, 0))
+    return out
 
 
 class _Source:
@@ -137,11 +156,12 @@ class _Source:
 
 
 class DaliLoader:
-    def __init__(self, samples, *, views: int, size: int, batch_size: int, scale, ratio, flip_prob: float,
-                 seed: int, rank: int, world_size: int, device: torch.device, decoder: str, threads: int,
-                 prefetch: int, train: bool, drop_last: bool, crop_in_dali: bool | None = None):
-        """crop_in_dali: crop with DALI's fn.resize (default: when training on a GPU) instead of torch on
-        the host; on the CPU it only serves to test the GPU graph."""
+    def __init__(self, samples, spec: LoaderSpec, *, decoder: str, crop_in_dali: bool | None = None):
+        """spec: the views (multi-crop: one size per view), order and crops (pipelines/loaders/spec.py);
+        spec.workers is the number of DALI and host threads. crop_in_dali: crop with DALI's fn.resize
+        (default: when training on a GPU) instead of torch on the host; on the CPU it only serves to
+        test the GPU graph."""
+        device = spec.device
         if decoder not in ("mixed", "cpu"):
             raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
         if decoder == "mixed" and device.type != "cuda":
@@ -149,13 +169,16 @@ class DaliLoader:
         self._dali = import_dali()
         self.samples, self.classes, self.device, self.decoder = samples, samples.classes, device, decoder
         self.labels = np.asarray(samples.labels, np.int64)
-        self.views, self.size, self.batch = (views if train else 1), size, batch_size
-        self.scale, self.ratio, self.flip_prob, self.seed, self.train = scale, ratio, flip_prob, seed, train
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.spec, self.train, self.batch = spec, spec.train, spec.batch_size
+        self.sizes = spec.view_sizes if spec.train else (spec.eval_size,)  # one per view, Batch.views order
+        self.views = len(self.sizes)
+        self.threads, self.prefetch = max(1, spec.workers), max(1, spec.prefetch)
         self.crop_in_dali = device.type == "cuda" if crop_in_dali is None else crop_in_dali
         self.epoch, self.start_batch = 0, 0
-        self.bad_images: list[str] = []  # the contract's list; a bad image still stops this loader
+        self.bad_images: list[str] = []  # the contract's "file: reason" list (bad_images=skip)
+        self._bad: dict[int, str] = {}   # index -> reason: unusable, found on the host or by DALI
+        # replacements stay in an image's group: its class folder, or its shard of a webdataset
+        self.groups = np.asarray(samples.shard_of if samples.format == "webdataset" else samples.labels)
         # reads and host crops. One intra-op thread each (a per-thread setting; the training thread
         # keeps its own): the pool already spreads images over the cores, and an OpenMP team per
         # 224 px resize oversubscribed them (measured: 1.3x more images/s on 2 cores)
@@ -171,12 +194,11 @@ class DaliLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return num_batches(len(self.samples), self.world_size, self.batch, self.drop_last)
+        return self.spec.num_batches(len(self.samples))
 
     def __iter__(self):
         pipe = self._pipeline()
-        order = shard_indices(len(self.samples), self.rank, self.world_size, self.seed, self.epoch,
-                              self.batch, shuffle=self.train, drop_last=self.drop_last)
+        order = self.spec.shard(len(self.samples), self.epoch)
         self._todo = deque([self.epoch, order[b * self.batch:(b + 1) * self.batch], None]
                            for b in range(self.start_batch, len(self)))
         try:
@@ -190,36 +212,67 @@ class DaliLoader:
                     raise
                 except RuntimeError as err:  # DALI operator errors; the pipeline is dead after one
                     self._pipe = None
-                    raise self._decode_error(err) from err
-                yield self._to_batch(outputs, self._fed.popleft())
+                    pipe = self._skip_undecodable(err)
+                    continue
+                plan = self._fed.popleft()
+                for name, reason in plan.bad:
+                    check_bad(self.spec, self.bad_images, name, reason)
+                yield self._to_batch(outputs, plan)
         finally:
             self._todo.clear()
             self._drain()
 
     # ---- host side -------------------------------------------------------------------------------
     def _plan_sample(self, epoch: int, index: int):
-        """Read sample `index`, draw its boxes -> (encoded, window x/y/w/h, V boxes in the window)."""
-        try:
-            data = self.samples.read(index)
-            height, width = image_size(data)
-        except (OSError, BadImage) as err:
-            raise DataError(f"cannot use image {self.samples.describe(index)}: {err}") from err
-        if not self.train:
-            return data, (0, 0, width, height), [(*eval_box(height, width, self.size), 0.0)]
-        rng = sample_rng(self.seed, epoch, index)
-        boxes = []
-        for _ in range(self.views):  # the torchvision loader's order of draws: box, then flip
-            top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, rng)
-            boxes.append((top, left, h, w, float(rng.random() < self.flip_prob)))
-        y0, x0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-        y1, x1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-        return data, (x0, y0, x1 - x0, y1 - y0), [(t - y0, l - x0, h, w, f) for t, l, h, w, f in boxes]
+        """Read sample `index`, draw its crops -> (index used, encoded, (V, 5) boxes top, left, h, w,
+        flip in source pixels (train=False: the whole image's eval box, fractional), (h, w), bad).
+
+        An image that cannot be read, whose header is unusable or that DALI failed to decode before
+        (self._bad) is replaced under bad_images=skip by common.replacement, as every loader does;
+        `bad` lists the (file, reason) replaced. bad_images=stop raises DataError naming it.
+        """
+        bad = []
+        for k in range(len(self.samples)):
+            candidate = index if k == 0 else replacement(self.groups, index, k)
+            if k and candidate == index:
+                break                                    # wrapped around: the whole class or shard is bad
+            reason = self._bad.get(candidate)
+            if reason is None:
+                try:
+                    data = self.samples.read(candidate)
+                    height, width = image_size(data)
+                except (OSError, BadImage) as err:
+                    reason = self._bad[candidate] = str(err)
+            if reason is not None:
+                if self.spec.bad_images == "stop":
+                    check_bad(self.spec, [], self.samples.describe(candidate), reason)  # raises DataError
+                bad.append((self.samples.describe(candidate), reason))
+                continue
+            if not self.train:
+                return candidate, data, [(*eval_box(height, width, self.sizes[0]), 0.0)], (height, width), bad
+            # (V, 5): the crops every loader draws for this sample
+            return candidate, data, self.spec.boxes(epoch, candidate, height, width), (height, width), bad
+        raise DataError(f"every image of the group of {self.samples.describe(index)} (its class folder or "
+                        "shard) is unusable: " + "; ".join(f"{f}: {r}" for f, r in bad[:5]))
 
     def _plan_batch(self, epoch: int, indices: np.ndarray) -> _Plan:
-        """Read and plan one batch (reads and header parsing spread over the pool)."""
-        encoded, windows, boxes = zip(*self._pool.map(lambda i: self._plan_sample(epoch, int(i)), indices))
-        windows = np.asarray(windows, np.int32)                           # (n, 4) x, y, w, h
-        views = np.asarray(boxes, np.float32).transpose(1, 0, 2).copy()  # (V, n, 5)
+        """Read and plan one batch: reads, headers and crop draws over the pool (one run of samples
+        per thread), then each image's decode window for the whole batch at once."""
+        parts = self._pool.map(lambda part: [self._plan_sample(epoch, int(indices[k])) for k in part],
+                               _parts(len(indices), self.threads))
+        used, encoded, boxes, sizes, bad = zip(*(sample for part in parts for sample in part))
+        job, indices = (epoch, indices), np.asarray(used, np.int64)
+        boxes = np.asarray(boxes, np.float64)                              # (n, V, 5)
+        if self.train:  # the window: the union of the V boxes, the only region decoded
+            y0, x0 = boxes[:, :, 0].min(1), boxes[:, :, 1].min(1)
+            y1, x1 = (boxes[:, :, 0] + boxes[:, :, 2]).max(1), (boxes[:, :, 1] + boxes[:, :, 3]).max(1)
+        else:           # the whole image
+            y0 = x0 = np.zeros(len(indices))
+            y1, x1 = np.asarray(sizes, np.float64).T
+        windows = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.int32)  # (n, 4) x, y, w, h
+        boxes[:, :, 0] -= y0[:, None]
+        boxes[:, :, 1] -= x0[:, None]
+        views = boxes.transpose(1, 0, 2).astype(np.float32)                # (V, n, 5) inside the window
         inputs = [list(encoded), np.ascontiguousarray(windows[:, :2]), np.ascontiguousarray(windows[:, 2:]),
                   self.labels[indices], indices.astype(np.int64)]
         if self.crop_in_dali:  # fn.resize's ROI per view, given right-to-left when flipped
@@ -228,7 +281,7 @@ class DaliLoader:
             for v in range(self.views):
                 inputs.append(np.stack([top[v], x_from[v]], 1))
                 inputs.append(np.stack([top[v] + h[v], x_to[v]], 1))
-        return _Plan(inputs[4], inputs[0], views, tuple(inputs))
+        return _Plan(inputs[4], inputs[0], views, tuple(inputs), job, [b for sample in bad for b in sample])
 
     def _next_inputs(self):
         """external_source callback: the next batch of this epoch, or StopIteration at its end.
@@ -272,8 +325,8 @@ class DaliLoader:
             else:
                 if on_gpu:
                     images, labels, indices = images.gpu(), labels.gpu(), indices.gpu()
-                views = [fn.resize(images, size=(self.size, self.size), roi_start=rois[2 * v], roi_end=rois[2 * v + 1],
-                                   interp_type=types.INTERP_LINEAR, antialias=True) for v in range(self.views)]
+                views = [fn.resize(images, size=(size, size), roi_start=rois[2 * v], roi_end=rois[2 * v + 1],
+                                   interp_type=types.INTERP_LINEAR, antialias=True) for v, size in enumerate(self.sizes)]
                 pipe.set_outputs(*views, labels, indices)
         pipe.build()
         return pipe
@@ -303,35 +356,58 @@ class DaliLoader:
                 return Batch(views, torch.from_dlpack(labels.as_tensor()), torch.from_dlpack(indices.as_tensor()))
         (windows,) = images
         n = len(plan.indices)
-        decoded = [torch.from_dlpack(windows[k]) for k in range(n)]  # (h, w, 3) each, no copy
-        views = [torch.empty(n, self.size, self.size, 3, dtype=torch.uint8) for _ in range(self.views)]
+        views = [torch.empty(n, size, size, 3, dtype=torch.uint8) for size in self.sizes]
+        boxes = plan.views.tolist()  # (V, n, 5) as Python floats, read per sample below
 
-        def crop(k):
-            for v in range(self.views):
-                views[v][k] = crop_resize(decoded[k], plan.views[v, k], self.size)
+        def crop(part):  # one task per thread, a contiguous run of samples: each view written in place
+            for k in part:
+                image = torch.from_dlpack(windows[k])  # (h, w, 3) window, no copy
+                for v, size in enumerate(self.sizes):
+                    crop_resize(image, boxes[v][k], size, out=views[v][k])
 
-        list(self._pool.map(crop, range(n)))
+        list(self._pool.map(crop, _parts(n, self.threads)))
         return Batch(to_device_views(views, self.device), torch.from_dlpack(labels.as_tensor()).to(self.device),
                      torch.from_dlpack(indices.as_tensor()).to(self.device))
 
-    def _decode_error(self, err: RuntimeError) -> DataError:
-        """Name the file(s) behind a DALI decode error: re-check every image in flight."""
-        bad = [f"{self.samples.describe(int(i))}: {reason}"
-               for plan in self._fed for i, data in zip(plan.indices, plan.encoded)
+    def _undecodable(self, err: RuntimeError) -> list[tuple[int, str]]:
+        """The samples behind a DALI decode error, (index, reason): every image in flight re-checked
+        with pipelines.tools.validate (PIL + DALI's header rules), else the "sample #k" DALI names."""
+        bad = [(int(i), reason) for plan in self._fed for i, data in zip(plan.indices, plan.encoded)
                if (reason := check_image(data)) is not None]
         if not bad and self._fed and (m := re.search(r"sample #(\d+)", str(err))):
             plan = self._fed[0]  # DALI reports the position in the failing (oldest) batch
             if int(m[1]) < len(plan.indices):
-                bad = [f"{self.samples.describe(int(plan.indices[int(m[1])]))}: DALI's decoder rejects it "
-                       "(PIL decodes it)"]
-        if not bad:
+                bad = [(int(plan.indices[int(m[1])]), "DALI's decoder rejects it (PIL decodes it)")]
+        return bad
+
+    def _skip_undecodable(self, err: RuntimeError):
+        """After a DALI decode error: under bad_images=skip, mark the images behind it bad and plan the
+        batches not yet yielded again (they get replacements) on a new pipeline, which is returned;
+        else (or when they cannot be named) raise DataError naming them."""
+        bad = self._undecodable(err)
+        if self.spec.bad_images == "skip" and bad and not any(i in self._bad for i, _ in bad):
+            for i, reason in bad:
+                self._bad[i] = reason
+            again = [[*plan.job, None] for plan in self._fed] + [[job[0], job[1], None] for job in self._todo]
+            self._fed.clear()
+            self._todo = deque(again)
+            self._pipe = self._build_pipeline()  # the failed one is dead; nothing in flight to drain
+            return self._pipe
+        names = [f"{self.samples.describe(i)}: {reason}" for i, reason in bad]
+        if not names:
             files = [self.samples.describe(int(i)) for plan in self._fed for i in plan.indices]
-            bad = [f"one of {len(files)} files that all decode with PIL (first: {', '.join(files[:3])})"]
+            names = [f"one of {len(files)} files that all decode with PIL (first: {', '.join(files[:3])})"]
         dali_said = " ".join(line.strip() for line in str(err).splitlines()
                              if line.strip() and "File " not in line and "pipeline definition" not in line)
         self._fed.clear()
-        return DataError(f"DALI could not decode {'; '.join(bad)}\n  DALI: {dali_said[:500]}\n"
-                         f"  `python convert.py validate <data>` lists every bad file before a run")
+        raise DataError(f"DALI could not decode {'; '.join(names)}\n  DALI: {dali_said[:500]}\n"
+                        f"  `python convert.py validate <data>` lists every bad file before a run") from err
+
+
+def _parts(n: int, k: int) -> list[range]:
+    """range(n) cut into min(n, k) contiguous runs of near-equal length (one task per pool thread)."""
+    k = max(1, min(n, k))
+    return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
 def resolve_decoder(dali_device: str, device: torch.device) -> str:
@@ -343,13 +419,5 @@ def resolve_decoder(dali_device: str, device: torch.device) -> str:
 
 
 def build(cfg, spec: LoaderSpec, split: str) -> DaliLoader:
-    if len(set(zip(spec.view_sizes, spec.view_scales))) > 1:
-        from masksiam.config import ConfigError
-        raise ConfigError(f"loader=dali takes one crop size and scale for now (crops={cfg.crops!r}); "
-                          "use loader=torchvision or ffcv for multi-crop")
     samples = open_split(split_dir(cfg.data, split), spec.max_images)
-    return DaliLoader(
-        samples, views=spec.views, size=spec.view_sizes[0], batch_size=spec.batch_size, scale=spec.view_scales[0],
-        ratio=spec.ratio, flip_prob=spec.flip_prob, seed=spec.seed, rank=spec.rank, world_size=spec.world_size,
-        device=spec.device, decoder=resolve_decoder(cfg.dali_device, spec.device), threads=spec.workers,
-        prefetch=spec.prefetch, train=spec.train, drop_last=spec.drop_last)
+    return DaliLoader(samples, spec, decoder=resolve_decoder(cfg.dali_device, spec.device))
