@@ -101,11 +101,12 @@ def main(argv=None) -> dict:
     # ---- 3. data and augmentation --------------------------------------------------------------
     _check_eval_data(cfg)
     loader = build_loader(cfg, info)
-    augment = build_augmenter(cfg.recipe, size=cfg.size, device=info.device, dtype=aug_dtype,
+    augment = build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device, dtype=aug_dtype,
                               seed=cfg.seed, rank=info.rank, mix=cfg.mix, compile=cfg.compile)
     ahead = AugmentAhead(augment, enabled=cfg.augment_ahead)   # batch k+1 augmented while k trains
-    if augment.sources != cfg.views:
-        raise ConfigError(f"recipe {cfg.recipe!r} takes {augment.sources} crops per image but views={cfg.views}")
+    if augment.sources != loader.spec.views:
+        raise ConfigError(f"recipe {cfg.recipe!r} takes {augment.sources} crops per image but the loader makes "
+                          f"{loader.spec.views} (config keys views / crops)")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise DataError(f"{cfg.data}/{cfg.train_split} has fewer images than one global batch "
@@ -213,7 +214,7 @@ def main(argv=None) -> dict:
                 if step % cfg.log_every == 0 or last_of_epoch or (stop["signal"] and info.world_size == 1):
                     n_bad = int(bad_in_row.item())  # the sync happens here, at log intervals only
                     log.step(step, epoch, lr, since_log.reduce(), _reduce_logs(logs), cfg.batch_size,
-                             int(bad_total.item()))
+                             int(bad_total.item()), loader.bad_images)
                     since_log = _Interval(info.device)
                     if n_bad >= cfg.max_bad_steps:
                         exit, detail = Exit.NONFINITE, (f"stopped: {n_bad} non-finite losses in a row up to step "
@@ -244,7 +245,8 @@ def main(argv=None) -> dict:
                 start_batch = batch_in_epoch
 
         # ---- 10. the end: kNN of the final backbone, exported weights, plot --------------------
-        result = {"run_dir": str(run_dir), "step": step, "epoch": epoch, "exit": detail}
+        result = {"run_dir": str(run_dir), "step": step, "epoch": epoch, "exit": detail,
+                  "bad_images": sorted({b for rank_bad in _all_gather_object(loader.bad_images) for b in rank_bad})}
         if cfg.final_eval and exit in (Exit.FINISHED, Exit.MAX_STEPS):
             if info.is_main:
                 ckpt_io.save_atomic({k: v.detach().cpu() for k, v in method.backbone.state_dict().items()},
@@ -254,6 +256,8 @@ def main(argv=None) -> dict:
             if info.is_main:
                 _plot(metrics_path, run_dir / "curves.png")
         if info.is_main:
+            for bad in result["bad_images"]:
+                print(f"train.py: skipped an unreadable image (bad_images=skip): {bad}", flush=True)
             print(json.dumps(result), flush=True)
             _write(run_dir / "result.json", lambda: atomic_write_text(run_dir / "result.json",
                                                                       json.dumps(result, indent=2)))
@@ -366,6 +370,7 @@ class _Logger:
 
     def __init__(self, path: Path, enabled: bool, progress: bool):
         self.path, self.enabled, self.progress, self.bar = path, enabled, progress and enabled, None
+        self.bad_logged = 0
         self.file = None
         if enabled:
             _write(path, lambda: setattr(self, "file", open(path, "a")))
@@ -383,13 +388,16 @@ class _Logger:
             self.file.flush()
         _write(self.path, write)
 
-    def step(self, step, epoch, lr, since: _Interval, logs, batch_size, bad_total) -> None:
+    def step(self, step, epoch, lr, since: _Interval, logs, batch_size, bad_total, bad_images) -> None:
         elapsed = time.perf_counter() - since.t
         record = {"step": step, "epoch": epoch, "lr": lr,
                   "loss": (since.loss / max(1, since.steps)).item(),
                   "images_per_s": batch_size * since.steps / max(elapsed, 1e-9),
                   "data_wait": since.data / max(elapsed, 1e-9), "nonfinite_total": bad_total}
         record.update({k: float(v) for k, v in logs.items() if k != "loss"})
+        if len(bad_images) > self.bad_logged:       # images replaced since the last line (this rank's)
+            record["bad_images"] = bad_images[self.bad_logged:]
+            self.bad_logged = len(bad_images)
         if self.enabled:
             self._record(record)
             if self.bar is not None:

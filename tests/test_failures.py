@@ -301,3 +301,22 @@ def test_augmenting_one_batch_ahead_changes_no_number(image_folder, tmp_path):
     plain = train.main(_args(image_folder, tmp_path, "plain", *common, "augment_ahead=false"))
     assert _losses(Path(ahead["run_dir"])) == _losses(Path(plain["run_dir"]))
     assert _same_weights(_backbone(Path(ahead["run_dir"])), _backbone(Path(plain["run_dir"])))
+
+
+# ---- a long run survives a bad image --------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_image_mid_run_is_skipped_named_and_resume_stays_exact(image_folder, tmp_path, workers):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = sorted((data / "train" / "class_01").iterdir())[3]
+    bad.write_bytes(bad.read_bytes()[:200])                 # truncated after the run's file listing
+    common = ["epochs=3", "final_eval=false", f"workers={workers}"]
+    full = train.main(_args(data, tmp_path, "full", *common))
+    assert any(bad.name in b and "class_01" in b for b in full["bad_images"]), full["bad_images"]
+    logged = [b for r in _metrics(tmp_path / "full") for b in r.get("bad_images", [])]
+    assert len(logged) == 1 and bad.name in logged[0]       # named once, in the line of its interval
+    _resume_matches(data, tmp_path / "again", common)       # the replacement is deterministic
+    with pytest.raises(train.DataError, match=bad.name):
+        train.main(_args(data, tmp_path, "stop", *common, "bad_images=stop"))
