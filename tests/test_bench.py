@@ -5,6 +5,7 @@ too short and the machines too noisy for that, the numbers only have to be measu
 from __future__ import annotations
 
 import json
+import time
 import os
 from pathlib import Path
 
@@ -247,6 +248,38 @@ def test_loader_compare_torchvision_dali(image_folder, tmp_path):
     for r in rows:                                     # each row: the mean of its two repeats
         assert len(r["images_per_s_runs"]) == 2
         assert r["images_per_s"] == pytest.approx(sum(r["images_per_s_runs"]) / 2)
+        assert r["host_cpu_ex_decode_ms"] == pytest.approx(r["host_cpu_ms"] - r["decode_ms"])
+    # DALI's decode is its decode threads' CPU time (0 on a run shorter than a tick), not a PIL estimate
+    assert rows[1]["decode_ms"] >= 0 and rows[1]["decode_ms"] != rows[0]["decode_ms"]
+
+
+def test_dali_decode_threads_are_found():
+    """bench._dali_thread_cpu reads the CPU time of threads named like DALI's workers, and only those."""
+    import ctypes
+    import threading
+    libc = ctypes.CDLL(None)
+    stop = threading.Event()
+
+    def worker(name: bytes, named: threading.Event, busy: threading.Event):
+        libc.prctl(15, name, 0, 0, 0)                  # PR_SET_NAME: this thread's /proc comm
+        named.set()
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.15:         # 150 ms of CPU, 15 clock ticks
+            pass
+        busy.set()
+        stop.wait()                                    # alive while measured: /proc lists live threads
+
+    before = bench._dali_thread_cpu()
+    done = []
+    for name in (b"[DALI][TP0]Exec", b"other-thread"):
+        named, busy = threading.Event(), threading.Event()
+        threading.Thread(target=worker, args=(name, named, busy), daemon=True).start()
+        assert named.wait(10)
+        done.append(busy)
+    assert all(busy.wait(30) for busy in done)
+    spent = bench._dali_thread_cpu() - before
+    stop.set()
+    assert 0.12 <= spent < 0.22                        # the DALI-named thread's 150 ms, not the other's
 
 
 def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
