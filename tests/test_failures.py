@@ -187,6 +187,8 @@ RESUME_CASES = {
     "moco+mixmask": ["method=moco", "recipe=mixmask", "queue_size=16"],        # queue, EMA, mixing draws
     "simclr+mscn": ["method=simclr", "recipe=mscn"],                          # masks, noise fills
     "barlow+unmix": ["method=barlow", "recipe=unmix"],                        # mixup / cutmix draws
+    "byol+multicrop": ["method=byol", "pred_hidden=32", "recipe=byol_multicrop", "views=8",
+                       "crops=2x24@0.3-1,6x12@0.1-0.3"],                       # 2 + 6 crops, two sizes
 }
 
 
