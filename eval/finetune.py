@@ -284,9 +284,14 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch (lr scales with it)")
     p.add_argument("--seed", type=int, default=0, help="subset draw")
     p.add_argument("--out", default=None, help="result folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="cap the training images (spread over the class-sorted subset; 0 = all)")
     p.add_argument("--max-val", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--random-init", action="store_true", help="the same arch from random init (a baseline)")
+    p.add_argument("--random-init", action="store_true",
+                   help="the same arch from random init: a baseline; with --full --fraction 1.0 --layer-decay 1.0, "
+                        "supervised training from scratch")
+    p.add_argument("--name", default=None, help="result name (default finetune_<subset>)")
     p.add_argument("--save", action="store_true",
                    help="write the fine-tuned network to <out>/<name>.pt (torchvision keys, fc included)")
     p.add_argument("--no-progress", action="store_true")
@@ -315,8 +320,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     try:
         subset, subset_file = None, None
-        names, labels, classes = sample_names(cfg, cfg.train_split) if (args.subset or args.fraction < 1) \
-            else (None, None, None)
+        need_list = args.subset or args.fraction < 1 or args.max_train
+        names, labels, classes = sample_names(cfg, cfg.train_split) if need_list else (None, None, None)
         if args.subset:
             subset = read_subset_file(args.subset, names)
             tag = Path(args.subset).stem
@@ -325,6 +330,10 @@ def main(argv=None) -> dict:
             tag = f"{_fraction_name(args.fraction)}_seed{args.seed}"
         else:
             tag = "100percent"
+            subset = np.arange(len(names)) if args.max_train else None
+        if args.max_train and len(subset) > args.max_train:
+            subset = subset[np.linspace(0, len(subset) - 1, args.max_train).round().astype(np.int64)]
+            tag += f"_max{args.max_train}"
         n_train = len(subset) if subset is not None else None
         train_cfg = cfg
         if subset is not None:
@@ -348,7 +357,7 @@ def main(argv=None) -> dict:
                            show=show, log=log)
     except (DataError, EvalError) as err:
         sys.exit(f"eval.finetune: {err}")
-    name = f"finetune_{'full_' if args.full else ''}{tag}"
+    name = args.name or f"finetune_{'full_' if args.full else ''}{tag}"
     final = history[-1]
     result = {"eval": "finetune_full" if args.full else "finetune", "label": name, "checkpoint": args.checkpoint,
               "metrics": {"top1": final["val_top1"], "top5": final["val_top5"],

@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         if args.out:
-            write_results(args.out, "knn", {"eval": "knn", "checkpoint": args.checkpoint,
+            write_results(args.out, "knn", {"eval": "knn", "label": "knn", "checkpoint": args.checkpoint,
                                             "metrics": {"knn_top1": top1}, "curves": {},
                                             "settings": {"k": cfg.knn_k, "t": cfg.knn_t, "loader": cfg.loader,
                                                          "random_init": args.random_init}})

@@ -20,7 +20,7 @@ instead of a full protocol, for comparisons between runs, not for paper numbers.
 affine-free BatchNorm on the features (MAE's probe), which makes one lr fit most backbones.
 
 The backbone is frozen: eval mode (BatchNorm statistics untouched), no gradients. Writes
-<out>/linear.json, linear.md, linear.png (train loss, val top-1 / top-5, lr per epoch).
+<out>/linear.json, linear.md, linear.png (train loss, val top-1 / top-5, lr per epoch; --name renames).
 """
 from __future__ import annotations
 
@@ -212,7 +212,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-val", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--random-init", action="store_true", help="probe the same arch at random init")
-    p.add_argument("--save-head", action="store_true", help="write the classifier to <out>/linear_head.pt")
+    p.add_argument("--save-head", action="store_true", help="write the classifier to <out>/<name>_head.pt")
+    p.add_argument("--name", default=None,
+                   help="result name: <out>/<name>.json/.md/.png and its report column (default linear)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -259,7 +261,9 @@ def main(argv=None) -> dict:
     except DataError as err:
         sys.exit(f"eval.linear: {err}")
     final = history[-1]
-    result = {"eval": "linear", "label": f"linear ({preset_name}{', fast' if args.fast else ''})",
+    label = args.name or f"linear ({preset_name}{', fast' if args.fast else ''})"
+    name = args.name or "linear"
+    result = {"eval": "linear", "label": label,
               "checkpoint": args.checkpoint,
               "metrics": {"top1": final["val_top1"], "top5": final["val_top5"],
                           "best_top1": max(r["val_top1"] for r in history)},
@@ -269,9 +273,9 @@ def main(argv=None) -> dict:
                            "random_init": args.random_init, "world_size": info.world_size,
                            "seconds": round(time.perf_counter() - t0, 1)}}
     if info.is_main:
-        paths = write_results(out, "linear", result)
+        paths = write_results(out, name, result)
         if args.save_head:
-            torch.save({k: v.cpu() for k, v in head.state_dict().items()}, out / "linear_head.pt")
+            torch.save({k: v.cpu() for k, v in head.state_dict().items()}, out / f"{name}_head.pt")
         print(f"linear probe ({preset_name}): top-1 {100 * final['val_top1']:.2f}%  top-5 "
               f"{100 * final['val_top5']:.2f}%  -> {paths['json']}", flush=True)
     dist.cleanup()

@@ -2,7 +2,8 @@
 
     python -m eval.report runs/simclr runs/mscn_simclr ... [--out runs/report] [--title T]
 
-Each RUNDIR contributes train.py's result.json (kNN top-1 of the final backbone) and every
+Each RUNDIR contributes train.py's result.json (kNN top-1 of the final backbone, column "knn", as
+eval.knn --out) and every
 evaluation JSON under it (<run>/eval/*.json and <run>/*.json written by eval.knn / linear /
 finetune; an eval JSON file may also be given directly). Columns are the evaluations (top-1, %),
 rows the runs. Runs whose names differ only by a seed suffix (`-seed1`, `_s2`) form one row: the
@@ -36,7 +37,7 @@ def collect(run: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     train = _load(run / "result.json")
     if train and "knn_top1" in train:
-        out["kNN (train.py)"] = {"eval": "knn", "metrics": {"top1": train["knn_top1"]}, "curves": {}}
+        out["knn"] = {"eval": "knn", "metrics": {"top1": train["knn_top1"]}, "curves": {}}
     for path in sorted(list(run.glob("*.json")) + list(run.glob("eval/*.json"))):
         r = _load(path)
         if r and "eval" in r and "metrics" in r:

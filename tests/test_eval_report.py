@@ -42,7 +42,7 @@ def test_report_puts_runs_side_by_side_and_folds_seeds(tmp_path):
     assert [r["run"] for r in rep["rows"]] == ["mscn", "simclr"] and rep["rows"][0]["n"] == 2
     md = (out / "report.md").read_text()
     assert "| mscn | 2 | 62.0 ± 2.0 | 72.0 ± 2.0 |" in md and "| simclr | 1 | 55.0 | 65.0 |" in md
-    assert rep["columns"] == ["kNN (train.py)", "linear (mixmask)"]
+    assert rep["columns"] == ["knn", "linear (mixmask)"]
     with Image.open(out / "report.png") as im:
         assert im.size[0] > 600
     assert json.loads((out / "report.json").read_text())["rows"][1]["cells"]["linear (mixmask)"]["mean"] == 0.65

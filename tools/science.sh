@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# `make science`: the science table on the embedded Fashion-MNIST (not part of the test suite).
+#
+# Every method is pretrained at one budget: EPOCHS (default 1) epochs of the 60,000 training images
+# at 28 px (MIM methods: 32 px), ResNet-18 at 1/4 width with the small stem, batch 256: the recipes
+# of configs/demo_fmnist.yaml and configs/fmnist_*.yaml, once per seed in SEEDS (default "0 1").
+# Each pretrained backbone is evaluated three ways, always on the same MAX_VAL validation images:
+#   knn      train.py's final kNN (k=200, t=0.1; bank of MAX_TRAIN training images)
+#   linear   eval.linear --fast: classifier on cached center-crop features of MAX_TRAIN images,
+#            LIN_EPOCHS epochs, the preset the run's recipe calls for (mscn for MSCN, else MoCo's)
+#   ft10     eval.finetune --fraction 0.1: 10 % of the labels (class-balanced, seeded), FT_EPOCHS
+#            epochs of the semi-supervised protocol (milestones moved to the same fractions)
+# against two baselines per seed, on the same network:
+#   random      the three evaluations of the untrained network (same seed)
+#   supervised  eval.finetune --random-init --full --fraction 1.0 --layer-decay 1.0: training from
+#               scratch with every label for EPOCHS epochs (AdamW 5e-4, cosine), the same budget
+# Results: $OUT/<method>-seed<S>/ (runs and their eval/), $OUT/logs/ (train.py's output),
+# $OUT/report.{md,json,png} (eval.report:
+# mean +- half the range over seeds), with the machine and the wall time in the title.
+#
+# Wall time (estimate, not measured end to end): ~3 min per pretraining epoch on an idle 2-core CPU
+# (make demo), ~2 min of evaluation per run: 13 methods x 2 seeds at EPOCHS=1 is about 2.5 hours.
+# Runs resume (resume=true) and evaluations are redone, so an interrupted `make science` continues.
+# SMOKE=1 checks the script in a few minutes (2 steps per run, tiny evaluations): not science.
+# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN, MAX_VAL override.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-data}
+FMNIST=${FMNIST:-$DATA/fashion-mnist}
+OUT=${OUT:-runs/science}
+EPOCHS=${EPOCHS:-1}
+SEEDS=${SEEDS:-0 1}
+LIN_EPOCHS=${LIN_EPOCHS:-30}
+FT_EPOCHS=${FT_EPOCHS:-5}
+MAX_TRAIN=${MAX_TRAIN:-10000}
+MAX_VAL=${MAX_VAL:-2000}
+SMOKE=${SMOKE:-0}
+METHODS=${METHODS:-simclr moco byol simsiam barlow vicreg mscn_simclr mscn_byol mixmask unmix simmim mixmae simmim_lut}
+start=$SECONDS
+
+# method -> config file and overrides (MSCN on BYOL and Un-Mix on MoCo v2: a recipe on a base config)
+config_of() {
+    case $1 in
+        simclr) echo "configs/demo_fmnist.yaml" ;;
+        moco) echo "configs/fmnist_moco.yaml" ;;
+        byol) echo "configs/fmnist_byol.yaml" ;;
+        simsiam) echo "configs/fmnist_simsiam.yaml" ;;
+        barlow) echo "configs/fmnist_barlow.yaml" ;;
+        vicreg) echo "configs/fmnist_vicreg.yaml" ;;
+        mscn_simclr) echo "configs/fmnist_mscn.yaml" ;;
+        mscn_byol) echo "configs/fmnist_byol.yaml recipe=mscn_byol" ;;
+        mixmask) echo "configs/fmnist_mixmask.yaml" ;;
+        unmix) echo "configs/fmnist_moco.yaml recipe=unmix" ;;
+        simmim) echo "configs/fmnist_simmim.yaml" ;;
+        mixmae) echo "configs/fmnist_mixmae.yaml" ;;
+        simmim_lut) echo "configs/fmnist_simmim_lut.yaml" ;;
+        *) echo "science.sh: unknown method $1" >&2; return 1 ;;
+    esac
+}
+
+train_extra=(knn_max_train="$MAX_TRAIN" knn_max_val="$MAX_VAL")
+lin_extra=(--epochs "$LIN_EPOCHS" --max-train "$MAX_TRAIN")
+ft_extra=(--epochs "$FT_EPOCHS")
+sup_extra=(--epochs "$EPOCHS")
+if [ "$SMOKE" = 1 ]; then
+    MAX_VAL=32
+    train_extra=(max_steps=2 batch_size=32 workers=0 knn_max_train=64 knn_max_val=$MAX_VAL)
+    lin_extra=(--epochs 1 --max-train 64 --batch-size 32)
+    ft_extra=(--epochs 1 --max-train 32 --batch-size 16)
+    sup_extra=(--epochs 1 --max-train 32 --batch-size 16)
+fi
+common_eval=(--data "$FMNIST" --max-val "$MAX_VAL" --no-progress)
+knn_train=$MAX_TRAIN
+[ "$SMOKE" = 1 ] && knn_train=64
+mkdir -p "$OUT/logs"
+
+evaluate() {   # checkpoint, result folder, seed, extra flags for both (--random-init)
+    local ckpt=$1 dir=$2 seed=$3; shift 3
+    "$PY" -m eval.linear --checkpoint "$ckpt" --fast --name linear --out "$dir" "${common_eval[@]}" "${lin_extra[@]}" "$@"
+    "$PY" -m eval.finetune --checkpoint "$ckpt" --fraction 0.1 --seed "$seed" --name ft10 --out "$dir" \
+        "${common_eval[@]}" "${ft_extra[@]}" "$@"
+}
+
+for seed in $SEEDS; do
+    for m in $METHODS; do
+        read -r -a cfg <<< "$(config_of "$m")"
+        run=$OUT/$m-seed$seed
+        echo "== $m seed $seed ($((SECONDS - start)) s)"
+        "$PY" train.py --config "${cfg[0]}" "${cfg[@]:1}" data="$FMNIST" out_dir="$OUT" run_name="$m-seed$seed" \
+            seed="$seed" epochs="$EPOCHS" resume=true progress=false "${train_extra[@]}" > "$OUT/logs/$m-seed$seed.log" 2>&1 ||
+            { tail -20 "$OUT/logs/$m-seed$seed.log"; exit 1; }
+        evaluate "$run/checkpoint.pt" "$run/eval" "$seed"
+    done
+    # baselines on the SimCLR run's network (same arch, stem and seed; 28 px)
+    base=$OUT/simclr-seed$seed/checkpoint.pt
+    [ -f "$base" ] || base=$(ls "$OUT"/*-seed"$seed"/checkpoint.pt | head -1)
+    echo "== random init / supervised, seed $seed ($((SECONDS - start)) s)"
+    "$PY" -m eval.knn --checkpoint "$base" --random-init --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
+        --max-val "$MAX_VAL" --max-train "$knn_train" --no-progress
+    evaluate "$base" "$OUT/random-seed$seed/eval" "$seed" --random-init
+    "$PY" -m eval.finetune --checkpoint "$base" --random-init --full --fraction 1.0 --layer-decay 1.0 \
+        --name supervised --out "$OUT/supervised-seed$seed/eval" "${common_eval[@]}" "${sup_extra[@]}"
+done
+
+wall=$((SECONDS - start))
+cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
+"$PY" -m eval.report "$OUT"/*-seed* --out "$OUT" \
+    --title "Fashion-MNIST, $EPOCHS epoch(s) of pretraining, seeds $SEEDS; $(nproc) cores ($cpu), wall $((wall / 60)) min$( [ "$SMOKE" = 1 ] && echo ', SMOKE run: not science')"
+echo "science: $wall s; $OUT/report.md, $OUT/report.png"
