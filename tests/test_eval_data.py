@@ -122,3 +122,22 @@ def test_a_subset_is_read_as_a_folder_with_every_class(formats, tmp_path, fmt):
     ref = torch.cat([b.views[0] for b in eval_loader(cfg, INFO, "train", batch_size=24)])   # the whole split
     mine = torch.cat([b.views[0] for b in loader])
     assert torch.equal(mine[0], ref[0]) and torch.equal(mine[1], ref[9])   # the same images
+
+
+def test_knn_command_on_shards_of_a_folder_run(formats, image_folder, tmp_path):
+    """A run trained from the folder, evaluated on its webdataset shards: the command switches to
+    the loader that reads them and writes its result files."""
+    if not have_loader_library("nvidia.dali"):
+        pytest.skip("nvidia.dali not installed")
+    from eval import knn
+    from masksiam.config import to_dict
+    cfg = _cfg(image_folder, arch="resnet10", width=8, zero_init_residual=False, knn_k=3)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"config": to_dict(cfg), "backbone": _net().state_dict()}, ckpt)
+    folder = knn.main(["--checkpoint", str(ckpt), "--no-progress"])
+    shards = knn.main(["--checkpoint", str(ckpt), "--data", str(formats["dali"]), "--out", str(tmp_path / "e"),
+                       "--no-progress"])
+    assert abs(shards["knn_top1"] - folder["knn_top1"]) <= 1 / 6 + 1e-6
+    assert (tmp_path / "e" / "knn.json").exists() and (tmp_path / "e" / "knn.png").exists()
+    with pytest.raises(SystemExit, match="does not exist"):
+        knn.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "nowhere"), "--no-progress"])
