@@ -765,6 +765,72 @@ def cmd_train(args) -> dict:
     return _report("train", rows, args, columns + (GPU_COLUMNS if device.type == "cuda" else []))
 
 
+# ---- patching train.py for a run: sync guards (syncs), artificial delays (explain) ---------------
+
+@contextlib.contextmanager
+def _train_patched(**wrappers):
+    """train.py's module-level names (build_loader, build_augmenter, build_method, train_step)
+    replaced by wrapper(original) for one run, restored after."""
+    import train
+    saved = {name: getattr(train, name) for name in wrappers}
+    try:
+        for name, wrap in wrappers.items():
+            setattr(train, name, wrap(saved[name]))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(train, name, value)
+
+
+class _WrappedAugmenter:
+    """An augmenter whose calls run through around(fn, *args, **kwargs); attributes are the augmenter's."""
+
+    def __init__(self, aug, around):
+        self._aug, self._around = aug, around
+
+    def __call__(self, *args, **kwargs):
+        return self._around(self._aug, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._aug, name)
+
+
+class _DelayedLoader:
+    """A loader that sleeps `seconds` before handing out each batch (explain --delay loader=S)."""
+
+    def __init__(self, loader, seconds: float):
+        self._loader, self._seconds = loader, seconds
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        for batch in self._loader:
+            time.sleep(self._seconds)
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _delay_wrappers(delays: dict[str, float], stages=("loader", "augment", "model")) -> dict:
+    """_train_patched wrappers that add explain's --delay per batch to the named stages."""
+    def sleep_then(seconds):
+        def around(fn, *args, **kwargs):
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return around
+    wrappers = {}
+    if delays.get("loader") and "loader" in stages:
+        wrappers["build_loader"] = lambda build: lambda *a, **k: _DelayedLoader(build(*a, **k), delays["loader"])
+    if delays.get("augment") and "augment" in stages:
+        wrappers["build_augmenter"] = lambda build: lambda *a, **k: _WrappedAugmenter(build(*a, **k),
+                                                                                       sleep_then(delays["augment"]))
+    if delays.get("model") and "model" in stages:
+        wrappers["train_step"] = lambda step: lambda *a, **k: sleep_then(delays["model"])(step, *a, **k)
+    return wrappers
+
+
 # ---- syncs: the step path free of host syncs ----------------------------------------------------
 
 class HostRead(AssertionError):
@@ -817,19 +883,6 @@ def _sync_free(device: torch.device):
         torch.cuda.set_sync_debug_mode("default")
 
 
-class _GuardedAugmenter:
-    """The train.py augmenter with its calls after the first `skip` run sync-free."""
-
-    def __init__(self, aug, guard):
-        self._aug, self._guard = aug, guard
-
-    def __call__(self, *args, **kwargs):
-        return self._guard("augment", self._aug, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._aug, name)
-
-
 def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
     """train.py `argv` with the per-step path sync-free after `skip` warm-up calls (cudnn autotuning,
     lazy inits): on CUDA the augment stage, the train step (forward, backward, optimizer) and the
@@ -837,7 +890,6 @@ def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
     no_host_reads (the CPU augmenter reads its host-side plan by design). The loader, logging and
     checkpoints stay outside (they sync at intervals on purpose). -> calls guarded, ok, the error."""
     import traceback
-    import train
     calls = {"augment": 0, "train_step": 0, "after_step": 0}
     seen = dict.fromkeys(calls, 0)
 
@@ -850,31 +902,35 @@ def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
         calls[name] += 1
         return result
 
-    build_augmenter, build_method, train_step = train.build_augmenter, train.build_method, train.train_step
+    def guarded_augmenter(build):
+        def built(*args, **kwargs):
+            aug = build(*args, **kwargs)
+            return _WrappedAugmenter(aug, lambda fn, *a, **k: guard("augment", fn, *a, **k)) \
+                if device.type == "cuda" else aug
+        return built
 
-    def guarded_augmenter(*args, **kwargs):
-        aug = build_augmenter(*args, **kwargs)
-        return _GuardedAugmenter(aug, guard) if device.type == "cuda" else aug
-
-    def guarded_method(*args, **kwargs):
-        method = build_method(*args, **kwargs)
-        hook = method.after_step
-        method.after_step = lambda *a, **k: guard("after_step", hook, *a, **k)
-        return method
-    train.build_augmenter, train.build_method = guarded_augmenter, guarded_method
-    train.train_step = lambda *a, **k: guard("train_step", train_step, *a, **k)
+    def guarded_method(build):
+        def built(*args, **kwargs):
+            method = build(*args, **kwargs)
+            hook = method.after_step
+            method.after_step = lambda *a, **k: guard("after_step", hook, *a, **k)
+            return method
+        return built
+    wrappers = dict(build_augmenter=guarded_augmenter, build_method=guarded_method,
+                    train_step=lambda step: lambda *a, **k: guard("train_step", step, *a, **k))
     saved = os.environ.get(DEVICE_ENV)
     os.environ[DEVICE_ENV] = device.type
     error, where = None, []
     try:
-        train.main(argv)
+        import train
+        with _train_patched(**wrappers):
+            train.main(argv)
     except (HostRead, RuntimeError) as err:       # sync-debug "error" raises RuntimeError
         error = f"{type(err).__name__}: {err}".strip()
         root = str(Path(__file__).resolve().parent)
         where = [f"{Path(f.filename).relative_to(root)}:{f.lineno} {f.name}" for f in traceback.extract_tb(err.__traceback__)
                  if f.filename.startswith(root) and "/.venv/" not in f.filename and f.filename != __file__][-4:]
     finally:
-        train.build_augmenter, train.build_method, train.train_step = build_augmenter, build_method, train_step
         if saved is None:
             os.environ.pop(DEVICE_ENV, None)
         else:
@@ -904,6 +960,224 @@ def cmd_syncs(args) -> dict:
     if not res["ok"] and args.strict:
         sys.exit(f"bench.py syncs: {line}")
     return res
+
+
+# ---- explain: which stage bounds a run ----------------------------------------------------------
+
+EXPLAIN_STAGES = ("read", "decode", "loader", "host-to-device", "augment", "model", "end-to-end")
+PIPELINE = ("loader", "host-to-device", "augment", "model")   # what one batch goes through, in order
+EXPLAIN_DELAYS = ("loader", "augment", "model")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _measure(name: str, images: int, fn, device: torch.device, **extra) -> dict:
+    """Run fn() once; its images/s and the CPU cores it kept busy (this process and its children)."""
+    meter = Meter(device)
+    meter.start()
+    fn()
+    _sync(device)
+    wall = time.perf_counter() - meter.t0
+    res = meter.result(0)
+    return {"stage": name, "images": images, "seconds": wall, "images_per_s": images / wall if wall > 0 else None,
+            "cores": res["cpu_percent"] / 100, "other_cpu_percent": res["other_cpu_percent"], **extra}
+
+
+def _split_files(cfg) -> list[Path]:
+    root = Path(cfg.data) / cfg.train_split
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+
+
+def _explain_stages(args, cfg, device: torch.device, delays: dict[str, float]) -> list[dict]:
+    """Each stage alone on the config's data and settings (args.batches batches after args.warmup),
+    then model-only and end to end through train.py."""
+    import io as _io
+    from PIL import Image
+    from pipelines.augment.engine import build_augmenter
+    from pipelines.loaders import build_loader
+    n_images = cfg.batch_size * args.batches
+    stages = []
+    files = _split_files(cfg)
+    if files:
+        files = (files * (n_images // len(files) + 1))[:n_images]
+        blobs = []
+        stages.append(_measure("read", len(files), lambda: blobs.extend(f.read_bytes() for f in files), device,
+                               note="bytes from disk, one thread (the page cache may hold them)"))
+        stages[-1]["bytes_per_image"] = sum(map(len, blobs)) / len(blobs)
+
+        def decode():
+            for blob in blobs:
+                Image.open(_io.BytesIO(blob)).convert("RGB")
+        stages.append(_measure("decode", len(blobs), decode, device, note="full PIL decode to RGB, one thread"))
+        del blobs
+    else:
+        for name in ("read", "decode"):
+            stages.append({"stage": name, "images_per_s": None, "note": f"no image files under {cfg.data}/"
+                                                                          f"{cfg.train_split} (a .beton or shards)"})
+
+    info = DistInfo(0, 1, 0, device)
+    loader = build_loader(cfg, info)
+
+    def batches(count):
+        epoch, done = 0, 0
+        while done < count:
+            loader.set_epoch(epoch)
+            for _ in loader:
+                time.sleep(delays.get("loader", 0.0))
+                done += 1
+                if done == count:
+                    return
+            epoch += 1
+    batches(args.warmup)
+    stages.append(_measure("loader", n_images, lambda: batches(args.batches), device,
+                           note=f"loader={cfg.loader}, {cfg.workers} workers: read + decode + crop"
+                                + (", and the copy to the device" if device.type == "cuda" else "")))
+    del loader
+
+    aug = build_augmenter(cfg.recipe, size=cfg.size, device=device, seed=cfg.seed, mix=cfg.mix,
+                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    host = _bench_images(aug.sources, cfg.batch_size, cfg.size, torch.device("cpu"))
+    if device.type == "cuda":
+        host = [v.pin_memory() for v in host]
+
+        def copy():
+            for _ in range(args.batches):
+                [v.to(device, non_blocking=True) for v in host]
+        copy()
+        stages.append(_measure("host-to-device", n_images, copy, device,
+                               note=f"pinned uint8 views, {sum(v.numel() for v in host) / cfg.batch_size / 1e3:.0f} "
+                                    f"kB per image"))
+    else:
+        stages.append({"stage": "host-to-device", "images_per_s": None, "note": "none: the run is on the CPU"})
+    views = [v.to(device) for v in host]
+
+    def augment(count):
+        for _ in range(count):
+            time.sleep(delays.get("augment", 0.0))
+            aug(views)
+    augment(args.warmup)
+    stages.append(_measure("augment", n_images, lambda: augment(args.batches), device,
+                           note=f"recipe {cfg.recipe} on {device}"))
+    del aug, views, host
+
+    loop = argparse.Namespace(out_dir=args.out_dir, config=args.config, set=args.set, warmup=args.warmup,
+                              batches=args.batches, mode="explain")
+    with _train_patched(**_delay_wrappers(delays, stages=("model",))):
+        model = bench_loop("model-only", model_only_overrides(loop, []), loop, device)
+    stages.append({"stage": "model", "images_per_s": model["images_per_s"], "cores": model["cpu_percent"] / 100,
+                   "other_cpu_percent": model["other_cpu_percent"],
+                   "note": f"{cfg.method} {cfg.arch}, synthetic batches on the device, normalise only"})
+    with _train_patched(**_delay_wrappers(delays)):
+        e2e = bench_loop("end-to-end", [], loop, device)
+    stages.append({"stage": "end-to-end", "images_per_s": e2e["images_per_s"], "cores": e2e["cpu_percent"] / 100,
+                   "other_cpu_percent": e2e["other_cpu_percent"], "data_wait": e2e["data_wait"],
+                   "note": "train.py as configured"})
+    return stages
+
+
+def explain_verdict(stages: list[dict], cores_here: int) -> tuple[str, str]:
+    """(the bounding stage, the verdict in words) from the stage table."""
+    def n(x: float, unit: str = "") -> str:                 # 1,500 / 68.2 / 0.91: readable at any scale
+        return (f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}") + unit
+    rate = {s["stage"]: s["images_per_s"] for s in stages}
+    by = {s["stage"]: s for s in stages}
+    pipeline = [name for name in PIPELINE if rate.get(name)]
+    bound = min(pipeline, key=lambda name: rate[name])
+    loader, model = rate["loader"], rate["model"]
+    loader_cores = max(by["loader"].get("cores") or 0.0, 1e-3)
+    words = [f"the loader gives {n(loader)} images/s on {n(loader_cores)} cores, the model takes {n(model)}"]
+    if bound == "model":
+        words[0] += ": the model bounds this run"
+    elif bound == "loader":
+        words[0] += ": the loader bounds this run"
+        if rate.get("decode"):
+            share = loader / rate["decode"] / loader_cores     # decode's share of a loader core's time
+            words.append(f"decoding alone takes {min(share, 1):.0%} of the loader's CPU time per image")
+    else:
+        words[0] += f"; {bound} bounds this run at {n(rate[bound])} images/s"
+    per_core = loader / loader_cores
+    words.append(f"the model's {n(model)} images/s needs {n(model / per_core)} loader cores at this loader's "
+                 f"{n(per_core)} images/s per core ({cores_here} here)")
+    e2e = rate.get("end-to-end")
+    if e2e:
+        words.append(f"end to end runs at {n(e2e)} images/s, {e2e / rate[bound]:.2f} of the bounding stage's "
+                     f"rate" + (" (the stages compete for the same cores or device: they do not overlap)"
+                                if e2e < 0.8 * rate[bound] else ""))
+    return bound, "; ".join(words) + "."
+
+
+def _waterfall(stages: list[dict], verdict: str, out: Path) -> None:
+    """ms per image per stage: read and decode inside the loader; the pipeline's stages end to end as
+    if nothing overlapped (their sum), against the measured end to end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ms = {s["stage"]: 1e3 / s["images_per_s"] for s in stages if s.get("images_per_s")}
+    rows, left = [], 0.0
+    for name in ("read", "decode"):
+        if name in ms:
+            rows.append((name, 0.0, ms[name], GREY))
+    for name in PIPELINE:
+        if name in ms:
+            rows.append((name, left, ms[name], BLUE))
+            left += ms[name]
+    rows.append(("sum (no overlap)", 0.0, left, GREY))
+    if "end-to-end" in ms:
+        rows.append(("end-to-end", 0.0, ms["end-to-end"], "#dd8452"))
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.45 * len(rows)))
+    for y, (name, start, width, colour) in enumerate(rows[::-1]):
+        ax.barh(y, width, left=start, color=colour)
+        ax.text(start + width, y, f" {width:.2f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows[::-1]])
+    ax.set(xlabel="ms per image", xlim=(0, max(r[1] + r[2] for r in rows) * 1.25))
+    ax.set_title(verdict.split(";")[0], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def cmd_explain(args) -> dict:
+    from masksiam.config import ConfigError, load_config
+    device = _device(args.device)
+    delays = {}
+    for item in args.delay:
+        stage, _, seconds = item.partition("=")
+        if stage not in EXPLAIN_DELAYS:
+            sys.exit(f"bench.py explain: --delay {item!r}: the stage is one of {', '.join(EXPLAIN_DELAYS)}")
+        try:
+            delays[stage] = float(seconds)
+        except ValueError:
+            sys.exit(f"bench.py explain: --delay {item!r}: expected STAGE=SECONDS")
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        sys.exit(f"bench.py explain: {err}")
+    stages = _explain_stages(args, cfg, device, delays)
+    e2e = next(s["images_per_s"] for s in stages if s["stage"] == "end-to-end")
+    for s in stages:
+        s["share"] = e2e / s["images_per_s"] if s.get("images_per_s") else None   # of end-to-end time per image
+    cores_here = len(os.sched_getaffinity(0))
+    bound, verdict = explain_verdict(stages, cores_here)
+    columns = ["stage", "images_per_s", "cores", "share", "note"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for s in stages:
+        rate = f"{s['images_per_s']:,.1f}" if s.get("images_per_s") else "-"
+        cores = f"{s['cores']:.2f}" if s.get("cores") is not None else "-"
+        share = f"{s['share']:.2f}" if s.get("share") is not None else "-"
+        lines.append(f"| {s['stage']} | {rate} | {cores} | {share} | {s.get('note', '')} |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"\nverdict: {verdict}")
+    payload = {"mode": "explain", "machine": _machine(), "args": {k: v for k, v in vars(args).items() if k != "run"},
+               "config": {k: getattr(cfg, k) for k in ("data", "loader", "workers", "recipe", "method", "arch",
+                                                        "batch_size", "size", "views")},
+               "delays": delays, "stages": stages, "bound": bound, "verdict": verdict, "table": table}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table + f"\n\n{verdict}\n")
+    _waterfall(stages, verdict, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return payload
 
 
 # ---- reports: JSON, markdown table, chart -------------------------------------------------------
@@ -959,11 +1233,17 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def readme_block(runs: dict[str, dict], results: str) -> str:
-    """The markdown between the README markers from the JSON payloads of one run (mode -> payload)."""
+    """The markdown between the README markers from the JSON payloads of one run (mode -> payload);
+    `results` is its folder (one written by tools/gpu_check.sh holds gpu_check.json)."""
     m = next(iter(runs.values()))["machine"]
     where = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if m["gpu"] else "")
     other = max(r.get("other_cpu_percent", 0.0) for run in runs.values() for r in run["results"])
-    lines = [f"Measured by `make bench` (tools/bench.sh) on {m['date']}: {where}, torch {m['torch']}. "
+    check = Path(results) / "gpu_check.json"
+    by = "`make bench` (tools/bench.sh)"
+    if check.exists():
+        by = "tools/gpu_check.sh" + (" --dry-run (tiny sizes on the CPU: not a measurement)"
+                                     if json.loads(check.read_text()).get("dry_run") else "")
+    lines = [f"Measured by {by} on {m['date']}: {where}, torch {m['torch']}. "
              "Rates exclude warm-up batches and start-up (worker spawn, numba compile, DALI pipeline "
              f"build); ratios compare rows measured side by side in one run. Other processes used at "
              f"most {other:.0f}% of a core during a row" + (" (a contended run: rerun on an idle machine)"
@@ -994,11 +1274,15 @@ def readme_block(runs: dict[str, dict], results: str) -> str:
 
 
 def cmd_readme(args) -> dict:
-    runs = {mode: json.loads(p.read_text()) for mode in ("loader", "augment", "train", "model")
-            if (p := Path(args.results) / f"{mode}.json").exists()}
-    if not runs:
-        sys.exit(f"bench.py readme: no loader/augment/train/model .json in {args.results}")
-    block = readme_block(runs, args.results)
+    blocks, found = [], []                 # one block per results folder (make bench, then gpu_check)
+    for folder in args.results.split(","):
+        runs = {mode: json.loads(p.read_text()) for mode in ("loader", "augment", "train", "model")
+                if (p := Path(folder) / f"{mode}.json").exists()}
+        if not runs:
+            sys.exit(f"bench.py readme: no loader/augment/train/model .json in {folder}")
+        blocks.append(readme_block(runs, folder))
+        found += [f"{folder}/{m}.json" for m in runs]
+    block = "\n\n".join(blocks)
     readme = Path(args.readme)
     text = readme.read_text() if readme.exists() else ""
     start, end = text.find(BEGIN), text.find(END)
@@ -1008,7 +1292,7 @@ def cmd_readme(args) -> dict:
               f"put the markers where it belongs and run again", file=sys.stderr)
         return {"block": block, "written": False}
     readme.write_text(text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:])
-    print(f"wrote the bench block of {readme} from {', '.join(f'{m}.json' for m in runs)} in {args.results}")
+    print(f"wrote the bench block of {readme} from {', '.join(found)}")
     return {"block": block, "written": True}
 
 
@@ -1076,6 +1360,19 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--json", default=f"runs/bench/{name}.json", help="also writes .md and .png next to it")
         p.set_defaults(run=run)
 
+    p = sub.add_parser("explain", help="each stage alone, then together, on your config: which one bounds the run")
+    p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    p.add_argument("--batches", type=int, default=20, help="measured batches per stage (a multiple of --warmup)")
+    p.add_argument("--warmup", type=int, default=5, help="batches excluded per stage")
+    p.add_argument("--out-dir", default="runs/bench-tmp")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--delay", action="append", default=[], metavar="STAGE=SECONDS",
+                   help=f"sleep this long per batch in one stage ({', '.join(EXPLAIN_DELAYS)}): to see the "
+                        f"verdict move, and for tests")
+    p.add_argument("--json", default="runs/bench/explain.json", help="also writes .md and .png (the waterfall)")
+    p.set_defaults(run=cmd_explain)
+
     p = sub.add_parser("syncs", help="a few train.py steps with the step path sync-free (CUDA: sync-debug "
                        "error; CPU: host reads refused): names the first host sync")
     p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
@@ -1089,7 +1386,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.set_defaults(run=cmd_syncs)
 
     p = sub.add_parser("readme", help=f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
-    p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json")
+    p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json; "
+                   "comma-separated for several (e.g. runs/bench,runs/gpu_check: the GPU rows too)")
     p.add_argument("--readme", default="README.md", help="only the marked block changes; never created")
     p.set_defaults(run=cmd_readme)
 
