@@ -117,8 +117,9 @@ def eval_loader(cfg, info, split: str, *, train: bool = False, batch_size: int |
     batch_size is global (default cfg.batch_size, rounded to a multiple of the world size)."""
     batch = batch_size or cfg.batch_size
     batch = max(info.world_size, batch // info.world_size * info.world_size)
+    # one view: a multi-crop run's `crops` groups do not apply to evaluation
     cfg = dataclasses.replace(cfg, batch_size=batch, views=1, max_images=max_images,
-                              drop_last=False if not train else cfg.drop_last)
+                              drop_last=False if not train else cfg.drop_last, crops="")
     _require(cfg, split)
     return build_loader(cfg, info, split, train)
 

@@ -141,3 +141,10 @@ def test_knn_command_on_shards_of_a_folder_run(formats, image_folder, tmp_path):
     assert (tmp_path / "e" / "knn.json").exists() and (tmp_path / "e" / "knn.png").exists()
     with pytest.raises(SystemExit, match="does not exist"):
         knn.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "nowhere"), "--no-progress"])
+
+
+def test_eval_loaders_give_one_view_also_for_a_multi_crop_run(image_folder):
+    cfg = _cfg(image_folder, crops="2x32@0.5-1,3x16@0.1-0.5")
+    for train in (True, False):
+        batch = next(iter(eval_loader(cfg, INFO, "train", train=train, batch_size=4)))
+        assert len(batch.views) == 1 and batch.views[0].shape == (4, 3, 32, 32)

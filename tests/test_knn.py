@@ -120,6 +120,10 @@ def _knn_worker(rank: int, port: int, out_dir: str) -> None:
     _, _, idx = knn_mod.embed(torch.nn.Flatten(), loader, _transform, torch.device("cpu"))
     out["owned"] = idx[owned(idx)]
     out["acc"] = knn_accuracy(torch.nn.Flatten(), loader, loader, _transform, torch.device("cpu"), 2, k=3)
+    # the probe / fine-tune metrics: per-sample hits of padded shards, each index counted once
+    from eval.common import unique_mean
+    hits = torch.stack([idx % 2 == 0, idx % 3 == 0])                        # (2, N_r) known per index
+    out["unique_mean"] = unique_mean(hits, idx)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     mdist.cleanup()
 
@@ -143,6 +147,10 @@ def test_sharded_bank_in_two_gloo_processes_equals_one_process(tmp_path):
         assert torch.equal(r["k5"], ref[5]) and torch.equal(r["k50"], ref[50])
         assert r["acc"] == ref_acc
     assert [r["shard_rows"] for r in ranks] == [60, 41]                      # each rank holds its part only
+    every = torch.arange(25)
+    expected = torch.stack([(every % 2 == 0).float().mean(), (every % 3 == 0).float().mean()])
+    for r in ranks:                                                          # not the padded copy twice
+        assert torch.allclose(r["unique_mean"], expected)
     owned_all = torch.cat([r["owned"] for r in ranks])
     assert sorted(owned_all.tolist()) == list(range(25))                     # the padded copy dropped
 
