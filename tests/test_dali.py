@@ -384,6 +384,19 @@ def test_bad_images_skip_replaces_names_and_resumes(tmp_path, name):
 
 
 @needs_dali
+def test_bad_images_past_the_limit_stop_the_run(tmp_path):
+    """More than max_bad_images distinct bad images (one the host finds, one DALI's decoder rejects)
+    raise a DataError naming them."""
+    good = jpeg_bytes(skimage_photos()[1][:120, :160])
+    root = folder_with(tmp_path, "truncated.jpg", good[:len(good) // 2])
+    (root / "train" / "a" / "text.jpg").write_bytes(b"definitely not a jpeg")
+    assert len(epoch(loader(root, batch_size=2, drop_last=False, max_bad_images=2), 0)) == 4
+    with pytest.raises(DataError, match="more than max_bad_images=1") as err:
+        epoch(loader(root, batch_size=2, drop_last=False, max_bad_images=1), 0)
+    assert "a/text.jpg" in str(err.value) and "b/truncated.jpg" in str(err.value)
+
+
+@needs_dali
 def test_a_dropped_loader_frees_its_pipeline_at_once(image_folder):
     """No reference cycle through DALI's pipeline: otherwise the garbage collector could free it
     inside a forked DataLoader worker (torchvision loader, after a DALI one), where it segfaults."""

@@ -388,6 +388,7 @@ class DaliLoader:
         if self.spec.bad_images == "skip" and bad and not any(i in self._bad for i, _ in bad):
             for i, reason in bad:
                 self._bad[i] = reason
+                check_bad(self.spec, self.bad_images, self.samples.describe(i), reason)  # max_bad_images
             again = [[*plan.job, None] for plan in self._fed] + [[job[0], job[1], None] for job in self._todo]
             self._fed.clear()
             self._todo = deque(again)
