@@ -10,9 +10,9 @@ with "{split}"), dali reads <data>/<split>/ as an ImageFolder or as webdataset s
 `eval_source` is the one place that says which file or folder that is.
 
 Subsets (semi-supervised fine-tuning) are positions in the split's sample list (`sample_names`),
-written as an ImageFolder of links (`materialise_subset`; webdataset samples are copied out), which
-every folder loader then reads like any split. A .beton stores no file names, so a subset of one is
-refused with the way round it.
+written as an ImageFolder of links (`materialise_subset`; webdataset and .beton samples are copied
+out), which a folder loader then reads like any split. A .beton stores no file names: its rows are
+named '<class>/<row>.jpg', so subset lists of file names address folders and shards only.
 """
 from __future__ import annotations
 
@@ -124,27 +124,71 @@ def eval_loader(cfg, info, split: str, *, train: bool = False, batch_size: int |
     return build_loader(cfg, info, split, train)
 
 
+class BetonSamples:
+    """A .beton as a sample source (names, labels, classes, read, describe) for subsets: row i is
+    named '<class>/<row>.jpg' (JPEG rows: their stored bytes) or '.png' (raw rows, encoded here).
+    A .beton keeps no file names, so subset lists of file names cannot address it."""
+
+    def __init__(self, path: Path):
+        import json
+        from ffcv.reader import Reader
+        self.path, reader = Path(path), Reader(str(path))
+        fields = list(reader.handlers)
+        self._meta = reader.metadata[f"f{fields.index('image')}"]
+        labels = reader.metadata[f"f{fields.index('label')}"]
+        self.labels = [int(v) for v in labels]
+        sidecar = self.path.with_name(self.path.name + ".json")       # convert.py ffcv's report
+        self.classes = (list(json.loads(sidecar.read_text())["classes"]) if sidecar.is_file()
+                        else [str(c) for c in range(max(self.labels) + 1)])
+        table = reader.alloc_table[np.argsort(reader.alloc_table["ptr"])]
+        self._ptrs, self._sizes = table["ptr"], table["size"]
+        self.names = [f"{self.classes[y]}/{i:08d}.{'png' if int(m['mode']) == 1 else 'jpg'}"
+                      for i, (y, m) in enumerate(zip(self.labels, self._meta))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, i: int) -> np.ndarray:
+        m = self._meta[i]
+        ptr = int(m["data_ptr"])
+        size = int(self._sizes[np.searchsorted(self._ptrs, ptr)])
+        payload = np.fromfile(self.path, np.uint8, count=size, offset=ptr)
+        if int(m["mode"]) == 1:                                           # raw (H, W, 3) pixels
+            import io
+            from PIL import Image
+            buf = io.BytesIO()
+            Image.fromarray(payload[:int(m["height"]) * int(m["width"]) * 3].reshape(
+                int(m["height"]), int(m["width"]), 3)).save(buf, format="PNG")
+            return np.frombuffer(buf.getvalue(), np.uint8)
+        return payload
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}:row {i}"
+
+
+def _samples(cfg, split: str):
+    _require(cfg, split)
+    if cfg.loader == "ffcv":
+        return BetonSamples(eval_source(cfg, split))
+    from pipelines.loaders.samples import open_split
+    return open_split(Path(cfg.data) / split)
+
+
 def sample_names(cfg, split: str) -> tuple[list[str], list[int], list[str]]:
     """(names, labels, classes) of the whole split in loader order; names are '<class>/<file>'."""
-    if cfg.loader == "ffcv":
-        raise DataError(f"{eval_source(cfg, split)} is a .beton, which stores no file names: fine-tune a "
-                        f"subset from the split's folder or webdataset shards (--data DIR --loader torchvision "
-                        f"or dali), or convert the subset folder with convert.py ffcv and use --fraction 1.0")
-    _require(cfg, split)
-    from pipelines.loaders.samples import open_split
-    samples = open_split(Path(cfg.data) / split)
+    samples = _samples(cfg, split)
     return list(samples.names), list(samples.labels), list(samples.classes)
 
 
 def materialise_subset(cfg, split: str, indices: np.ndarray, dest: str | Path):
     """An ImageFolder dest/<split>/<class>/<file> of the chosen samples (symbolic links to the
-    images of a folder; the bytes of webdataset samples), every class folder present so labels
-    keep their numbers; returns cfg reading it. Rank 0 writes, the others wait for it."""
+    images of a folder; the bytes of webdataset and .beton samples), every class folder present so
+    labels keep their numbers; returns cfg reading it (a .beton's subset through the torchvision
+    loader). Rank 0 writes, the others wait for it."""
     from masksiam import dist
-    from pipelines.loaders.samples import open_split
     root = Path(dest) / split
     if dist.rank() == 0:
-        samples = open_split(Path(cfg.data) / split)
+        samples = _samples(cfg, split)
         if root.exists():
             shutil.rmtree(root)
         for c in samples.classes:
@@ -158,4 +202,4 @@ def materialise_subset(cfg, split: str, indices: np.ndarray, dest: str | Path):
             else:
                 samples.read(int(i)).tofile(target)
     dist.barrier()
-    return dataclasses.replace(cfg, data=str(dest), loader="torchvision" if cfg.loader != "dali" else "dali")
+    return dataclasses.replace(cfg, data=str(dest), loader="dali" if cfg.loader == "dali" else "torchvision")

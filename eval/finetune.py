@@ -22,7 +22,8 @@ permutation seeded by (seed, class): the same subset on every machine and rank. 
 <out>/subset_<f>_seed<seed>.txt, one file name per line (and as a folder of links beside it,
 which the loader reads): the format of SimCLR's
 imagenet_subsets/1percent.txt, which --subset reads as it is (lines are matched to the split's
-files by file name; a line with a '/' by '<class>/<file>'). --epochs shortens a run and moves the
+files by file name; a line with a '/' by '<class>/<file>'; a .beton keeps no file names, its rows
+are '<class>/<row>.jpg'). --epochs shortens a run and moves the
 milestones / warm-up to the same fractions of it.
 """
 from __future__ import annotations
