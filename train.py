@@ -20,6 +20,7 @@ a refused start leaves the run directory as it was. User errors exit with one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import json
@@ -27,6 +28,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -74,34 +76,15 @@ def main(argv=None) -> dict:
     info = dist.init_distributed()
     hp = hparams(get_method(cfg.method), cfg)       # the method's hyper-parameters, defaults filled in
     cfg = dataclasses.replace(cfg, **{k: v for k, v in hp.items() if hasattr(cfg, k)})
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.method}-{cfg.arch}")
-    ckpt_path = run_dir / "checkpoint.pt"
-    elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = (cfg.resume or elastic_restart) and ckpt_io.exists(ckpt_path, cfg.keep_checkpoints)
-    if ckpt_io.exists(ckpt_path, cfg.keep_checkpoints) and not resume:
-        raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it, "
-                          f"or choose another run_name / out_dir")
+    run = _RunDir.of(cfg)                           # resume, or refuse a run directory that has a checkpoint
 
     # ---- 2. performance settings (all in one place) --------------------------------------------
-    torch.manual_seed(cfg.seed)                     # same initial weights on every rank
-    cuda = info.device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True    # the losses turn it off for their matmuls
-        torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA; on CPUs without native bf16 (AVX2) it is emulated and slower than fp32
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    autocast = torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    # the augment stage writes bf16 on GPU (half the bandwidth into the first conv); fp32 on CPU
-    aug_dtype = torch.bfloat16 if precision == "bf16" and cuda else torch.float32
+    perf = _performance(cfg, info)
 
     # ---- 3. data and augmentation --------------------------------------------------------------
     _check_eval_data(cfg)
     loader = build_loader(cfg, info)
-    augment = build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device, dtype=aug_dtype,
+    augment = build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device, dtype=perf.aug_dtype,
                               seed=cfg.seed, rank=info.rank, mix=cfg.mix, compile=cfg.compile)
     ahead = AugmentAhead(augment, enabled=cfg.augment_ahead)   # batch k+1 augmented while k trains
     if augment.sources != loader.spec.views:
@@ -111,119 +94,66 @@ def main(argv=None) -> dict:
     if steps_per_epoch == 0:
         raise DataError(f"{cfg.data}/{cfg.train_split} has fewer images than one global batch "
                         f"({cfg.batch_size}); lower batch_size or set drop_last=false")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
 
     # ---- 4. the method: backbone, heads, EMA target, queue: one module ---------------------------
     method = build_method(cfg, build_backbone_from_config(cfg), mixes=augment.recipe.mix is not None)
     if cfg.sync_bn and info.world_size > 1:        # BN statistics over the global batch
         method = convert_sync_batchnorm(method)
-    method = method.to(info.device, memory_format=memory_format)
+    method = method.to(info.device, memory_format=perf.memory_format)
     if cfg.compile:
         method.backbone.compile()                   # in place: state-dict keys stay torchvision's
-    model = DDP(method, device_ids=[info.device.index] if cuda else None) if info.world_size > 1 else method
+    model = DDP(method, device_ids=[info.device.index] if perf.cuda else None) if info.world_size > 1 else method
 
     # ---- 5. optimizer --------------------------------------------------------------------------
     lr_peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(method, cfg, lr_peak)
 
     # ---- 6. resume: everything a step depends on, checked against this run first -----------------
-    step, epoch, start_batch = 0, 0, 0
-    meta = {"arch": cfg.arch, "method": cfg.method, "width": cfg.width,
-            "small_stem": use_small_stem(cfg.stem, cfg.size), **{k: getattr(cfg, k) for k in shape_keys(method)}}
-    shapes = {k: tuple(v.shape) for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
-    if resume:
-        state, path, skipped = ckpt_io.load_latest(ckpt_path, cfg.keep_checkpoints)
-        ckpt_io.check_compatible(state, path, meta, shapes)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        ahead.load_state_dict(state["augment"][info.rank])
-        torch.set_rng_state(state["rng_cpu"][info.rank])
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if info.is_main:
-            for why in skipped:
-                print(f"train.py: {why}; resuming from the previous checkpoint {path}", flush=True)
-            print(f"resumed {path} at step {step} (epoch {epoch}, batch {start_batch})", flush=True)
+    ckpt = _Checkpoints(run.ckpt_path, cfg, info, method, optimizer, perf.scaler, ahead)
+    step, epoch, start_batch = ckpt.restore() if run.resume else (0, 0, 0)
 
     # ---- 7. the run record: written only now, after every check --------------------------------
-    metrics_path = run_dir / "metrics.jsonl"
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_run_info(run_dir, {"world_size": info.world_size, "resumed": bool(resume)})
-        _truncate_metrics(metrics_path, step)       # drop lines a killed run logged after its checkpoint
-    dist.barrier()
+    run.record(cfg, info, step)
 
-    def save_checkpoint(batch_in_epoch: int) -> None:
-        aug_states = _all_gather_object(ahead.state_dict())
-        rng_states = _all_gather_object(torch.get_rng_state())
-        failed = None
-        if info.is_main:
-            try:
-                ckpt_io.save_rotating({
-                    "meta": meta, "config": to_dict(cfg), "step": step, "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch, "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "augment": aug_states, "rng_cpu": rng_states,
-                    "backbone": {k: v.detach().cpu() for k, v in method.backbone.state_dict().items()},
-                }, ckpt_path, cfg.keep_checkpoints)
-            except ckpt_io.CheckpointError as err:
-                failed = err
-        if _any_rank(failed is not None, info.device):   # every rank stops together
-            raise RunStopped(str(failed or "rank 0 could not write the checkpoint"))
-        dist.barrier()
-
-    # ---- 8. signals: SIGTERM / SIGINT write a checkpoint at the next step boundary and exit ----
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)       # a second Ctrl-C kills at once
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    # ---- 9. the loop ---------------------------------------------------------------------------
-    log = _Logger(metrics_path, info.is_main, cfg.progress)
+    # ---- 8. the loop (SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit) -------
+    log = _Logger(run.metrics, info.is_main, cfg.progress)
     bad_in_row = torch.zeros((), device=info.device)   # consecutive non-finite losses, on the device
     bad_total = torch.zeros((), device=info.device)
     since_log = _Interval(info.device)
     exit, detail = Exit.FINISHED, "finished"
-    try:
+    with _log_closed(log), _StopOnSignal() as stop:
         while epoch < cfg.epochs and exit is Exit.FINISHED:
             loader.set_epoch(epoch, start_batch)
             log.start_epoch(epoch, steps_per_epoch, start_batch)
-            batch_in_epoch = start_batch
-            t_wait = time.perf_counter()
-            # out: float views (N,3,H,W) channels-last, masks, mixed view
-            for batch, out in ahead.epoch(loader):
+            batch_in_epoch, t_wait = start_batch, time.perf_counter()
+            for batch, out in ahead.epoch(loader):  # out: float views (N,3,H,W) channels-last, masks, mix
                 since_log.data += time.perf_counter() - t_wait
                 lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.min_lr_ratio)
                 set_lr(optimizer, lr)
-                loss, logs, nonfinite = train_step(model, optimizer, scaler, autocast, out, cfg.grad_clip)
+                loss, logs, nonfinite = train_step(model, optimizer, perf.scaler, perf.autocast, out, cfg.grad_clip)
                 method.after_step(step, total_steps)   # EMA target, queue: every method's own hook
                 bad_in_row = (bad_in_row + 1) * nonfinite
                 bad_total += nonfinite
                 since_log.add(torch.where(nonfinite, 0.0, loss.float()))
-                step += 1
-                batch_in_epoch += 1
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
 
                 last_of_epoch = batch_in_epoch == steps_per_epoch
                 # ranks must agree on entering this block (collectives inside): a signal cuts the
                 # log interval short only in a single process
-                if step % cfg.log_every == 0 or last_of_epoch or (stop["signal"] and info.world_size == 1):
+                if step % cfg.log_every == 0 or last_of_epoch or (stop.name and info.world_size == 1):
                     n_bad = int(bad_in_row.item())  # the sync happens here, at log intervals only
                     log.step(step, epoch, lr, since_log.reduce(), _reduce_logs(logs), cfg.batch_size,
                              int(bad_total.item()), loader.bad_images)
                     since_log = _Interval(info.device)
                     if n_bad >= cfg.max_bad_steps:
                         exit, detail = Exit.NONFINITE, (f"stopped: {n_bad} non-finite losses in a row up to step "
-                                                        f"{step}; the last good checkpoint {ckpt_path} is kept")
+                                                        f"{step}; the last good checkpoint {run.ckpt_path} is kept")
                         break
-                    if _any_rank(stop["signal"] is not None, info.device):
-                        save_checkpoint(batch_in_epoch if not last_of_epoch else 0)
+                    if dist.any_rank(stop.name is not None):
+                        ckpt.save(step, epoch + last_of_epoch, 0 if last_of_epoch else batch_in_epoch)
                         epoch += last_of_epoch
-                        exit, detail = Exit.SIGNAL, (f"stopped by {stop['signal'] or 'a signal on another rank'}; "
+                        exit, detail = Exit.SIGNAL, (f"stopped by {stop.name or 'a signal on another rank'}; "
                                                      f"checkpoint written at step {step}")
                         break
                 if cfg.max_steps and step >= cfg.max_steps:
@@ -238,33 +168,23 @@ def main(argv=None) -> dict:
                 if cfg.knn_every and epoch % cfg.knn_every == 0 and epoch < cfg.epochs:
                     log.knn(step, epoch, _knn(cfg, info, method.backbone))
                 if cfg.ckpt_every and (epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs):
-                    save_checkpoint(0)
+                    ckpt.save(step, epoch, 0)
             else:                                   # max_steps inside an epoch
                 if cfg.ckpt_every:
-                    save_checkpoint(batch_in_epoch)
+                    ckpt.save(step, epoch, batch_in_epoch)
                 start_batch = batch_in_epoch
 
-        # ---- 10. the end: kNN of the final backbone, exported weights, plot --------------------
-        result = {"run_dir": str(run_dir), "step": step, "epoch": epoch, "exit": detail,
-                  "bad_images": sorted({b for rank_bad in _all_gather_object(loader.bad_images) for b in rank_bad})}
+        # ---- 9. the end: kNN of the final backbone, exported weights, plot ---------------------
+        result = {"run_dir": str(run.dir), "step": step, "epoch": epoch, "exit": detail,
+                  "bad_images": sorted({b for bad in dist.all_gather_object(loader.bad_images) for b in bad})}
         if cfg.final_eval and exit in (Exit.FINISHED, Exit.MAX_STEPS):
-            if info.is_main:
-                ckpt_io.save_atomic({k: v.detach().cpu() for k, v in method.backbone.state_dict().items()},
-                                    run_dir / "backbone.pt")
-            result["knn_top1"] = _knn(cfg, info, method.backbone)
-            log.knn(step, epoch, result["knn_top1"])
-            if info.is_main:
-                _plot(metrics_path, run_dir / "curves.png")
+            result["knn_top1"] = _final_eval(cfg, info, method.backbone, run, log, step, epoch)
         if info.is_main:
             for bad in result["bad_images"]:
                 print(f"train.py: skipped an unreadable image (bad_images=skip): {bad}", flush=True)
             print(json.dumps(result), flush=True)
-            _write(run_dir / "result.json", lambda: atomic_write_text(run_dir / "result.json",
+            _write(run.dir / "result.json", lambda: atomic_write_text(run.dir / "result.json",
                                                                       json.dumps(result, indent=2)))
-    finally:
-        log.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
     dist.cleanup()
     if exit is Exit.NONFINITE:
         raise RunStopped(detail)
@@ -299,6 +219,157 @@ def train_step(model, optimizer, scaler, autocast, out, grad_clip: float = 0.0):
 
 # ---- helpers (used once each above; kept here so the loop reads top to bottom) ------------------
 
+class _Perf(NamedTuple):
+    cuda: bool
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    memory_format: torch.memory_format
+    aug_dtype: torch.dtype
+
+
+def _performance(cfg, info) -> _Perf:
+    """Every performance setting of the run, in one place."""
+    torch.manual_seed(cfg.seed)                     # same initial weights on every rank
+    cuda = info.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True    # the losses turn it off for their matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on CUDA; on CPUs without native bf16 (AVX2) it is emulated and slower than fp32
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return _Perf(cuda=cuda,
+                 autocast=torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+                 scaler=torch.amp.GradScaler(info.device.type, enabled=precision == "fp16"),
+                 memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+                 # the augment stage writes bf16 on GPU (half the bandwidth into the first conv)
+                 aug_dtype=torch.bfloat16 if precision == "bf16" and cuda else torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunDir:
+    """out_dir/run_name: config.yaml, run_info.json, metrics.jsonl, checkpoint.pt (+ older), results."""
+    dir: Path
+    resume: bool
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @classmethod
+    def of(cls, cfg) -> "_RunDir":
+        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.method}-{cfg.arch}")
+        if cfg.keep_checkpoints < 1:
+            raise ConfigError(f"config key 'keep_checkpoints' = {cfg.keep_checkpoints} must be >= 1")
+        has_ckpt = ckpt_io.exists(run_dir / "checkpoint.pt", cfg.keep_checkpoints)
+        elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if has_ckpt and not (cfg.resume or elastic_restart):
+            raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it, "
+                              f"or choose another run_name / out_dir")
+        return cls(run_dir, has_ckpt)
+
+    def record(self, cfg, info, step: int) -> None:
+        """The resolved config and run info; metrics past the checkpoint (a killed run's) dropped."""
+        if info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
+            write_run_info(self.dir, {"world_size": info.world_size, "resumed": self.resume})
+            _truncate_metrics(self.metrics, step)
+        dist.barrier()
+
+
+class _Checkpoints:
+    """The run's checkpoints: what they record (every shape-deciding key and every tensor's shape,
+    so a foreign checkpoint is refused naming what differs), restore, and save on every rank."""
+
+    def __init__(self, path: Path, cfg, info, method, optimizer, scaler, ahead):
+        self.path, self.cfg, self.info = path, cfg, info
+        self.method, self.optimizer, self.scaler, self.ahead = method, optimizer, scaler, ahead
+        self.meta = {"arch": cfg.arch, "method": cfg.method, "width": cfg.width,
+                     "small_stem": use_small_stem(cfg.stem, cfg.size),
+                     **{k: getattr(cfg, k) for k in shape_keys(method)}}
+        self.shapes = {k: tuple(v.shape) for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
+
+    def restore(self) -> tuple[int, int, int]:
+        """-> (step, epoch, batch in epoch) of the newest readable checkpoint, its state loaded."""
+        state, path, skipped = ckpt_io.load_latest(self.path, self.cfg.keep_checkpoints)
+        ckpt_io.check_compatible(state, path, self.meta, self.shapes)
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.ahead.load_state_dict(state["augment"][self.info.rank])
+        torch.set_rng_state(state["rng_cpu"][self.info.rank])
+        if self.info.is_main:
+            for why in skipped:
+                print(f"train.py: {why}; resuming from the previous checkpoint {path}", flush=True)
+            print(f"resumed {path} at step {state['step']} (epoch {state['epoch']}, batch "
+                  f"{state['batch_in_epoch']})", flush=True)
+        return state["step"], state["epoch"], state["batch_in_epoch"]
+
+    def save(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        aug_states = dist.all_gather_object(self.ahead.state_dict())
+        rng_states = dist.all_gather_object(torch.get_rng_state())
+        failed = None
+        if self.info.is_main:
+            try:
+                ckpt_io.save_rotating({
+                    "meta": self.meta, "config": to_dict(self.cfg), "step": step, "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch, "model": self.method.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "augment": aug_states, "rng_cpu": rng_states,
+                    "backbone": {k: v.detach().cpu() for k, v in self.method.backbone.state_dict().items()},
+                }, self.path, self.cfg.keep_checkpoints)
+            except ckpt_io.CheckpointError as err:
+                failed = err
+        if dist.any_rank(failed is not None):       # every rank stops together
+            raise RunStopped(str(failed or "rank 0 could not write the checkpoint"))
+        dist.barrier()
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) set `.name`; the loop checkpoints at the
+    next step boundary and exits. A second Ctrl-C kills at once. The old handlers come back at exit."""
+
+    def __init__(self):
+        self.name, self.previous = None, {}
+
+    def _request(self, signum, _frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _log_closed(log):
+    try:
+        yield log
+    finally:
+        log.close()
+
+
+def _final_eval(cfg, info, backbone, run: _RunDir, log, step: int, epoch: int) -> float:
+    """The exported backbone (torchvision state dict), its kNN accuracy, the curves."""
+    if info.is_main:
+        ckpt_io.save_atomic({k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+                            run.dir / "backbone.pt")
+    top1 = _knn(cfg, info, backbone)
+    log.knn(step, epoch, top1)
+    if info.is_main:
+        _plot(run.metrics, run.dir / "curves.png")
+    return top1
+
+
 class _Interval:
     """What a log interval accumulates: the loss sum on the device (no sync), steps, data wait."""
 
@@ -317,22 +388,6 @@ class _Interval:
 def _reduce_logs(logs: dict) -> dict:
     """Global values of a method's logs: averaged over ranks, except z_std (a per-rank monitor)."""
     return {k: v if k == "z_std" else dist.all_reduce_mean(v.float()) for k, v in logs.items()}
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if dist.world_size() == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-def _all_gather_object(obj) -> list:
-    if dist.world_size() == 1:
-        return [obj]
-    out = [None] * dist.world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _check_eval_data(cfg) -> None:

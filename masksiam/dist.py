@@ -185,3 +185,22 @@ def all_reduce_max(flag: torch.Tensor) -> torch.Tensor:
     out = flag.to(torch.float32).clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out.to(flag.dtype)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (a host-side decision every rank must take together)."""
+    if world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] at world size 1."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
