@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import masksiam  # noqa: F401
 from eval import linear
