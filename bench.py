@@ -870,7 +870,7 @@ def no_host_reads():
 
 
 @contextlib.contextmanager
-def _sync_free(device: torch.device):
+def sync_free(device: torch.device):
     """CUDA: torch's sync-debug mode "error" (any synchronising CUDA call raises); CPU: no_host_reads."""
     if device.type != "cuda":
         with no_host_reads():
@@ -897,7 +897,7 @@ def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
         seen[name] += 1
         if seen[name] <= skip:
             return fn(*args, **kwargs)
-        with _sync_free(device):
+        with sync_free(device):
             result = fn(*args, **kwargs)
         calls[name] += 1
         return result

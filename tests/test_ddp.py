@@ -18,7 +18,7 @@ from masksiam import dist as mdist
 from masksiam.config import Config, ConfigError
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone
-from bench import HostRead, no_host_reads
+from bench import HostRead, no_host_reads, sync_free
 from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm, global_batch_norm
 
 N_GLOBAL = 8
@@ -171,17 +171,19 @@ def _seeded_bn(cls, momentum) -> torch.nn.Module:
     return bn
 
 
-def test_global_batch_norm_function_at_world_size_1_is_batch_norm():
-    """The autograd function itself (the path every device takes at world size > 1) against
-    F.batch_norm, bf16 in with float32 statistics as under autocast."""
-    x, w = _bn_data(0)
-    weight, bias = torch.rand(5) + 0.5, torch.randn(5)
+def _check_global_batch_norm_function(device: torch.device) -> None:
+    """The autograd function itself (the path every rank takes at world size > 1; CPU ops, or torch's
+    SyncBatchNorm kernels on CUDA) against F.batch_norm, bf16 in with float32 statistics as under
+    autocast, inside bench.sync_free (CPU: no host reads; CUDA: sync-debug "error")."""
+    x, w = (t.to(device) for t in _bn_data(0))
+    g = torch.Generator().manual_seed(3)
+    weight, bias = (torch.rand(5, generator=g) + 0.5).to(device), torch.randn(5, generator=g).to(device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):   # x ~ 100: ulp 8e-6
         xa = x.to(dtype).detach().clone().requires_grad_()
         xb = xa.detach().clone().requires_grad_()
         wa, ba = weight.clone().requires_grad_(), bias.clone().requires_grad_()
         wb, bb = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        with no_host_reads():
+        with sync_free(device):
             y, mean, var, counts = global_batch_norm(xa, wa, ba, 1e-5)
             (y.float() * w).sum().backward()
         ref = torch.nn.functional.batch_norm(xb.float(), None, None, wb, bb, training=True, eps=1e-5)
@@ -192,7 +194,12 @@ def test_global_batch_norm_function_at_world_size_1_is_batch_norm():
         torch.testing.assert_close(wa.grad, wb.grad, rtol=tol, atol=tol * 10)
         torch.testing.assert_close(ba.grad, bb.grad, rtol=tol, atol=tol * 10)
         torch.testing.assert_close(mean, xb.detach().float().mean((0, 2, 3)), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(var, xb.detach().float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
         assert counts.tolist() == [N_GLOBAL * 9]
+
+
+def test_global_batch_norm_function_at_world_size_1_is_batch_norm():
+    _check_global_batch_norm_function(torch.device("cpu"))
 
 
 def test_no_host_reads_catches_each_kind():
@@ -264,26 +271,4 @@ def test_convert_sync_batchnorm_never_gives_torch_syncbatchnorm():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_global_batch_norm_cuda_kernels_are_batch_norm_without_syncs():
-    """The CUDA path (torch's SyncBatchNorm kernels) against F.batch_norm, under sync-debug 'error'."""
-    x, w = (t.cuda() for t in _bn_data(0))
-    weight, bias = torch.rand(5, device="cuda") + 0.5, torch.randn(5, device="cuda")
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        xa = x.to(dtype).detach().clone().requires_grad_()
-        xb = xa.detach().clone().requires_grad_()
-        wa, ba = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        wb, bb = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y, mean, var, counts = global_batch_norm(xa, wa, ba, 1e-5)
-            (y.float() * w).sum().backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        ref = torch.nn.functional.batch_norm(xb.float(), None, None, wb, bb, training=True, eps=1e-5)
-        (ref * w).sum().backward()
-        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
-        torch.testing.assert_close(xa.grad.float(), xb.grad.float(), rtol=tol, atol=tol)
-        torch.testing.assert_close(wa.grad, wb.grad, rtol=tol, atol=tol * 10)
-        torch.testing.assert_close(ba.grad, bb.grad, rtol=tol, atol=tol * 10)
-        torch.testing.assert_close(var, xb.detach().float().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=1e-3)
+    _check_global_batch_norm_function(torch.device("cuda"))
