@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
+KIND_ORDER = {"knn": 0, "linear": 1, "finetune": 2, "finetune_full": 3}    # column order
 
 
 def _load(path: Path) -> dict | None:
@@ -59,9 +60,14 @@ def build(runs: list[Path]) -> dict:
     for run in runs:
         groups.setdefault(group_name(run), []).append(collect(run))
     columns: list[str] = []
+    kind: dict[str, int] = {}
     for results in groups.values():
         for r in results:
-            columns += [c for c in r if c not in columns]
+            for c, res in r.items():
+                if c not in columns:
+                    columns.append(c)
+                    kind[c] = KIND_ORDER.get(res.get("eval"), len(KIND_ORDER))
+    columns.sort(key=lambda c: kind[c])                       # stable: first seen within a kind
     rows, curves = [], {}
     for name, results in groups.items():
         cells = {}

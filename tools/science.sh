@@ -6,8 +6,9 @@
 # of configs/demo_fmnist.yaml and configs/fmnist_*.yaml, once per seed in SEEDS (default "0 1").
 # Each pretrained backbone is evaluated three ways, always on the same MAX_VAL validation images:
 #   knn      train.py's final kNN (k=200, t=0.1; bank of MAX_TRAIN training images)
-#   linear   eval.linear --fast: classifier on cached center-crop features of MAX_TRAIN images,
-#            LIN_EPOCHS epochs, the preset the run's recipe calls for (mscn for MSCN, else MoCo's)
+#   linear   eval.linear --fast --bn: classifier on cached center-crop features of MAX_TRAIN images,
+#            LIN_EPOCHS epochs, the preset the run's recipe calls for (mscn for MSCN, else MoCo's),
+#            BatchNorm on the features so that one lr serves contrastive, BYOL and MIM features alike
 #   ft10     eval.finetune --fraction 0.1: 10 % of the labels (class-balanced, seeded), FT_EPOCHS
 #            epochs of the semi-supervised protocol (milestones moved to the same fractions)
 # against two baselines per seed, on the same network:
@@ -77,7 +78,7 @@ mkdir -p "$OUT/logs"
 
 evaluate() {   # checkpoint, result folder, seed, extra flags for both (--random-init)
     local ckpt=$1 dir=$2 seed=$3; shift 3
-    "$PY" -m eval.linear --checkpoint "$ckpt" --fast --name linear --out "$dir" "${common_eval[@]}" "${lin_extra[@]}" "$@"
+    "$PY" -m eval.linear --checkpoint "$ckpt" --fast --bn --name linear --out "$dir" "${common_eval[@]}" "${lin_extra[@]}" "$@"
     "$PY" -m eval.finetune --checkpoint "$ckpt" --fraction 0.1 --seed "$seed" --name ft10 --out "$dir" \
         "${common_eval[@]}" "${ft_extra[@]}" "$@"
 }
