@@ -241,8 +241,13 @@ class SourceEncoder:
         if not isinstance(backbone.maxpool, nn.Identity):
             h = self.maxpool(backbone.maxpool, h)
         for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+            h_in = h
             for blk in layer:
                 h = self.block(blk, h)
+            # the stage ran block by block, not through its own forward: its forward hooks (the
+            # loop's online probe on layer4) get the output they would have seen
+            for hook in layer._forward_hooks.values():
+                hook(layer, (h_in,), h)
         return h
 
     def pool(self, f: torch.Tensor) -> torch.Tensor:

@@ -416,3 +416,12 @@ def test_show_draws_reconstructions_from_a_checkpoint(run, image_folder, tmp_pat
     img = Image.open(out)
     columns = 4 if run == "simmim" else 5
     assert img.size == (columns * 36 + 4, 16 + 3 * 36 + 4)              # 32 px tiles, 4 px gaps
+
+
+def test_source_encoder_runs_the_stages_forward_hooks():
+    """The loop's online probe hooks backbone.layer4; the sparse and mixed encoders run it block by block."""
+    net = _net(small_stem=True)
+    seen = []
+    net.layer4.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    f = SourceEncoder.mixed(_mask(2, 4))(net, _smooth_images(2))
+    assert len(seen) == 1 and seen[0] is f
