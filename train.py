@@ -104,13 +104,14 @@ def main(argv=None) -> dict:
     if cfg.compile:
         method.backbone.compile()                   # in place: state-dict keys stay torchvision's
     model = DDP(method, device_ids=[info.device.index] if perf.cuda else None) if info.world_size > 1 else method
+    probe = _online_probe(cfg, method, loader, info.device)
 
     # ---- 5. optimizer --------------------------------------------------------------------------
     lr_peak = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(method, cfg, lr_peak)
 
     # ---- 6. resume: everything a step depends on, checked against this run first -----------------
-    ckpt = _Checkpoints(run.ckpt_path, cfg, info, method, optimizer, perf.scaler, ahead)
+    ckpt = _Checkpoints(run.ckpt_path, cfg, info, method, optimizer, perf.scaler, ahead, probe)
     step, epoch, start_batch = ckpt.restore() if run.resume else (0, 0, 0)
 
     # ---- 7. the run record: written only now, after every check --------------------------------
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
                 since_log.data += time.perf_counter() - t_wait
                 lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.min_lr_ratio)
                 set_lr(optimizer, lr)
-                loss, logs, nonfinite = train_step(model, optimizer, perf.scaler, perf.autocast, out, cfg.grad_clip)
+                loss, logs, nonfinite = train_step(model, optimizer, perf.scaler, perf.autocast, out, cfg.grad_clip,
+                                                   probe, batch.labels)
                 method.after_step(step, total_steps)   # EMA target, queue: every method's own hook
                 bad_in_row = (bad_in_row + 1) * nonfinite
                 bad_total += nonfinite
@@ -191,11 +193,12 @@ def main(argv=None) -> dict:
     return result
 
 
-def train_step(model, optimizer, scaler, autocast, out, grad_clip: float = 0.0):
+def train_step(model, optimizer, scaler, autocast, out, grad_clip: float = 0.0, probe=None, labels=None):
     """One optimizer step on the augment stage's output -> (loss (detached), logs, nonfinite).
 
     A non-finite loss (or gradient norm) skips the update on the device, on every rank together
-    (an asynchronous all-reduce, no host sync)."""
+    (an asynchronous all-reduce, no host sync). The online probe (if any) takes its own step on
+    the features the forward left in its hook, detached."""
     with autocast:
         loss, logs = model(out)
     optimizer.zero_grad(set_to_none=True)
@@ -214,6 +217,8 @@ def train_step(model, optimizer, scaler, autocast, out, grad_clip: float = 0.0):
     else:
         optimizer.step(skip=nonfinite)              # skipped in-kernel: no sync, no NaN in the state
     scaler.update()
+    if probe is not None:
+        logs = {**logs, **probe.update_from_hook(labels)[1]}
     return loss.detach(), logs, nonfinite
 
 
@@ -286,9 +291,9 @@ class _Checkpoints:
     """The run's checkpoints: what they record (every shape-deciding key and every tensor's shape,
     so a foreign checkpoint is refused naming what differs), restore, and save on every rank."""
 
-    def __init__(self, path: Path, cfg, info, method, optimizer, scaler, ahead):
+    def __init__(self, path: Path, cfg, info, method, optimizer, scaler, ahead, probe=None):
         self.path, self.cfg, self.info = path, cfg, info
-        self.method, self.optimizer, self.scaler, self.ahead = method, optimizer, scaler, ahead
+        self.method, self.optimizer, self.scaler, self.ahead, self.probe = method, optimizer, scaler, ahead, probe
         self.meta = {"arch": cfg.arch, "method": cfg.method, "width": cfg.width,
                      "small_stem": use_small_stem(cfg.stem, cfg.size),
                      **{k: getattr(cfg, k) for k in shape_keys(method)}}
@@ -302,6 +307,8 @@ class _Checkpoints:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.ahead.load_state_dict(state["augment"][self.info.rank])
+        if self.probe is not None and state.get("probe") is not None:
+            self.probe.load_state_dict(state["probe"])
         torch.set_rng_state(state["rng_cpu"][self.info.rank])
         if self.info.is_main:
             for why in skipped:
@@ -321,6 +328,7 @@ class _Checkpoints:
                     "batch_in_epoch": batch_in_epoch, "model": self.method.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                     "augment": aug_states, "rng_cpu": rng_states,
+                    "probe": self.probe.state_dict() if self.probe is not None else None,
                     "backbone": {k: v.detach().cpu() for k, v in self.method.backbone.state_dict().items()},
                 }, self.path, self.cfg.keep_checkpoints)
             except ckpt_io.CheckpointError as err:
@@ -348,6 +356,18 @@ class _StopOnSignal:
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def _online_probe(cfg, method, loader, device):
+    """A linear classifier on the detached pooled features of the last ResNet stage, trained by its
+    own SGD step each step (eval/probe.py): top-1 in the logs, a live signal at almost no cost.
+    Outside the method and the optimizer: the pretraining numbers do not change with it."""
+    if not cfg.online_probe:
+        return None
+    from eval.probe import OnlineProbe
+    probe = OnlineProbe(method.backbone.num_features, len(loader.classes)).to(device)
+    probe.attach(method.backbone.layer4)            # MIM encoders run the stages, not backbone.forward
+    return probe
 
 
 @contextlib.contextmanager

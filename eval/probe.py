@@ -68,13 +68,17 @@ class OnlineProbe(nn.Module):
         return loss, {"probe_loss": loss, "probe_top1": top1}
 
     # ---- the backbone's forward hook ------------------------------------------------------------
-    def attach(self, backbone: nn.Module) -> None:
-        """Keep the output of the backbone's latest forward in training mode (evaluation passes,
-        e.g. the kNN monitor, are ignored)."""
+    def attach(self, module: nn.Module) -> None:
+        """Keep the output of the module's first training-mode forward since the last update (a
+        multi-crop step runs the backbone once per crop size: the first holds the global views;
+        evaluation passes, e.g. the kNN monitor, are ignored). A (N, F, h, w) output, e.g. the
+        last ResNet stage's, which masked image modeling runs without the backbone's own forward,
+        is average-pooled to (N, F)."""
         def hook(module, _inputs, output):
-            if module.training:
-                self._captured = output.detach()
-        self._hook = backbone.register_forward_hook(hook)
+            if module.training and self._captured is None:
+                out = output.detach()
+                self._captured = out.mean((2, 3)) if out.dim() == 4 else out
+        self._hook = module.register_forward_hook(hook)
 
     def detach_hook(self) -> None:
         if self._hook is not None:
@@ -85,8 +89,8 @@ class OnlineProbe(nn.Module):
         """update() on the first len(labels) rows of the captured output: view 0 of each image when
         the method ran its views as one concatenated batch (views[0] first)."""
         if self._captured is None:
-            raise RuntimeError("OnlineProbe.update_from_hook: the backbone has not run in training mode "
-                               "since attach()")
+            raise RuntimeError("OnlineProbe.update_from_hook: the attached module has not run in training "
+                               "mode since the last update")
         feats, self._captured = self._captured[:labels.shape[0]], None
         return self.update(feats, labels)
 

@@ -122,6 +122,7 @@ class Config:
     compile: bool = False                  # torch.compile the model
 
     # ---- evaluation -----------------------------------------------------------------------------
+    online_probe: bool = True              # linear probe on detached features during pretraining (probe_top1)
     knn_every: int = 0                     # epochs between kNN monitors (0 = only at the end)
     final_eval: bool = True                # kNN, exported backbone and plot at the end of the run
     knn_k: int = 200

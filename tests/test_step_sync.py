@@ -49,10 +49,13 @@ def test_the_step_reads_nothing_back(method, recipe):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     autocast = torch.autocast("cpu", enabled=False)
     out = aug(views)
+    probe = train._online_probe(cfg, net, type("L", (), {"classes": ["a", "b", "c"]}), "cpu")
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
     with NoHostSync():
         for step in range(2):                              # the second step: optimizer state exists
-            loss, logs, nonfinite = train.train_step(net, opt, scaler, autocast, out, cfg.grad_clip)
+            loss, logs, nonfinite = train.train_step(net, opt, scaler, autocast, out, cfg.grad_clip, probe, labels)
             net.after_step(step, 10)
+    assert "probe_top1" in logs                            # the online probe's step is in the path too
     assert torch.isfinite(loss) and not nonfinite
     assert all(v.dim() == 0 for v in logs.values())       # scalar tensors, read at log intervals only
 

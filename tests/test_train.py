@@ -225,3 +225,19 @@ def test_torchrun_elastic_restart_resumes_a_run_whose_worker_died(image_folder, 
     a, b = _losses(Path(single["run_dir"])), _losses(tmp_path / "elastic")
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+
+
+def test_the_online_probe_logs_top1_and_changes_no_pretraining_number(image_folder, tmp_path):
+    """online_probe (default) trains a linear classifier on detached features: probe_top1 in every
+    metrics line, the same losses and weights as without it, its state in the checkpoint."""
+    common = ["epochs=2", "final_eval=false"]
+    on = train.main(_args(image_folder, tmp_path, "probe", *common))
+    off = train.main(_args(image_folder, tmp_path, "noprobe", *common, "online_probe=false"))
+    rows = [r for r in _metrics(Path(on["run_dir"])) if "loss" in r]
+    assert all(0 <= r["probe_top1"] <= 1 and r["probe_loss"] > 0 for r in rows)
+    assert not any("probe_top1" in r for r in _metrics(Path(off["run_dir"])))
+    assert _losses(Path(on["run_dir"])) == _losses(Path(off["run_dir"]))
+    a = ckpt_io.load(Path(on["run_dir"]) / "checkpoint.pt")
+    b = ckpt_io.load(Path(off["run_dir"]) / "checkpoint.pt")
+    assert all(torch.equal(a["backbone"][k], b["backbone"][k]) for k in a["backbone"])
+    assert a["probe"]["fc.weight"].shape[0] == 3 and b["probe"] is None      # 3 classes in the folder
