@@ -101,3 +101,28 @@ def test_command_writes_json_markdown_and_png(image_folder, tmp_path):
     res = linear.main(["--checkpoint", str(ckpt), "--epochs", "1", "--batch-size", "8", "--preset", "mscn",
                        "--out", str(out), "--no-progress"])
     assert res["settings"]["lr"] == 1.0 and res["settings"]["highpass"] is True and not res["settings"]["fast"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_probe_one_process_trains(image_folder, tmp_path, monkeypatch):
+    """The full protocol under DDP (gloo): per-rank halves of each batch, crops drawn per image, so
+    the two ranks' averaged gradient is the one-process gradient (float round-off apart)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    monkeypatch.setenv("MASKSIAM_DEVICE", "cpu")                       # both on the CPU, also on a CUDA host
+    _, _, ckpt = _run(image_folder, tmp_path)
+    args = ["--checkpoint", str(ckpt), "--epochs", "2", "--batch-size", "8", "--preset", "mscn", "--no-progress"]
+    one = linear.main(args + ["--out", str(tmp_path / "one")])
+    repo = Path(__file__).resolve().parent.parent
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                "-m", "eval.linear", *args, "--out", str(tmp_path / "two")]
+    out = subprocess.run(torchrun, cwd=repo, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MASKSIAM_DEVICE": "cpu"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "linear.json").read_text())
+    assert two["settings"]["world_size"] == 2
+    for a, b in zip(one["curves"]["train_loss"], two["curves"]["train_loss"]):
+        assert b[1] == pytest.approx(a[1], rel=1e-4)
+    assert two["metrics"]["top1"] == one["metrics"]["top1"]
