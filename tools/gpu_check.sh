@@ -122,17 +122,9 @@ EOF
 # ---- 2. the CUDA tests (skipped cleanly without CUDA) -------------------------------------------
 step cuda-tests 90 env MASKSIAM_DEVICE= "$PY" -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}"
 
-# ---- 3. the augment stage on the device: eager, then compiled ----------------------------------
+# ---- 3. the augment stage on the device, eager (compiled: step 7) --------------------------------
 step augment-eager 90 "${BENCH[@]}" augment --device "$DEVICE" --recipe mscn,simclr,byol,mixmask,simmim \
   "${AUG[@]}" --reference-images 0 --json "$WORK/augment/eager.json"
-# the dry run takes the --compile path with torch.compile disabled: inductor on a shared CPU takes
-# minutes per recipe, and the dry run checks the script, not the compiler
-COMPILE_ENV=(); [[ $DRY == 1 ]] && COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
-for recipe in "${COMPILED_RECIPES[@]}"; do
-  step "augment-compiled-$recipe" 60 env "${COMPILE_ENV[@]}" "${BENCH[@]}" augment --device "$DEVICE" --recipe "$recipe" --compile \
-    "${AUG[@]}" --reference-images 0 --json "$WORK/augment/compiled-$recipe.json"
-done
-
 # ---- 4. model-only: ResNet-50 2 x 224 bf16 channels-last, synthetic batches on the device ---------
 step model-siamese 120 "${BENCH[@]}" model --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" \
   --json "$WORK/model/siamese.json" --sweep method=simclr,byol,moco \
@@ -162,7 +154,16 @@ for pair in simclr:mscn byol:mixmask; do
     "${NET[@]}" batch_size=$((MODEL_BATCH / 4 > 4 ? MODEL_BATCH / 4 : 4)) views=2 method=${pair%%:*} recipe=${pair##*:}
 done
 
-# ---- 7. the summary: at most 8 files in DEST ---------------------------------------------------
+# ---- 7. the compiled augment stage: last, it gets what the budget has left (compiles take minutes) --
+# the dry run takes the --compile path with torch.compile disabled: inductor on a shared CPU takes
+# minutes per recipe, and the dry run checks the script, not the compiler
+COMPILE_ENV=(); [[ $DRY == 1 ]] && COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
+for recipe in "${COMPILED_RECIPES[@]}"; do
+  step "augment-compiled-$recipe" 60 env "${COMPILE_ENV[@]}" "${BENCH[@]}" augment --device "$DEVICE" --recipe "$recipe" --compile \
+    "${AUG[@]}" --reference-images 0 --json "$WORK/augment/compiled-$recipe.json"
+done
+
+# ---- 8. the summary: at most 8 files in DEST ---------------------------------------------------
 "$PY" - "$WORK" "$DEST" "$DRY" "$BUDGET" "$(( $(date +%s) - T0 ))" <<'EOF' >> "$LOG" 2>&1
 import json, sys
 from pathlib import Path
@@ -203,7 +204,7 @@ for mode in ("augment", "model", "train"):
     rate = "views_per_s" if mode == "augment" else "images_per_s"
     for r in rows:
         r["ratio"] = r[rate] / rows[0][rate]
-    columns = {"augment": ["label", "views_per_image", "views_per_s", "ratio", "s_per_batch_p50", "startup_s",
+    columns = {"augment": ["label", "views_per_image", "views_per_s", "ratio", "mb_per_view", "s_per_batch_p50", "startup_s",
                            "augment_gpu_mb_per_image", "peak_gpu_mb", "peak_gpu_device_mb"],
                "model": ["label", "method", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50",
                          "startup_s", "peak_gpu_mb", "peak_gpu_device_mb"],
