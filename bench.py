@@ -990,7 +990,6 @@ def _split_files(cfg) -> list[Path]:
 def _explain_stages(args, cfg, device: torch.device, delays: dict[str, float]) -> list[dict]:
     """Each stage alone on the config's data and settings (args.batches batches after args.warmup),
     then model-only and end to end through train.py."""
-    import io as _io
     from PIL import Image
     from pipelines.augment.engine import build_augmenter
     from pipelines.loaders import build_loader
@@ -1006,7 +1005,7 @@ def _explain_stages(args, cfg, device: torch.device, delays: dict[str, float]) -
 
         def decode():
             for blob in blobs:
-                Image.open(_io.BytesIO(blob)).convert("RGB")
+                Image.open(io.BytesIO(blob)).convert("RGB")
         stages.append(_measure("decode", len(blobs), decode, device, note="full PIL decode to RGB, one thread"))
         del blobs
     else:
