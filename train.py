@@ -246,9 +246,17 @@ def _performance(cfg, info) -> _Perf:
     return _Perf(cuda=cuda,
                  autocast=torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
                  scaler=torch.amp.GradScaler(info.device.type, enabled=precision == "fp16"),
-                 memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+                 memory_format=torch.channels_last if cfg.channels_last and not _odd_cpu_batch(cfg, info)
+                 else torch.contiguous_format,
                  # the augment stage writes bf16 on GPU (half the bandwidth into the first conv)
                  aug_dtype=torch.bfloat16 if precision == "bf16" and cuda else torch.float32)
+
+
+def _odd_cpu_batch(cfg, info) -> bool:
+    """torch 2.13's CPU backward of a strided 1x1 convolution (the ResNet downsample) crashes on
+    channels-last inputs with an odd batch: such runs (an odd per-rank batch, or a partial last
+    batch) train in the contiguous format on the CPU."""
+    return info.device.type == "cpu" and ((cfg.batch_size // info.world_size) % 2 == 1 or not cfg.drop_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,8 +389,8 @@ def _log_closed(log):
 def _final_eval(cfg, info, backbone, run: _RunDir, log, step: int, epoch: int) -> float:
     """The exported backbone (torchvision state dict), its kNN accuracy, the curves."""
     if info.is_main:
-        ckpt_io.save_atomic({k: v.detach().cpu() for k, v in backbone.state_dict().items()},
-                            run.dir / "backbone.pt")
+        weights = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+        _write(run.dir / "backbone.pt", lambda: ckpt_io.save_atomic(weights, run.dir / "backbone.pt"))
     top1 = _knn(cfg, info, backbone)
     log.knn(step, epoch, top1)
     if info.is_main:

@@ -322,3 +322,17 @@ def test_a_bad_image_mid_run_is_skipped_named_and_resume_stays_exact(image_folde
     _resume_matches(data, tmp_path / "again", common)       # the replacement is deterministic
     with pytest.raises(train.DataError, match=bad.name):
         train.main(_args(data, tmp_path, "stop", *common, "bad_images=stop"))
+
+
+def test_a_failed_export_stops_naming_the_path(image_folder, tmp_path, monkeypatch):
+    real = ckpt_io.save_atomic
+
+    def full_disk(obj, path):
+        if Path(path).name == "backbone.pt":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "save_atomic", full_disk)
+    with pytest.raises(train.RunStopped, match="backbone.pt.*Input/output error.*checkpoint is kept"):
+        train.main(_args(image_folder, tmp_path, "run", "epochs=1"))
+    assert ckpt_io.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
