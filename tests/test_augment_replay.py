@@ -50,17 +50,16 @@ def test_recipe_equals_torchvision_replayed_from_its_parameters(name):
     aug = build_augmenter(name, size=32, seed=4)
     not_multiple = 0
     for n in (7, 13, 29):
-        for batch in range(2):
-            views = photo_views(n, 32, aug.sources, seed=10 * n + batch)
-            out = aug(views, return_params=True)
-            assert len(out.params) == len(out.views)
-            for v, p in zip(out.views, out.params):
-                k = int(p.jitter.sum())
-                not_multiple += k % 4 != 0
-                assert (p.jitter_order.sort(1).values == torch.arange(4)).all()      # permutations
-                torch.testing.assert_close(v, replay(views, p), atol=TOL, rtol=0,
-                                           msg=f"{name}, batch {n}, {k} jittered")
-    assert not_multiple >= 4                     # the case the test is about happened
+        views = photo_views(n, 32, aug.sources, seed=n)
+        out = aug(views, return_params=True)
+        assert len(out.params) == len(out.views)
+        for v, p in zip(out.views, out.params):
+            k = int(p.jitter.sum())
+            not_multiple += k % 4 != 0
+            assert (p.jitter_order.sort(1).values == torch.arange(4)).all()          # permutations
+            torch.testing.assert_close(v, replay(views, p), atol=TOL, rtol=0,
+                                       msg=f"{name}, batch {n}, {k} jittered")
+    assert not_multiple >= 4                     # the case the test is about happened (k = 0.8 N)
 
 
 def test_params_describe_the_draws():

@@ -23,6 +23,11 @@ filtered image is centred on 0, which MSCN makes "no information" (seed 001, Sec
 filled in that space: `zero` fill means "nothing here" after a high-pass, and the dataset mean
 colour without one; noise is N(0, noise_std^2) in normalised units.
 
+compile=True runs each branch as one torch.compile'd function (fused.py): every op on every row,
+selected per sample with 0/1 weights, the filters as stencils, so that inductor fuses the branch into
+a few loops from the uint8 crop to the output dtype; the same draws and values as the eager ops
+(float rounding apart). `Prefetcher` augments batch k + 1 on a side CUDA stream while k trains.
+
 Randomness: a CPU generator seeded from (seed, rank) makes every decision the host must know: which
 samples an op touches (subset sizes and members), the hue slot rotation. A torch.Generator on the
 device, seeded the same way, draws every per-sample parameter (factors, sigmas, masks). Same seed,
@@ -62,6 +67,7 @@ import torch
 from pipelines.augment import masks as M
 from pipelines.augment import mixing as X
 from pipelines.augment import ops as A
+from pipelines.augment.fused import FusedBranch
 from pipelines.augment.recipes import BranchSpec, Recipe, RecipeError, load_recipe, with_mix
 
 # ---- the augmenter --------------------------------------------------------------------------------
@@ -254,7 +260,6 @@ class Augmenter:
                  dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
                  chunk: Optional[int] = None, compile: bool = False):
         self.recipe, self.dtype = recipe, dtype
-        self.kernels = A.compiled_kernels() if compile else A.EAGER
         self.device = torch.device(device)
         self.sources = recipe.sources
         if isinstance(size, int):
@@ -274,7 +279,9 @@ class Augmenter:
         self.host_gen = torch.Generator()
         self.host_gen.manual_seed(_stream_seed(seed, rank, "host"))
         cpu = self.device.type == "cpu"
-        self.chunk = chunk or default_chunk(self.device, self.size)
+        # compiled on a GPU: the whole batch in one call (the fused loops keep few temporaries, and
+        # its results become the outputs without a copy)
+        self.chunk = chunk or (0 if compile and not cpu else default_chunk(self.device, self.size))
         self.workers = torch.get_num_threads() if cpu else 1
         self._pool = _cpu_pool(self.workers) if self.workers > 1 else None
         self.view_branch = recipe.view_branches()
@@ -296,6 +303,9 @@ class Augmenter:
                 if s % recipe.simmim.patch:
                     raise RecipeError(f"recipe {recipe.name}: image size {s} is not a multiple of the SimMIM "
                                       f"patch {recipe.simmim.patch} px; set simmim.patch to a divisor of {s}")
+        # compile: each branch as one torch.compile'd function (fused.py), else the eager ops
+        self.fused = [FusedBranch(self, bi) for bi in range(len(recipe.branches))] if compile else None
+        self._fused_fn = [f.compiled for f in self.fused] if compile else None
         groups: dict[int, list[int]] = {}
         for v, s in enumerate(self.view_size):
             groups.setdefault(s, []).append(v)
@@ -408,7 +418,7 @@ class Augmenter:
             A.apply_to(x, q["flip"], A.hflip)
         if b.color and d.order is not None:
             with _stage("color_jitter"):
-                x = A.color_jitter(x, d.jitter[c0:c1], d.order[c0:c1], q["hue"], self.kernels)
+                x = A.color_jitter(x, d.jitter[c0:c1], d.order[c0:c1], q["hue"])
         if b.grayscale:
             with _stage("grayscale"):
                 A.apply_to(x, q["gray"], A.to_grayscale)
@@ -441,13 +451,68 @@ class Augmenter:
                 continue
             with _stage("mask_fill"):
                 cells, grid = d.masks[copy_i][0][c0:c1], d.masks[copy_i][1][c0:c1]
+                noise = self._noise(b, base.shape, gen)
                 if rows.numel() == c1 - c0:
                     mask = M.cells_to_pixels(cells, grid, h, w, base.dtype)
-                    out.copy_(M.fill(base, mask, b.mask.fill, b.mask.noise_std, gen))
+                    out.copy_(M.fill(base, mask, b.mask.fill, noise=None if noise is None else noise.float()))
                     continue
                 mask = M.cells_to_pixels(cells[rows], grid[rows], h, w, base.dtype)
                 out.copy_(base)
-                out[rows] = M.fill(base[rows], mask, b.mask.fill, b.mask.noise_std, gen).to(out.dtype)
+                out[rows] = M.fill(base[rows], mask, b.mask.fill,
+                                   noise=None if noise is None else noise[rows].float()).to(out.dtype)
+
+    def _noise(self, b: BranchSpec, shape, gen: torch.Generator) -> Optional[torch.Tensor]:
+        """The noise fill of a chunk with masked rows: (c, 3, H, W) for all of its rows (shape fixed
+        by the chunk, as the fused path needs; unmasked rows' values go unused), in bfloat16: half
+        the bytes of float32, and ample precision for noise (8 significant bits)."""
+        if b.mask.fill != "noise":
+            return None
+        return torch.randn(shape, generator=gen, device=self.device, dtype=torch.bfloat16).mul_(b.mask.noise_std)
+
+    def _dense(self, bi: int, p: dict, d: _BranchDraw, n: int) -> dict:
+        """The fused path's per-sample parameters of branch bi: subsets as (N,) 0/1 floats."""
+        b, dev = self.recipe.branches[bi], self.device
+        flag = lambda idx: A.subset_mask(n, idx, dev).float()                  # noqa: E731
+        out = {}
+        if b.flip:
+            out["flip"] = flag(p["flip"])
+        if b.color:
+            out.update(jitter_on=flag(p["jitter"]), jitter=d.jitter, order=d.order)
+        if b.grayscale:
+            out["gray"] = flag(p["gray"])
+        if b.blur:
+            out.update(blur=flag(p["blur"]), blur_sigma=d.blur_sigma)
+        if b.solarize:
+            out["solarize"] = flag(p["solarize"])
+        if b.highpass and isinstance(d.highpass_sigma, torch.Tensor):
+            out["highpass_sigma"] = d.highpass_sigma
+        return out
+
+    def _fused_chunk(self, outs: list[torch.Tensor], x8: torch.Tensor, bi: int, dense: dict, d: _BranchDraw,
+                     q: dict, c0: int, c1: int, gen: torch.Generator) -> None:
+        """Branch bi's views for rows [c0, c1) through its fused function (`fused.FusedBranch`)."""
+        b = self.recipe.branches[bi]
+        p = {k: v[c0:c1] for k, v in dense.items()}
+        if b.highpass and not isinstance(d.highpass_sigma, torch.Tensor):
+            p["highpass_sigma"] = d.highpass_sigma
+        masks = []
+        for copy_i in range(b.copies if b.mask else 0):
+            shape = (c1 - c0, 3, *x8.shape[2:])
+            # the eager path's draws: noise only for a chunk with masked rows (zeros otherwise: the
+            # mask weights of unmasked rows are 0, and one shape keeps one compiled graph)
+            noise = self._noise(b, shape, gen) if q["masked"][copy_i] is not None else None
+            if noise is None and b.mask.fill == "noise":
+                noise = torch.zeros(shape, device=self.device, dtype=torch.bfloat16)
+            masks.append((d.masks[copy_i][0][c0:c1], d.masks[copy_i][1][c0:c1], noise))
+        with _stage("fused_branch"):
+            ys = self._fused_fn[bi](x8, p, masks)
+        whole = c1 - c0 == outs[0].shape[0]
+        for copy_i, y in enumerate(ys):
+            v = self.first_view[bi] + copy_i
+            if whole:
+                outs[v] = y                                     # one chunk: the result is the output
+            else:
+                outs[v][c0:c1].copy_(y)
 
     def _check(self, views: list[torch.Tensor]) -> int:
         if len(views) < self.sources:
@@ -524,12 +589,17 @@ class Augmenter:
         mix = self._draw_mix(n) if r.mix else None
         mim = self._draw_simmim(n) if r.simmim else None
         outs = [torch.empty((n, 3, s, s), dtype=self.dtype, device=dev, memory_format=A.CL) for s in self.view_size]
+        dense = [self._dense(bi, p, d, n) for bi, (p, d) in enumerate(zip(plan.branches, draws))] \
+            if self.fused else None
 
         def chunk(ci: int, c0: int, c1: int) -> None:
             gen = self._noise_gen(plan.noise_seed, c0)
             for bi, b in enumerate(r.branches):
-                q = plan.chunks[ci][bi]
-                base = self._base_view(views[b.source][c0:c1], bi, draws[bi], q, c0, c1)
+                q, x8 = plan.chunks[ci][bi], views[b.source][c0:c1]
+                if dense is not None:
+                    self._fused_chunk(outs, x8, bi, dense[bi], draws[bi], q, c0, c1, gen)
+                    continue
+                base = self._base_view(x8, bi, draws[bi], q, c0, c1)
                 self._write_copies(outs, base, bi, draws[bi], q, c0, c1, gen)
 
         self._run_chunks(chunk, plan.chunks_rows)
@@ -606,6 +676,69 @@ class Augmenter:
         return out
 
 
+class Prefetcher:
+    """Augments batch k+1 on a side CUDA stream while the caller trains on batch k (issue 16: the
+    augment stage off the critical path). On a CPU device it augments each batch when asked.
+
+        batches = Prefetcher(augment, loader)        # loader yields objects with .views
+        for batch, out in batches:                   # out = augment(batch.views), ready to use
+            ... train on out ...
+            state = batches.state_dict()             # the augmenter's state after this batch's draws
+
+    Stream order: batch k+1's augment waits for what the current stream had queued when it was
+    launched (the loader's copies, step k-1), runs on the side stream while step k is queued on the
+    current one; before batch k is handed out the current stream waits for batch k's event only, and
+    every tensor of `out` is marked used on the current stream (record_stream), so the caching
+    allocator does not hand its memory to the side stream early. The draws are made in batch order,
+    as without prefetching: the outputs are the same. The augmenter's own state runs one batch
+    ahead; save `state_dict()` of this object in checkpoints (what resuming needs after batch k)."""
+
+    def __init__(self, aug: Augmenter, batches, return_params: bool = False):
+        self.aug, self.batches, self.return_params = aug, batches, return_params
+        self.cuda = aug.device.type == "cuda"
+        self.stream = torch.cuda.Stream(aug.device) if self.cuda else None
+        self._state = aug.state_dict()
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def _launch(self, batch):
+        if not self.cuda:
+            return batch, self.aug(batch.views, self.return_params), None, self.aug.state_dict()
+        self.stream.wait_stream(torch.cuda.current_stream(self.aug.device))
+        with torch.cuda.stream(self.stream):
+            out = self.aug(batch.views, self.return_params)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        for v in batch.views:
+            v.record_stream(self.stream)                # the loader's memory, read on the side stream
+        return batch, out, done, self.aug.state_dict()
+
+    def __iter__(self):
+        it = iter(self.batches)
+        nxt = next(it, None)
+        pending = self._launch(nxt) if nxt is not None and self.cuda else None
+        while nxt is not None:
+            if self.cuda:
+                batch, out, done, state = pending
+                nxt = next(it, None)
+                pending = self._launch(nxt) if nxt is not None else None     # k + 1 while k trains
+                current = torch.cuda.current_stream(self.aug.device)
+                current.wait_event(done)
+                for t in _tensors(out):
+                    t.record_stream(current)
+            else:
+                batch, out, _, state = self._launch(nxt)
+                nxt = next(it, None)
+            self._state = state
+            yield batch, out
+
+
+def _tensors(out: AugmentOutput) -> list[torch.Tensor]:
+    ts = list(out.views) + [t for t in (out.mixed, out.mix_lam) if t is not None]
+    return ts + [m for m in out.mim_masks or () if m is not None]
+
+
 def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
                     mix: Optional[str] = None, chunk: Optional[int] = None, compile: bool = False) -> Augmenter:
@@ -614,7 +747,8 @@ def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], devi
     size: the loader views' side in px, one int for all or one per view (multi-crop, crop order).
     mix: "mixmask" / "unmix" adds that mixing (paper defaults) to a recipe without it (config `mix`);
     None or "none" keeps the recipe's own. chunk: rows per chunk (default `default_chunk`).
-    compile: torch.compile the colour-jitter kernels (2-4x faster jitter; tens of seconds of compile
-    on first use, cached on disk; the outputs equal the eager ones to float rounding)."""
+    compile: each branch as one torch.compile'd function (fused.py: a few fused loops from uint8 to the
+    output dtype; tens of seconds of compile per branch and chunk size on first use, cached on disk by
+    inductor; the outputs equal the eager ones to float rounding)."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     return Augmenter(with_mix(r, mix), size, device, dtype, seed, rank, chunk, compile)

@@ -119,17 +119,19 @@ FILLS = ("zero", "mean", "noise")
 
 
 def fill(x: torch.Tensor, mask: torch.Tensor, kind: str, noise_std: float = 1.0,
-         gen: Optional[torch.Generator] = None) -> torch.Tensor:
+         gen: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (N, C, H, W) with its masked elements replaced: lerp(x, value, mask), mask 0/1 float of
     x's shape (or broadcastable), so unmasked elements are exact copies.
 
-    zero: 0; mean: the sample's per-channel mean over the whole image; noise: N(0, noise_std^2)."""
+    zero: 0; mean: the sample's per-channel mean over the whole image; noise: N(0, noise_std^2),
+    drawn here from gen, or given (`noise`, x's shape, already scaled)."""
     if kind == "zero":
         value = torch.zeros((), dtype=x.dtype, device=x.device)
     elif kind == "mean":
         value = x.mean((2, 3), keepdim=True)
     elif kind == "noise":
-        value = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(noise_std)
+        value = noise if noise is not None else \
+            torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(noise_std)
     else:
         raise ValueError(f"unknown mask fill {kind!r}; choose one of {', '.join(FILLS)}")
     return torch.lerp(x, value.expand_as(x), mask)

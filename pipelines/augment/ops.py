@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -46,10 +45,17 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 # ---- constants and dtype --------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)
 def const(values: tuple, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A small constant tensor on a device, made once: building it per call would copy it from the
-    host each time, and a blocking host-to-device copy waits for the GPU's queue."""
+    host each time, and a blocking host-to-device copy waits for the GPU's queue. Inside a
+    torch.compile'd function (fused.py) a constant of the compiled graph instead."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_const(values, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_const(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -210,30 +216,8 @@ def blend_slot(x: torch.Tensor, factor: torch.Tensor, use_gray: torch.Tensor, us
     return torch.addcmul(ref * (1.0 - f), x, f).clamp_(0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """The pointwise work of colour jitter, eager or torch.compile'd (`compiled_kernels`)."""
-    blend_slot: Callable[..., torch.Tensor] = blend_slot
-    hue: Callable[..., torch.Tensor] = adjust_hue
-
-
-EAGER = Kernels()
-_COMPILED: Optional[Kernels] = None
-
-
-def compiled_kernels() -> Kernels:
-    """torch.compile'd colour kernels: inductor fuses each into one loop over the pixels (C++ on CPU,
-    Triton on GPUs). Compiled once per process for any batch size (dynamic shapes; a batch of one is
-    compiled separately), cached on disk by inductor for later processes."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = Kernels(torch.compile(blend_slot, dynamic=True), torch.compile(adjust_hue, dynamic=True))
-    return _COMPILED
-
-
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 hue_index: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                 kernels: Kernels = EAGER) -> torch.Tensor:
+                 hue_index: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """ColorJitter with per-sample factors and op order.
 
     factors: (N, 4) brightness, contrast, saturation factors and hue shift (1, 1, 1, 0 = identity);
@@ -250,11 +234,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
     with_identity = torch.cat([factors[:, :3], ones], 1).to(x.dtype)      # hue slot: blend factor 1
     for slot in range(4):
         op = order[:, slot]
-        x = kernels.blend_slot(x, with_identity[rows, op], (op == SATURATION).to(x.dtype),
-                               (op == CONTRAST).to(x.dtype))
+        x = blend_slot(x, with_identity[rows, op], (op == SATURATION).to(x.dtype), (op == CONTRAST).to(x.dtype))
         idx = (op == HUE).nonzero().squeeze(1) if hue_index is None else hue_index[slot]
         if idx is not None and idx.numel():
-            apply_to(x, idx, kernels.hue, factors[:, 3].to(x.dtype))
+            apply_to(x, idx, adjust_hue, factors[:, 3].to(x.dtype))
     return x
 
 
