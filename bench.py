@@ -606,6 +606,9 @@ def bench_augment(recipe: str, args, device: torch.device) -> dict:
         res["speedup"] = res["views_per_s"] / res["reference_views_per_s"]
     if gpu_bytes is not None:                                       # peak_gpu_mb: of the timed batches
         res["augment_gpu_mb_per_image"] = gpu_bytes / args.batch_size / 2**20
+    if args.bytes:                                                  # computed from the ops, not timed
+        from pipelines.augment.fused import bytes_per_view
+        res["mb_per_view"] = bytes_per_view(aug, views) / 1e6
     if args.profile:
         res["profile"] = _augment_profile(aug, views, device)
     return res
@@ -626,7 +629,7 @@ def cmd_augment(args) -> dict:
                   f"per batch", flush=True)
             rows.append({"label": _label(recipe, combo), **bench_augment(recipe, run, device)})
     columns = ["label", "views_per_image", "views_per_s", "ratio", "reference_views_per_s", "speedup",
-               "s_per_batch_p50", "startup_s", "threads", "chunk", "other_cpu_percent"]
+               "s_per_batch_p50", "mb_per_view", "startup_s", "threads", "chunk", "other_cpu_percent"]
     if device.type == "cuda":
         columns += ["augment_gpu_mb_per_image", "peak_gpu_mb"]
     return _report("augment", rows, args, columns, rate="views_per_s")
@@ -1336,8 +1339,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reference-images", type=int, default=32,
                    help="images per batch for the per-sample torchvision reference (0 = skip it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--chunk", type=int, default=0, help="rows per CPU chunk (0 = sized to the cache)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the colour-jitter kernels")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="rows per chunk (0 = the default: cache-sized on CPU, ~16 MiB on GPUs, compiled GPUs the batch)")
+    p.add_argument("--compile", action="store_true",
+                   help="each recipe branch as one torch.compile'd function (pipelines/augment/fused.py)")
+    p.add_argument("--no-bytes", dest="bytes", action="store_false",
+                   help="skip mb_per_view, the memory traffic per output view computed from the ops "
+                        "(with --compile it compiles the branches once more, caches off)")
     p.add_argument("--profile", action="store_true", help="also profile one batch: time per stage, top ops")
     p.add_argument("--sweep", action="append", default=[], help=f"{sweep_help} ({', '.join(AUGMENT_SWEEPS)})")
     p.add_argument("--json", default="runs/bench/augment.json", help="also writes .md and .png next to it")
