@@ -80,8 +80,6 @@ def test_compiled_branch_equals_the_eager_stage():
     # mscn_byol has every op: colour jitter, grayscale, blur, solarize, high-pass, masks, noise
     eager, fused, views = _pair("mscn_byol", 16, 6, compiled=True)
     _assert_same(eager(views), fused(views))
-    bytes_eager = bytes_per_view(eager, views)
-    assert 0 < bytes_per_view(fused, views) < bytes_eager / 2          # fused: fewer passes over memory
 
 
 def test_bytes_per_view_of_the_eager_stage():

@@ -735,8 +735,12 @@ class Prefetcher:
 
 
 def _tensors(out: AugmentOutput) -> list[torch.Tensor]:
+    """Every tensor an AugmentOutput hands out (views, mixing, masks, drawn parameters)."""
     ts = list(out.views) + [t for t in (out.mixed, out.mix_lam) if t is not None]
-    return ts + [m for m in out.mim_masks or () if m is not None]
+    ts += [m for m in out.mim_masks or () if m is not None]
+    for p in (out.params or []) + ([out.mix_params] if out.mix_params else []):
+        ts += [v for v in vars(p).values() if isinstance(v, torch.Tensor)]
+    return ts
 
 
 def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
