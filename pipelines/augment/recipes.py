@@ -14,7 +14,8 @@ A yaml recipe:
     base: simclr                  # optional: start from another recipe (dicts merge, branches merge
                                   # element by element, other values replace)
     ref_size: 224                 # pixel quantities (blur and high-pass sigma) are given at this
-                                  # image size and scale with the real one; kernels are relative
+                                  # image size and scale with the real one (multi-crop: the global
+                                  # crops'); kernels are relative to each view's side
     normalize: {mean: [...], std: [...]}
     common: {...}                 # branch keys shared by every branch, overridden per branch
     branches:
