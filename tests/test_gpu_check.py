@@ -39,7 +39,7 @@ def test_dry_run_completes_and_writes_its_files(dry_run):
     assert summary["dry_run"] is True and summary["environment"]["torch"]
     steps = {s["step"]: s for s in summary["steps"]}
     expected = {"environment", "cuda-tests", "augment-eager", "augment-compiled-simclr", "model-siamese",
-                "model-simmim", "model-mixmae", "train", "syncs-simclr-mscn", "syncs-byol-mixmask"}
+                "model-simmim", "train", "syncs-simclr-mscn"}       # the dry run: one row per step
     assert expected <= steps.keys()
     for name in expected:
         assert steps[name]["exit"] == "0", (name, steps[name])
@@ -54,12 +54,11 @@ def test_dry_run_rows_per_mode(dry_run):
     assert [r["label"] for r in results["augment"]] == ["mscn", "simclr", "byol", "mixmask", "simmim",
                                                         "simclr compiled"]
     assert [r["views_per_image"] for r in results["augment"][:5]] == [3, 2, 2, 3, 1]
-    assert [r["label"] for r in results["model"]] == ["model-only simclr", "model-only byol", "model-only moco",
-                                                      "model-only simmim", "model-only mixmae"]
+    assert [r["label"] for r in results["model"]] == ["model-only simclr", "model-only simmim"]
     labels = [r["label"] for r in results["train"]]
-    assert labels[:2] == ["end-to-end (torchvision)", "end-to-end (synthetic)"] and labels[-1] == "model-only"
+    assert labels == ["end-to-end (torchvision)", "end-to-end (synthetic)", "model-only"]
     assert all(r["device"] == "cpu" and r["images_per_s"] > 0 for m in ("model", "train") for r in results[m])
-    assert [r["ok"] for r in results["syncs"]] == [True, True]
+    assert [r["ok"] for r in results["syncs"]] == [True]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# tools/gpu_check.sh --dry-run") and "## Host syncs in the step path" in md
     for mode in ("augment", "model", "train"):       # bench.py's own payload format

@@ -2,7 +2,8 @@
 # The whole GPU measurement in one call (issue 16 section 3), on any CUDA machine with its own torch:
 #
 #   tools/gpu_check.sh              # ~8 minutes on one GPU; results in $OUT, else runs/gpu_check/
-#   tools/gpu_check.sh --dry-run    # every step at tiny sizes on the CPU (CI: tests/test_gpu_check.py)
+#   tools/gpu_check.sh --dry-run    # every step at tiny sizes on the CPU, one row per step where the
+#                                   # GPU run has several (CI: tests/test_gpu_check.py)
 #
 # Steps: the environment (GPU, driver, torch, CUDA, cuDNN); the CUDA tests (pytest -m gpu); bench.py
 # augment on the device for mscn, simclr, byol, mixmask, simmim at batch 256 x 224 bf16, eager and
@@ -45,11 +46,14 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu; SCALE=4                      # step limits x4: a shared CPU, torch.compile on the CPU
-  AUG=(--batch-size 8 --size 32 --batches 2 --warmup 1 --dtype float32)
+  AUG=(--batch-size 8 --size 32 --batches 1 --warmup 1 --dtype float32)
   COMPILED_RECIPES=(simclr)
   NET=(arch=resnet10 width=8 stem=small size=32 proj_hidden=32 proj_dim=16 precision=fp32)
   MIM_NET=(arch=resnet10 width=8 stem=small size=32 precision=fp32); MIM_RECIPE=_8px   # 8 px patches
-  TRAIN_BATCH=8; MODEL_BATCH=8; WORKERS=2; STEPS=(--warmup 1 --batches 2)
+  TRAIN_BATCH=8; MODEL_BATCH=8; WORKERS=2; STEPS=(--warmup 1 --batches 1)
+  # one row per step where the GPU run has several (each train.py run costs seconds here): the
+  # same code paths, and the suite stays short
+  SIAMESE=simclr; MIM=(simmim); SYNC_PAIRS=(simclr:mscn); OPTIONAL_LOADERS=0
   TESTS=(tests/test_ddp.py tests/test_optim.py)
   PHOTOS_ARGS=(--classes 2 --train-per-class 8 --val-per-class 2 --max-res 96)
 else
@@ -59,6 +63,7 @@ else
   NET=(arch=resnet50 size=224 precision=bf16 channels_last=true)
   MIM_NET=("${NET[@]}"); MIM_RECIPE=
   TRAIN_BATCH=256; MODEL_BATCH=256; WORKERS=$(nproc); STEPS=(--warmup 5 --batches 20)
+  SIAMESE=simclr,byol,moco; MIM=(simmim mixmae); SYNC_PAIRS=(simclr:mscn byol:mixmask); OPTIONAL_LOADERS=1
   TESTS=(tests)
   PHOTOS_ARGS=(--classes 20 --train-per-class 100 --val-per-class 5 --max-res 256)
 fi
@@ -127,9 +132,9 @@ step augment-eager 90 "${BENCH[@]}" augment --device "$DEVICE" --recipe mscn,sim
   "${AUG[@]}" --reference-images 0 --json "$WORK/augment/eager.json"
 # ---- 4. model-only: ResNet-50 2 x 224 bf16 channels-last, synthetic batches on the device ---------
 step model-siamese 120 "${BENCH[@]}" model --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" \
-  --json "$WORK/model/siamese.json" --sweep method=simclr,byol,moco \
+  --json "$WORK/model/siamese.json" --sweep method=$SIAMESE \
   --set data="$DATA" "${NET[@]}" batch_size=$MODEL_BATCH views=2 recipe=simclr
-for method in simmim mixmae; do
+for method in "${MIM[@]}"; do
   step "model-$method" 60 "${BENCH[@]}" model --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" \
     --json "$WORK/model/$method.json" --set data="$DATA" "${MIM_NET[@]}" batch_size=$MODEL_BATCH views=1 \
     method=$method recipe=$method$MIM_RECIPE
@@ -140,15 +145,18 @@ if [[ ! -d "$DATA/train" ]]; then
   step photos 240 "$PY" convert.py photos --out "$DATA" "${PHOTOS_ARGS[@]}" --workers "$WORKERS"
 fi
 LOADERS=torchvision,synthetic
-if "$PY" -c "import nvidia.dali" 2>/dev/null; then LOADERS+=,dali; else note dali-rows "nvidia.dali is not installed"; fi
-if "$PY" -c "import ffcv" 2>/dev/null && [[ -f "$DATA/train.beton" ]]; then LOADERS+=,ffcv
-else note ffcv-rows "ffcv is not installed or $DATA/train.beton is missing"; fi
+if [[ $OPTIONAL_LOADERS == 0 ]]; then note dali-ffcv-rows "the dry run measures the torchvision and synthetic loaders only"
+else
+  if "$PY" -c "import nvidia.dali" 2>/dev/null; then LOADERS+=,dali; else note dali-rows "nvidia.dali is not installed"; fi
+  if "$PY" -c "import ffcv" 2>/dev/null && [[ -f "$DATA/train.beton" ]]; then LOADERS+=,ffcv
+  else note ffcv-rows "ffcv is not installed or $DATA/train.beton is missing"; fi
+fi
 step train 150 "${BENCH[@]}" train --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" --compare "$LOADERS" \
   --json "$WORK/train/train.json" --set data="$DATA" "${NET[@]}" batch_size=$TRAIN_BATCH views=2 \
   recipe=mscn method=simclr workers=$WORKERS
 
 # ---- 6. the step path free of host syncs (CUDA: sync-debug "error") -----------------------------
-for pair in simclr:mscn byol:mixmask; do
+for pair in "${SYNC_PAIRS[@]}"; do
   step "syncs-${pair%%:*}-${pair##*:}" 60 "${BENCH[@]}" syncs --device "$DEVICE" --steps 3 --skip 2 \
     --out-dir "$RUNS" --json "$WORK/syncs/${pair%%:*}.json" --set data="$DATA" loader=synthetic \
     "${NET[@]}" batch_size=$((MODEL_BATCH / 4 > 4 ? MODEL_BATCH / 4 : 4)) views=2 method=${pair%%:*} recipe=${pair##*:}
