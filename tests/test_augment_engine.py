@@ -173,7 +173,7 @@ def test_multicrop_sizes_are_checked():
         build_augmenter("simclr_multicrop", [32, 16])
 
 
-# ---- prefetching (batch k + 1 augmented while k trains) ------------------------------------------
+# ---- augmenting ahead (batch k + 1 augmented while k trains: pipelines/augment/ahead.py) ----------
 
 class _Batch:
     def __init__(self, views):
@@ -181,17 +181,18 @@ class _Batch:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_prefetcher_gives_the_same_outputs_and_the_state_to_resume_from(device):
+def test_augment_ahead_gives_the_same_outputs_and_the_state_to_resume_from(device):
+    from pipelines.augment.ahead import AugmentAhead
     batches = [_Batch(photo_views(4, 32, 2, seed=s, device=device)) for s in range(4)]
     direct = build_augmenter("mscn", 32, device=device, seed=2)
     expect = [direct(b.views) for b in batches]
-    pre = E.Prefetcher(build_augmenter("mscn", 32, device=device, seed=2), batches)
+    ahead = AugmentAhead(build_augmenter("mscn", 32, device=device, seed=2))
     states = []
-    for k, (batch, out) in enumerate(pre):
+    for k, (batch, out) in enumerate(ahead.epoch(batches)):
         assert batch is batches[k]
         for x, y in zip(expect[k].views, out.views):
             assert torch.equal(x, y)
-        states.append(pre.state_dict())
+        states.append(ahead.state_dict())
     # resuming from the state saved after batch 1 reproduces batch 2
     resumed = build_augmenter("mscn", 32, device=device, seed=9)
     resumed.load_state_dict(states[1])

@@ -24,12 +24,15 @@ from typing import Iterable, Iterator
 import torch
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    found = []
-    for value in vars(out).values():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        found += [t for t in items if isinstance(t, torch.Tensor)]
-    return found
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor an AugmentOutput hands out: views, mixing, masks, drawn parameters (nested)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if hasattr(obj, "__dict__"):
+        return [t for value in vars(obj).values() for t in _tensors(value)]
+    return []
 
 
 class AugmentAhead:
@@ -46,6 +49,8 @@ class AugmentAhead:
         self.stream.wait_stream(torch.cuda.current_stream(self.augment.device))   # the loader's copies
         with torch.cuda.stream(self.stream):
             out = self.augment(batch.views)
+        for v in batch.views:                      # the loader's memory, read on the side stream
+            v.record_stream(self.stream)
         return batch, out, state
 
     def _hand_over(self, out):

@@ -26,7 +26,7 @@ colour without one; noise is N(0, noise_std^2) in normalised units.
 compile=True runs each branch as one torch.compile'd function (fused.py): every op on every row,
 selected per sample with 0/1 weights, the filters as stencils, so that inductor fuses the branch into
 a few loops from the uint8 crop to the output dtype; the same draws and values as the eager ops
-(float rounding apart). `Prefetcher` augments batch k + 1 on a side CUDA stream while k trains.
+(float rounding apart). pipelines/augment/ahead.py augments batch k + 1 on a side CUDA stream while k trains.
 
 Randomness: a CPU generator seeded from (seed, rank) makes every decision the host must know: which
 samples an op touches (subset sizes and members), the hue slot rotation. A torch.Generator on the
@@ -674,73 +674,6 @@ class Augmenter:
         step = default_chunk(x.device, x.shape[-1])
         self._run_chunks(chunk, [(c0, min(x.shape[0], c0 + step)) for c0 in range(0, x.shape[0], step)])
         return out
-
-
-class Prefetcher:
-    """Augments batch k+1 on a side CUDA stream while the caller trains on batch k (issue 16: the
-    augment stage off the critical path). On a CPU device it augments each batch when asked.
-
-        batches = Prefetcher(augment, loader)        # loader yields objects with .views
-        for batch, out in batches:                   # out = augment(batch.views), ready to use
-            ... train on out ...
-            state = batches.state_dict()             # the augmenter's state after this batch's draws
-
-    Stream order: batch k+1's augment waits for what the current stream had queued when it was
-    launched (the loader's copies, step k-1), runs on the side stream while step k is queued on the
-    current one; before batch k is handed out the current stream waits for batch k's event only, and
-    every tensor of `out` is marked used on the current stream (record_stream), so the caching
-    allocator does not hand its memory to the side stream early. The draws are made in batch order,
-    as without prefetching: the outputs are the same. The augmenter's own state runs one batch
-    ahead; save `state_dict()` of this object in checkpoints (what resuming needs after batch k)."""
-
-    def __init__(self, aug: Augmenter, batches, return_params: bool = False):
-        self.aug, self.batches, self.return_params = aug, batches, return_params
-        self.cuda = aug.device.type == "cuda"
-        self.stream = torch.cuda.Stream(aug.device) if self.cuda else None
-        self._state = aug.state_dict()
-
-    def state_dict(self) -> dict:
-        return self._state
-
-    def _launch(self, batch):
-        if not self.cuda:
-            return batch, self.aug(batch.views, self.return_params), None, self.aug.state_dict()
-        self.stream.wait_stream(torch.cuda.current_stream(self.aug.device))
-        with torch.cuda.stream(self.stream):
-            out = self.aug(batch.views, self.return_params)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        for v in batch.views:
-            v.record_stream(self.stream)                # the loader's memory, read on the side stream
-        return batch, out, done, self.aug.state_dict()
-
-    def __iter__(self):
-        it = iter(self.batches)
-        nxt = next(it, None)
-        pending = self._launch(nxt) if nxt is not None and self.cuda else None
-        while nxt is not None:
-            if self.cuda:
-                batch, out, done, state = pending
-                nxt = next(it, None)
-                pending = self._launch(nxt) if nxt is not None else None     # k + 1 while k trains
-                current = torch.cuda.current_stream(self.aug.device)
-                current.wait_event(done)
-                for t in _tensors(out):
-                    t.record_stream(current)
-            else:
-                batch, out, _, state = self._launch(nxt)
-                nxt = next(it, None)
-            self._state = state
-            yield batch, out
-
-
-def _tensors(out: AugmentOutput) -> list[torch.Tensor]:
-    """Every tensor an AugmentOutput hands out (views, mixing, masks, drawn parameters)."""
-    ts = list(out.views) + [t for t in (out.mixed, out.mix_lam) if t is not None]
-    ts += [m for m in out.mim_masks or () if m is not None]
-    for p in (out.params or []) + ([out.mix_params] if out.mix_params else []):
-        ts += [v for v in vars(p).values() if isinstance(v, torch.Tensor)]
-    return ts
 
 
 def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
