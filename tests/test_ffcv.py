@@ -2,7 +2,8 @@
 fused == per-view decode, crops replayable from the seed, sharding, resume, eval).
 
 The .beton files are converted once per session; loaders share numba kernels across the file, so
-only four pipelines compile (fused, per-view, eval center crop, process cache).
+only a few pipelines compile (fused, per-view, eval center crop, multi-crop fused and per-view, and
+process cache last: see the end of the file).
 """
 from __future__ import annotations
 
@@ -377,12 +378,6 @@ def test_eval_loader_center_crops_in_file_order(data):
         assert psnr(views[0][n].permute(1, 2, 0).numpy(), ref) > 30
 
 
-def test_process_cache_reads_the_same_pixels(data, fused_epoch0):
-    cached = epoch(build_loader(cfg_for(data, ffcv_os_cache=False), DistInfo(0, 1, 0, CPU)), 0)
-    for (av, _, ai), (bv, _, bi) in zip(fused_epoch0[1], cached, strict=True):
-        assert torch.equal(ai, bi) and all(torch.equal(x, y) for x, y in zip(av, bv))
-
-
 def test_a_beton_made_elsewhere_yields_rows_and_label_numbers(data, tmp_path):
     """Only 'image' and 'label' (ffcv-imagenet's layout), no sidecar: indices are the rows."""
     from ffcv.fields import IntField, RGBImageField
@@ -472,3 +467,61 @@ def test_multicrop_crops_equal_the_torchvision_loaders(data, full_size_raw):
             other.append(psnr(ours, tv[0][(v + 1) % 2 if v < 2 else 2 + (v - 1) % 3][n].permute(1, 2, 0).numpy()))
     assert np.median(same) > 38 and min(same) > 28                              # measured 44.8, 35.0
     assert np.median(other) < 25                                                # measured 15.0
+
+
+# ---- bad images: a JPEG that stopped decoding after the .beton was written ------------------------
+
+BAD_ROWS = (3, 20)        # class 0 and class 2 (8 images per class, rows in folder order)
+
+
+@pytest.fixture(scope="module")
+def broken_beton(data, tmp_path_factory) -> Path:
+    """train.beton with the JPEGs of BAD_ROWS broken (their first bytes zeroed: no JPEG header)."""
+    from ffcv.reader import Reader
+    out = tmp_path_factory.mktemp("broken") / "train.beton"
+    shutil.copy(data / "train.beton", out)
+    shutil.copy(data / "train.beton.json", out.with_name("train.beton.json"))
+    meta = Reader(str(out)).metadata["f0"]
+    with open(out, "r+b") as f:
+        for row in BAD_ROWS:
+            f.seek(int(meta[row]["data_ptr"]))
+            f.write(b"\0" * 16)
+    return out
+
+
+def test_bad_jpeg_is_replaced_by_the_next_of_its_class_named_and_resumable(data, broken_beton):
+    info = DistInfo(0, 1, 0, CPU)
+    loader = build_loader(cfg_for(data, ffcv_path=str(broken_beton)), info)
+    full = epoch(loader, 4)
+    views, labels, indices = stacked(full)
+    images = scan_image_folder(data / "train")
+    assert not set(BAD_ROWS) & set(indices.tolist())
+    counts = np.bincount(indices.numpy(), minlength=24)
+    for row in BAD_ROWS:                                  # its stand-in: the next image of its class
+        assert counts[row + 1] == 2 and images.labels[row + 1] == images.labels[row]
+        first, second = np.flatnonzero(indices.numpy() == row + 1)
+        assert all(torch.equal(v[first], v[second]) for v in views)   # the stand-in's own crops
+    assert labels.tolist() == [images.labels[i] for i in indices.tolist()]
+    assert sorted(loader.bad_images) == sorted(f"{broken_beton} row {r} (index {r}): libjpeg-turbo cannot decode "
+                                               f"the JPEG" for r in BAD_ROWS)
+    resumed = epoch(build_loader(cfg_for(data, ffcv_path=str(broken_beton)), info), 4, start_batch=1)
+    for (av, al, ai), (bv, bl, bi) in zip(full[1:], resumed, strict=True):
+        assert torch.equal(ai, bi) and torch.equal(al, bl) and all(torch.equal(x, y) for x, y in zip(av, bv))
+
+
+def test_bad_jpeg_stops_under_stop_or_past_max_bad_images(data, broken_beton):
+    info = DistInfo(0, 1, 0, CPU)
+    for overrides, says in (({"bad_images": "stop"}, r"row (3|20) \(index (3|20)\).*bad_images=stop"),
+                            ({"max_bad_images": 1}, "2 bad images, more than max_bad_images=1")):
+        loader = build_loader(cfg_for(data, ffcv_path=str(broken_beton), drop_last=False, **overrides), info)
+        with pytest.raises(DataError, match=says):
+            epoch(loader, 0)
+
+
+# ---- last: numba takes minutes to type a new decode kernel once kernels for both FFCV page layouts
+# (OS cache and process cache) exist in the process, so every other pipeline compiles before this one
+
+def test_process_cache_reads_the_same_pixels(data, fused_epoch0):
+    cached = epoch(build_loader(cfg_for(data, ffcv_os_cache=False), DistInfo(0, 1, 0, CPU)), 0)
+    for (av, _, ai), (bv, _, bi) in zip(fused_epoch0[1], cached, strict=True):
+        assert torch.equal(ai, bi) and all(torch.equal(x, y) for x, y in zip(av, bv))

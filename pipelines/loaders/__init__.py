@@ -10,6 +10,7 @@ FFCV are imported only when their loader is built.
 from __future__ import annotations
 
 import masksiam  # noqa: F401  (makes torchvision importable first)
+from masksiam.config import ConfigError
 from pipelines.loaders.spec import LoaderSpec, loader_spec
 
 
@@ -44,6 +45,5 @@ LOADERS = {
 def build_loader(cfg, info, split: str | None = None, train: bool = True):
     """The loader named by cfg.loader for `split` (default cfg.train_split) on this rank."""
     if cfg.loader not in LOADERS:
-        from masksiam.config import ConfigError
         raise ConfigError(f"unknown loader {cfg.loader!r}; choose one of {', '.join(LOADERS)}")
     return LOADERS[cfg.loader](cfg, loader_spec(cfg, info, train), split or cfg.train_split)

@@ -43,6 +43,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from masksiam.config import ConfigError
+
 from masksiam.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -117,7 +119,6 @@ def split_dir(data: str | Path, split: str) -> Path:
 
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
-        from masksiam.config import ConfigError
         raise ConfigError(f"batch_size={batch_size} is not divisible by the world size {world_size}")
     return batch_size // world_size
 

@@ -22,8 +22,11 @@ elsewhere). The compiled decoder asks the host for one batch's boxes (`BoxPlanne
 object mode, once per batch); a planner thread draws them a few batches ahead, in the order the
 batches will come, so the decoder rarely waits.
 
-A JPEG that libjpeg-turbo cannot decode stops the epoch with a DataError naming its row and index
-(.beton files are checked when written: `convert.py ffcv` skips or replaces unreadable images).
+Bad images (.beton files are checked when written: `convert.py ffcv` skips unreadable files): a
+JPEG that libjpeg-turbo cannot decode later is, under bad_images=skip, replaced by the next image of
+its class (common.replacement over the kept rows, decoded and cropped as itself, with its label and
+index), named in loader.bad_images as "<file> row R (index I)"; under bad_images=stop, or past
+max_bad_images, the epoch stops with a DataError naming them.
 
 Order. A custom FFCV TraversalOrder gives each rank its part of the epoch: `random` and
 `sequential` use the project's `shard_indices` (same permutation and cut as the torchvision loader,
@@ -61,8 +64,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.loaders.common import Batch, DataError, shard_indices
-from pipelines.loaders.spec import LoaderSpec
+from pipelines.loaders.common import Batch, DataError, replacement, shard_indices
+from pipelines.loaders.spec import LoaderSpec, check_bad
 
 MISSING_FFCV = "loader=ffcv needs the ffcv package (with numba, opencv and libturbojpeg): run `make install`"
 try:
@@ -133,8 +136,8 @@ def _host_boxes(address: int, rows: np.ndarray) -> np.ndarray:
     return _PLANNERS[address](rows)
 
 
-def _host_failed(address: int, rows: np.ndarray, failed: np.ndarray) -> None:
-    _PLANNERS[address].failures.extend(int(r) for r, f in zip(rows, failed[:, 0]) if f)
+def _host_stand_in(address: int, rows: np.ndarray, slot: int, k: int) -> tuple[int, np.ndarray]:
+    return _PLANNERS[address].stand_in(rows, slot, k)
 
 
 @functools.cache
@@ -145,7 +148,8 @@ def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bo
     scratch_stride, first_view) fills storage[v][i] (v < len(spec.sizes)) with crop
     first_view + v of image batch_indices[i]; boxes (B, V_all, 5) come from the host per batch.
     JPEGs decode into row i of the loader's scratch (see DecodeCells); a JPEG that fails to decode
-    sets its batch slot in the `failed` cell (at cells_address) and is reported to the host. The file is read from storage_state directly (FFCV's
+    sets its batch slot in the `failed` cell (at cells_address), and the host names the image that
+    stands in for it (bad_images=skip) or records the failure (the loader raises). The file is read from storage_state directly (FFCV's
     OS-cache or process-cache layout) rather than through the loader's own compiled reader, so that
     no per-loader object is baked in.
     """
@@ -166,42 +170,48 @@ def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bo
             offset = ptr - (page << shift)
             return state[0][state[3][page], offset:offset + size]
 
+    @numba.njit(nogil=True)
+    def decode_one(i, row, boxes, storage, metadata, storage_state, scratch_address, scratch_stride, first_view):
+        """Image `row` into batch slot i, crop first_view + v of `boxes` (V_all, 5) into storage[v][i];
+        False when its JPEG does not decode."""
+        # typed (not literal) constants: a literal argument would give the shared helpers one
+        # compiled version per call site
+        zero, one, no = np.uint32(0), np.uint32(1), np.bool_(False)
+        field = metadata[row]
+        data = read(field["data_ptr"], storage_state)
+        height, width = np.uint32(field["height"]), np.uint32(field["width"])
+        if field["mode"] == JPG:                # decode once, for every view
+            # a 3-D array, never a flat uint8[::1]: every FFCV loader with an OS cache flips
+            # numba's shared uint8[::1] type to read-only (ffcv os_cache.state_type), which
+            # corrupts the overload table of any long-lived function that took one
+            image = numba.carray(cast_int_to_byte_ptr(scratch_address + i * scratch_stride),
+                                 (np.int64(height), np.int64(width), 3))
+            if _imdecode(data, image, height, width, height, width, zero, zero, one, one, no, no) != 0:
+                return False
+        else:                                   # raw pixels: crop from the file's page
+            image = data.reshape(height, width, 3)
+        for v in range(views):
+            out = storage[v][i]
+            if train:
+                box = boxes[first_view + v]
+                top, left, h, w, flip = box[0], box[1], box[2], box[3], box[4] != 0
+            else:
+                top, left, h, w = _center_crop(height, width, None, center_ratio)
+                flip = False
+            _resize_crop(image, top, top + h, left, left + w, out)
+            if flip:
+                _flip_inplace(out)
+        return True
+
     def decode_all(batch_indices, storage, metadata, storage_state, boxes, failed, scratch_address, scratch_stride,
                    first_view):
         # hand images to threads 2 at a time rather than in one block per thread: a thread that the
         # OS preempts (shared machines) then does not hold up the whole batch
         previous_chunk = numba.set_parallel_chunksize(2)
-        # typed (not literal) constants: a literal argument would give the shared helpers one
-        # compiled version per call site
-        zero, one, no = np.uint32(0), np.uint32(1), np.bool_(False)
         for i in loop(len(batch_indices)):
-            row = batch_indices[i]
-            field = metadata[row]
-            data = read(field["data_ptr"], storage_state)
-            height, width = np.uint32(field["height"]), np.uint32(field["width"])
-            failed[i, 0] = 0
-            if field["mode"] == JPG:            # decode once, for every view
-                # a 3-D array, never a flat uint8[::1]: every FFCV loader with an OS cache flips
-                # numba's shared uint8[::1] type to read-only (ffcv os_cache.state_type), which
-                # corrupts the overload table of any long-lived function that took one
-                image = numba.carray(cast_int_to_byte_ptr(scratch_address + i * scratch_stride),
-                                     (np.int64(height), np.int64(width), 3))
-                if _imdecode(data, image, height, width, height, width, zero, zero, one, one, no, no) != 0:
-                    failed[i, 0] = 1
-                    continue
-            else:                               # raw pixels: crop from the file's page
-                image = data.reshape(height, width, 3)
-            for v in range(views):
-                out = storage[v][i]
-                if train:
-                    box = boxes[i, first_view + v]
-                    top, left, h, w, flip = box[0], box[1], box[2], box[3], box[4] != 0
-                else:
-                    top, left, h, w = _center_crop(height, width, None, center_ratio)
-                    flip = False
-                _resize_crop(image, top, top + h, left, left + w, out)
-                if flip:
-                    _flip_inplace(out)
+            ok = decode_one(i, batch_indices[i], boxes[i], storage, metadata, storage_state,
+                            scratch_address, scratch_stride, first_view)
+            failed[i, 0] = 0 if ok else 1
         numba.set_parallel_chunksize(previous_chunk)
         bad = 0
         for i in range(len(batch_indices)):
@@ -216,28 +226,51 @@ def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bo
         if train:
             with numba.objmode(boxes="int32[:, :, ::1]"):
                 boxes = _host_boxes(cells_address, batch_indices)
-        else:
-            boxes = np.zeros((1, 1, 5), np.int32)
-        # (B, 1), not a flat uint8[::1]: see the scratch image in decode_all
+        else:                                   # eval: center crops, no boxes
+            boxes = np.zeros((len(batch_indices), 1, 5), np.int32)
+        # (B, 1), not a flat uint8[::1]: see the scratch image in decode_one
         failed = numba.carray(cast_int_to_byte_ptr(cells_address), (len(batch_indices), 1))
         if decode_all(batch_indices, storage, metadata, storage_state, boxes, failed, scratch_address,
                       scratch_stride, first_view):
-            with numba.objmode():
-                _host_failed(cells_address, batch_indices, failed)
+            # bad_images: ask the host for stand-ins (the next image of the class) until one decodes;
+            # a negative row means stop (bad_images=stop, too many, or none left): the host raises
+            for i in range(len(batch_indices)):
+                k = 1
+                while failed[i, 0]:
+                    with numba.objmode(stand_in="int64", stand_in_boxes="int32[:, ::1]"):
+                        stand_in, stand_in_boxes = _host_stand_in(cells_address, batch_indices, i, k)
+                    if stand_in < 0:
+                        break
+                    if decode_one(i, stand_in, stand_in_boxes, storage, metadata, storage_state, scratch_address,
+                                  scratch_stride, first_view):
+                        failed[i, 0] = 0
+                    k += 1
         return storage
 
     return numba.njit(nogil=True)(kernel)
 
 
 class BoxPlanner:
-    """The host side of a loader's decoders: boxes (B, V, 5) int32 (top, left, h, w, flip) per batch of
-    .beton rows, from LoaderSpec.boxes. `start(epoch, rows)` plans the epoch's batches in order on a
-    background thread, `AHEAD` batches ahead of the decoder; a batch it did not plan (or the same
-    batch asked again by the per-view pipelines) is drawn or served on the spot."""
+    """The host side of a loader's decoders.
+
+    Boxes: (B, V, 5) int32 (top, left, h, w, flip) per batch of .beton rows, from LoaderSpec.boxes.
+    `start(epoch, rows)` plans the epoch's batches in order on a background thread, `AHEAD` batches
+    ahead of the decoder; a batch it did not plan (or the same batch asked again by the per-view
+    pipelines) is drawn or served on the spot.
+
+    Bad images: `stand_in` names the image that replaces one that did not decode (common.replacement
+    over `groups`, the label of each kept row; -1 for rows max_images left out) and records it in
+    `replaced[batch rows][slot]`, so the loader can relabel the slot; `bad` holds the names
+    (loader.bad_images), `error` the DataError to raise (stop, too many, none left)."""
     AHEAD = 3
 
-    def __init__(self, spec, sample_index: np.ndarray, heights: np.ndarray, widths: np.ndarray):
+    def __init__(self, spec, sample_index: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                 groups: np.ndarray, describe):
         self.spec, self.sample_index, self.heights, self.widths = spec, sample_index, heights, widths
+        self.groups, self.describe = groups, describe
+        self.bad: list[str] = []
+        self.replaced: dict[bytes, dict[int, int]] = {}
+        self.error: DataError | None = None
         self.epoch = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ffcv-boxes")
         self._ahead: deque = deque()               # (rows bytes, future), in the decoder's order
@@ -245,7 +278,6 @@ class BoxPlanner:
         self._next = 0
         self._last: tuple[bytes, np.ndarray] | None = None
         self._lock = threading.Lock()
-        self.failures: list[int] = []              # rows the decoder could not decode
 
     def draw(self, epoch: int, rows: np.ndarray) -> np.ndarray:
         spec, index, h, w = self.spec, self.sample_index, self.heights, self.widths
@@ -285,6 +317,32 @@ class BoxPlanner:
         with self._lock:
             self._last = (key, boxes)
         return boxes
+
+    def stand_in(self, rows: np.ndarray, slot: int, k: int) -> tuple[int, np.ndarray]:
+        """The k-th stand-in (row, its (V, 5) boxes) for the image in batch slot `slot` that did not
+        decode (nor did stand-ins 1 .. k-1); row -1: stop, with self.error set."""
+        row = int(rows[slot])
+        none = (-1, np.zeros((max(1, self.spec.views), 5), np.int32))
+        if self.error is not None:
+            return none
+        try:
+            if k == 1:
+                check_bad(self.spec, self.bad, self.describe(row), "libjpeg-turbo cannot decode the JPEG")
+            else:                                      # the previous stand-in did not decode either
+                previous = replacement(self.groups, row, k - 1)
+                check_bad(self.spec, self.bad, self.describe(previous), "libjpeg-turbo cannot decode the JPEG")
+            other = replacement(self.groups, row, k)
+            if other == row:
+                raise DataError(f"every image of label {self.groups[row]} in the .beton is unreadable: "
+                                + "; ".join(self.bad[-5:]))
+        except DataError as err:
+            self.error = err
+            return none
+        with self._lock:
+            self.replaced.setdefault(rows.astype(np.int64).tobytes(), {})[slot] = other
+        boxes = (self.draw(self.epoch, np.array([other]))[0] if self.spec.train
+                 else np.zeros((1, 5), np.int32))
+        return other, np.ascontiguousarray(boxes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -416,7 +474,6 @@ class FFCVLoader:
         self.path, self.spec, self.device, self.verbose = path, spec, spec.device, verbose
         self.views, self.fused = views, fused
         self.classes = _classes(path, reader)
-        self.bad_images: list[str] = []                  # the contract's list; a bad JPEG stops this loader
         self.num_rows = len(rows)
         self.epoch, self.start_batch = 0, 0
         self.compile_seconds: float | None = None        # numba compile during construction + first batch
@@ -433,8 +490,13 @@ class FFCVLoader:
         # crops are drawn for the sample's index in its source folder (the `index` field), as every loader does
         sample_index = (np.asarray(reader.metadata[f"f{fields.index('index')}"], np.int64) if "index" in fields
                         else np.arange(int(reader.num_samples), dtype=np.int64))
+        self._labels = np.asarray(reader.metadata[f"f{fields.index('label')}"], np.int64)
+        groups = np.arange(-1, -1 - len(self._labels), -1, dtype=np.int64)    # rows left out: alone
+        groups[rows] = self._labels[rows]
         self._planner = BoxPlanner(spec, sample_index, np.asarray(image_meta["height"], np.int64),
-                                   np.asarray(image_meta["width"], np.int64))
+                                   np.asarray(image_meta["width"], np.int64), groups,
+                                   lambda row: f"{path} row {row} (index {sample_index[row]})")
+        self.bad_images = self._planner.bad               # "file row r (index i): reason", distinct
         self._sample_index = sample_index
         _PLANNERS[self._cells.failed.ctypes.data] = self._planner
         self._order = RankOrder(order, spec.rank, spec.world_size, batch_size, spec.drop_last)
@@ -488,9 +550,13 @@ class FFCVLoader:
     def __iter__(self):
         self._close()                                    # an abandoned epoch stops filling the ring
         self._order.start_batch = self.start_batch
-        self._planner.failures.clear()
+        self._planner.error = None
+        self._planner.replaced.clear()
+        order = self._order.sample_order(self.epoch)
         if self.spec.train:
-            self._planner.start(self.epoch, self._order.sample_order(self.epoch))
+            self._planner.start(self.epoch, order)
+        b = self.spec.batch_size
+        batch_keys = [order[k:k + b].astype(np.int64).tobytes() for k in range(0, len(order), b)]
         self.core.next_epoch = self.epoch                # FFCV's own epoch counter (orders take it)
         first = self.compile_seconds is None
         if first:
@@ -506,10 +572,12 @@ class FFCVLoader:
             self._report_compile(time.perf_counter() - t0)
         copied = None                                    # CUDA event: the previous batch left its slot
         try:
+            k = 0
             while out is not None:
-                if self._planner.failures:
-                    raise self._decode_error()
-                batch, copied = self._to_device(out)
+                if self._planner.error is not None:      # bad_images=stop, too many, or none left
+                    raise self._planner.error
+                batch, copied = self._to_device(out, self._planner.replaced.pop(batch_keys[k], {}))
+                k += 1
                 yield batch
                 if copied is not None:
                     copied.synchronize()                 # FFCV may refill that slot once we ask again
@@ -517,12 +585,6 @@ class FFCVLoader:
         finally:
             if self._running is epoch:                   # not if a newer epoch already replaced it
                 self._close()
-
-    def _decode_error(self) -> DataError:
-        rows = sorted(set(self._planner.failures))
-        named = ", ".join(f"row {r} (index {self._sample_index[r]})" for r in rows[:10])
-        return DataError(f"{self.path}: libjpeg-turbo cannot decode the JPEG of {named}; re-write the .beton "
-                         f"(`python convert.py ffcv --force`, which skips unreadable images)")
 
     def _report_compile(self, first_batch: float) -> None:
         timer = self._compile_timer
@@ -533,8 +595,12 @@ class FFCVLoader:
                   f"{first_batch:.1f} s; {self.threads} threads, {'fused' if self.fused else 'per-view'} decode",
                   file=sys.stderr, flush=True)
 
-    def _to_device(self, out) -> tuple[Batch, "torch.cuda.Event | None"]:
-        """FFCV's host arrays -> Batch on the device; views (B, H, W, 3) become channels-last NCHW."""
+    def _to_device(self, out, replaced: dict[int, int]) -> tuple[Batch, "torch.cuda.Event | None"]:
+        """FFCV's host arrays -> Batch on the device; views (B, H, W, 3) become channels-last NCHW.
+        replaced: {batch slot: .beton row} of the stand-ins for images that did not decode."""
+        for slot, row in replaced.items():               # their label and index, not the bad image's
+            out[self._label_slot][slot, 0] = self._labels[row]
+            out[self._index_slot][slot, 0] = self._sample_index[row]
         host = [torch.from_numpy(a) for slot in self._image_slots for a in out[slot]]
         host += [torch.from_numpy(out[self._label_slot][:, 0]), torch.from_numpy(out[self._index_slot][:, 0])]
         copied = None

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from masksiam.config import ConfigError
 from pipelines.loaders.common import (DataError, num_batches, per_rank_batch, random_resized_crop_params,
                                       sample_rng, shard_indices, spread)
 
@@ -56,7 +57,6 @@ _GROUP = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*(?:@\s*([0-9.eE+-]+?)\s*-\s*(
 def parse_crops(text: str, size: int, views: int, scale: tuple[float, float],
                 where: str = "crops") -> tuple[CropGroup, ...]:
     """`crops=` -> crop groups; "" is `views` x `size` at `scale`. Errors name the key and the group."""
-    from masksiam.config import ConfigError
     if not text.strip():
         groups = (CropGroup(views, size, tuple(scale)),)
     else:
@@ -153,7 +153,6 @@ class LoaderSpec:
 
 def loader_spec(cfg, info, train: bool = True) -> LoaderSpec:
     """The spec of a train (random crops, cfg.drop_last) or eval (one center crop, every image) loader."""
-    from masksiam.config import ConfigError
     if cfg.bad_images not in BAD_IMAGES:
         raise ConfigError(f"bad_images={cfg.bad_images!r}: choose one of {', '.join(BAD_IMAGES)}")
     if train:
