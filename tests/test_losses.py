@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from losses import METHODS, Embeddings, get_method, hparams
+from losses import METHODS as ALL_METHODS
+from losses import Embeddings, get_method, hparams
 from losses import moco
+from losses.siamese import Siamese
 from losses.mixed import mixed_loss
 from masksiam.config import Config, valid_keys
 
+# the Siamese methods: pure losses over embeddings (the MIM methods' losses: tests/test_mim.py)
+METHODS = {name: m for name, m in ALL_METHODS.items() if issubclass(m, Siamese)}
 HP = {name: dict(m.DEFAULTS) for name, m in METHODS.items()}
 
 
@@ -88,6 +92,7 @@ def tiny(name: str, **hp):
 
 def test_registry_has_the_method_zoo():
     assert set(METHODS) == {"simclr", "moco", "byol", "simsiam", "barlow", "vicreg"}
+    assert set(ALL_METHODS) - set(METHODS) == {"simmim", "mixmae"}            # masked image modeling
     assert [n for n, m in METHODS.items() if m.predictor] == ["byol", "simsiam"]
     assert [n for n, m in METHODS.items() if m.ema] == ["moco", "byol"]
     assert [n for n, m in METHODS.items() if hasattr(tiny(n), "queue")] == ["moco"]
