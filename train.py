@@ -246,17 +246,9 @@ def _performance(cfg, info) -> _Perf:
     return _Perf(cuda=cuda,
                  autocast=torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
                  scaler=torch.amp.GradScaler(info.device.type, enabled=precision == "fp16"),
-                 memory_format=torch.channels_last if cfg.channels_last and not _odd_cpu_batch(cfg, info)
-                 else torch.contiguous_format,
+                 memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
                  # the augment stage writes bf16 on GPU (half the bandwidth into the first conv)
                  aug_dtype=torch.bfloat16 if precision == "bf16" and cuda else torch.float32)
-
-
-def _odd_cpu_batch(cfg, info) -> bool:
-    """torch 2.13's CPU backward of a strided 1x1 convolution (the ResNet downsample) crashes on
-    channels-last inputs with an odd batch: such runs (an odd per-rank batch, or a partial last
-    batch) train in the contiguous format on the CPU."""
-    return info.device.type == "cpu" and ((cfg.batch_size // info.world_size) % 2 == 1 or not cfg.drop_last)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,7 +153,12 @@ class SourceEncoder:
         if k == (1, 1) or not self.renorm:
             # 1x1: one input position, of the output's source. Sparse: inputs of no source are 0
             # already; the output is re-masked (a window reaches across a hidden patch's border)
-            y = F.conv2d(x, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
+            stride = m.stride
+            if k == (1, 1) and stride != (1, 1) and x.device.type == "cpu":
+                # every s-th pixel at stride 1: the same values, without torch's CPU crash in the
+                # strided 1x1 backward (models.resnet.SubsampledConv1x1)
+                x, stride = x[:, :, ::stride[0], ::stride[1]], (1, 1)
+            y = F.conv2d(x, m.weight, None, stride, m.padding, m.dilation, m.groups)
             y = self._present(y)
             return y if m.bias is None else self._present(y + m.bias.view(1, -1, 1, 1))
         n, c, h, w = x.shape

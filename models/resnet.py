@@ -10,6 +10,7 @@ torchvision's, which matters only when loading its weights into a 7x7-stem model
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import masksiam  # noqa: F401  (torchvision importable on CPU torch)
@@ -55,9 +56,26 @@ def build_backbone(arch: str, small_stem: bool = False, zero_init_residual: bool
         net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
         net.fc = nn.Linear(width * 8 * block.expansion, 1)
         _init_like_torchvision(net, zero_init_residual)
+    for m in net.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)) and m.downsample is not None:
+            conv = m.downsample[0]
+            if conv.kernel_size == (1, 1) and conv.stride != (1, 1):
+                conv.__class__ = SubsampledConv1x1        # same parameters and keys, no new init
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     return net
+
+
+class SubsampledConv1x1(nn.Conv2d):
+    """The downsample shortcut's stride-s 1x1 convolution, computed on the CPU as the stride-1
+    convolution of every s-th pixel (the same values). torch 2.13's CPU backward of a strided 1x1
+    convolution on channels-last inputs writes out of bounds for some shapes (few input channels at
+    56 px and more, odd batches): a segfault or a corrupted heap. Other devices run it as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], self.weight, self.bias)
 
 
 def _init_like_torchvision(net: ResNet, zero_init_residual: bool) -> None:

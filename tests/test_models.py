@@ -119,3 +119,29 @@ def test_every_optimizer_skips_a_nan_step_without_touching_state(name):
         assert torch.equal(v, before[k]), k
     for old, new in zip(state, opt.state.values()):
         assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+@pytest.mark.parametrize("n, c, size", [(8, 8, 64), (7, 8, 64), (8, 4, 96), (5, 64, 56)])
+def test_the_downsample_conv_is_a_strided_1x1_conv_and_trains_on_channels_last_cpu(n, c, size):
+    """torch 2.13's CPU backward of a strided 1x1 convolution on channels-last inputs crashes (out-of-
+    bounds writes) for these shapes; SubsampledConv1x1 computes the same values at stride 1."""
+    from models.resnet import SubsampledConv1x1
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(c, 2 * c, 1, 2, bias=False)
+    sub = torch.nn.Conv2d(c, 2 * c, 1, 2, bias=False)
+    sub.load_state_dict(ref.state_dict())
+    sub.__class__ = SubsampledConv1x1
+    x = torch.randn(n, c, size, size)
+    xr, xs = x.clone().requires_grad_(), x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    yr, ys = ref(xr), sub(xs)                              # the reference contiguous: its path is sound
+    torch.testing.assert_close(ys, yr, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    ys.backward(g)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub.weight.grad, ref.weight.grad, rtol=1e-3, atol=1e-3)   # sums of ~8k terms
+    net = build_backbone("resnet10", small_stem=True, width=c).to(memory_format=torch.channels_last)
+    assert isinstance(net.layer2[0].downsample[0], SubsampledConv1x1)
+    assert "layer2.0.downsample.0.weight" in net.state_dict()         # torchvision's keys
+    net(xs.detach()[:, :3].contiguous(memory_format=torch.channels_last) if c >= 3 else
+        torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)).sum().backward()

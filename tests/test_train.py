@@ -245,7 +245,7 @@ def test_the_online_probe_logs_top1_and_changes_no_pretraining_number(image_fold
 
 def test_an_odd_batch_on_the_cpu_trains(image_folder, tmp_path):
     """torch 2.13's CPU backward of the strided 1x1 downsample convolution crashes on channels-last
-    inputs with an odd batch: such runs train in the contiguous format (train._odd_cpu_batch)."""
+    inputs with an odd batch: the ResNet computes it subsampled (models.resnet.SubsampledConv1x1)."""
     res = train.main(_args(image_folder, tmp_path, "odd", "arch=resnet18", "stem=imagenet", "size=32",
                            "batch_size=7", "drop_last=false", "epochs=1", "final_eval=false"))
     assert res["step"] == 4 and res["exit"] == "finished"          # 7 + 7 + 7 + 3 of 24 images
