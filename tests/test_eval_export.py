@@ -40,7 +40,9 @@ def test_pt_loads_strictly_into_torchvision_resnet50_with_identical_features(tmp
     tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
     tv.fc = torch.nn.Identity()
     with torch.no_grad():
-        assert torch.equal(tv.eval()(X), backbone(X))
+        # the same weights; on the CPU masksiam's downsample conv runs subsampled at stride 1
+        # (models.resnet.SubsampledConv1x1), torchvision's strided: float rounding apart
+        torch.testing.assert_close(tv.eval()(X), backbone(X), rtol=1e-5, atol=1e-5)
 
 
 def test_safetensors_with_a_probe_head_loads_into_timm_with_identical_outputs(tmp_path):
