@@ -43,7 +43,7 @@ demo: data
 # both install DALI and FFCV first: there a failed import of either fails the suite (tests/conftest.py)
 test test-fast: export MASKSIAM_REQUIRE_LOADERS = 1
 
-# the whole suite (~1.5 min on 2 cores; GPU tests skip without CUDA); pytest fails when none ran
+# the whole suite (~10 min on 2 cores; GPU tests skip without CUDA); pytest fails when none ran
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
