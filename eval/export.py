@@ -98,7 +98,10 @@ def check_features(sd: dict[str, torch.Tensor], state: dict, arch: str, size: in
             else build_backbone(arch))
     load_backbone_state(ours, ckpt_io.backbone_state(state))
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return float((tv.eval()(x) - ours.eval()(x)).abs().max())
+    theirs, mine = tv.eval()(x), ours.eval()(x)
+    # relative to the features' scale: the two convolution paths round differently (on the CPU the
+    # downsample conv runs subsampled, models.resnet.SubsampledConv1x1)
+    return float((theirs - mine).abs().max() / mine.abs().max().clamp_min(1e-12))
 
 
 def save(sd: dict[str, torch.Tensor], path: Path, info: dict) -> None:
@@ -129,9 +132,9 @@ def main(argv=None) -> dict:
         sd, source = export_state_dict(state, arch=arch, head=head, num_classes=args.num_classes, seed=args.seed)
         diff = check_features(sd, state, arch)
         if diff > 1e-4:
-            raise EvalError(f"exported {arch} differs from the backbone by {diff:.3g} on a random batch")
+            raise EvalError(f"exported {arch} differs from the backbone by {diff:.3g} (relative) on a random batch")
         info = {"arch": arch, "source": args.checkpoint, "fc": source, "num_classes": sd["fc.weight"].shape[0],
-                "feature_max_abs_diff": diff}
+                "feature_max_rel_diff": diff}
         save(sd, Path(args.out), info)
     except (EvalError, ckpt_io.CheckpointError) as err:
         sys.exit(f"eval.export: {err}")

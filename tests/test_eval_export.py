@@ -42,7 +42,7 @@ def test_pt_loads_strictly_into_torchvision_resnet50_with_identical_features(tmp
     with torch.no_grad():
         # the same weights; on the CPU masksiam's downsample conv runs subsampled at stride 1
         # (models.resnet.SubsampledConv1x1), torchvision's strided: float rounding apart
-        torch.testing.assert_close(tv.eval()(X), backbone(X), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tv.eval()(X), backbone(X), rtol=1e-4, atol=1e-4)
 
 
 def test_safetensors_with_a_probe_head_loads_into_timm_with_identical_outputs(tmp_path):
