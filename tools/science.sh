@@ -23,7 +23,10 @@
 # (make demo), ~2 min of evaluation per run: 13 methods x 2 seeds at EPOCHS=1 is about 2.5 hours.
 # Runs resume (resume=true) and evaluations are redone, so an interrupted `make science` continues.
 # SMOKE=1 checks the script in a few minutes (2 steps per run, tiny evaluations): not science.
-# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN, MAX_VAL override.
+# SPREAD (default: every method) names the methods run with every seed in SEEDS; the others run with the
+# first seed only (a shorter table that still gives the run-to-run spread of the comparisons it names).
+# BASELINES=0 skips the random-init and supervised baselines (a second call that adds methods to a table).
+# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, SPREAD, BASELINES, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN, MAX_VAL override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -38,6 +41,9 @@ MAX_TRAIN=${MAX_TRAIN:-10000}
 MAX_VAL=${MAX_VAL:-2000}
 SMOKE=${SMOKE:-0}
 METHODS=${METHODS:-simclr moco byol simsiam barlow vicreg mscn_simclr mscn_byol mixmask unmix simmim mixmae simmim_lut}
+SPREAD=${SPREAD:-$METHODS}
+BASELINES=${BASELINES:-1}
+first_seed=${SEEDS%% *}
 start=$SECONDS
 
 # method -> config file and overrides (MSCN on BYOL and Un-Mix on MoCo v2: a recipe on a base config)
@@ -85,6 +91,7 @@ evaluate() {   # checkpoint, result folder, seed, extra flags for both (--random
 
 for seed in $SEEDS; do
     for m in $METHODS; do
+        [ "$seed" = "$first_seed" ] || [[ " $SPREAD " == *" $m "* ]] || continue
         read -r -a cfg <<< "$(config_of "$m")"
         run=$OUT/$m-seed$seed
         echo "== $m seed $seed ($((SECONDS - start)) s)"
@@ -93,6 +100,7 @@ for seed in $SEEDS; do
             { tail -20 "$OUT/logs/$m-seed$seed.log"; exit 1; }
         evaluate "$run/checkpoint.pt" "$run/eval" "$seed"
     done
+    [ "$BASELINES" = 1 ] || continue
     # baselines on the SimCLR run's network (same arch, stem and seed; 28 px)
     base=$OUT/simclr-seed$seed/checkpoint.pt
     [ -f "$base" ] || base=$(ls "$OUT"/*-seed"$seed"/checkpoint.pt | head -1)
