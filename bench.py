@@ -42,6 +42,7 @@ from tqdm import tqdm
 import masksiam  # noqa: F401
 from masksiam.config import Config, apply
 from masksiam.dist import DEVICE_ENV, DistInfo
+from masksiam.io import atomic_write, atomic_write_text
 
 
 # ---- measurement helpers ------------------------------------------------------------------------
@@ -728,7 +729,7 @@ def model_only_overrides(args, sweep: list[str]) -> list[str]:
         sys.exit(f"bench.py {args.mode}: {err}")
     path = Path(args.out_dir) / f"model-only-{Path(cfg.recipe).stem}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(twin, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(twin, sort_keys=False))
     return ["loader=synthetic", f"recipe={path}", "mix=none"]
 
 
@@ -957,7 +958,7 @@ def cmd_syncs(args) -> dict:
     print(line, flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"mode": "syncs", "machine": _machine(), "args": {k: v for k, v in vars(args).items()
+    atomic_write_text(out, json.dumps({"mode": "syncs", "machine": _machine(), "args": {k: v for k, v in vars(args).items()
                                                                                if k != "run"},
                                "results": [res], "table": line}, indent=2) + "\n")
     if not res["ok"] and args.strict:
@@ -1133,7 +1134,7 @@ def _waterfall(stages: list[dict], verdict: str, out: Path) -> None:
     ax.set(xlabel="ms per image", xlim=(0, max(r[1] + r[2] for r in rows) * 1.25))
     ax.set_title(verdict.split(";")[0], fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -1175,8 +1176,8 @@ def cmd_explain(args) -> dict:
                "delays": delays, "stages": stages, "bound": bound, "verdict": verdict, "table": table}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + f"\n\n{verdict}\n")
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), table + f"\n\n{verdict}\n")
     _waterfall(stages, verdict, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return payload
@@ -1193,8 +1194,8 @@ def _report(mode: str, rows: list[dict], args, columns: list[str], rate: str = "
     payload = {"mode": mode, "machine": _machine(), "args": settings, "results": rows, "table": table}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
     if mode == "augment":   # batched vs the per-sample reference (grey), per row
         bars = []
         for r in rows:
@@ -1225,7 +1226,7 @@ def _chart(bars: list[tuple[str, float, str, str]], out: Path, title: str, unit:
         ax.text(rate, y, f" {rate:,.0f}/s  {note}", va="center", fontsize=8)
     ax.set(xlabel=unit, title=title, xlim=(0, max(rates) * 1.4))
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -1293,7 +1294,7 @@ def cmd_readme(args) -> dict:
         print(f"bench.py readme: {readme} has no {BEGIN} ... {END} block; the table is above, "
               f"put the markers where it belongs and run again", file=sys.stderr)
         return {"block": block, "written": False}
-    readme.write_text(text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:])
+    atomic_write_text(readme, text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:])
     print(f"wrote the bench block of {readme} from {', '.join(found)}")
     return {"block": block, "written": True}
 

@@ -38,7 +38,7 @@ from masksiam import checkpoint as ckpt_io
 from masksiam import dist
 from masksiam.config import ConfigError, load_config, save_config, to_dict
 from masksiam.errors import UserError, exit_on_user_error
-from masksiam.io import atomic_write_text
+from masksiam.io import atomic_write, atomic_write_text
 from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr
 from masksiam.runinfo import write_run_info
 from losses import build_method, get_method, hparams, shape_keys
@@ -510,7 +510,7 @@ def _plot(metrics_path: Path, out: Path) -> None:
         axes[1].plot(*zip(*knn), marker="o")
     axes[1].set(xlabel="epoch", ylabel="kNN top-1", title="kNN monitor")
     fig.tight_layout()
-    _write(out, lambda: fig.savefig(out, dpi=100))
+    _write(out, lambda: atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100)))
     plt.close(fig)
 
 

@@ -20,6 +20,7 @@ import torch
 import masksiam  # noqa: F401
 from masksiam import checkpoint as ckpt_io
 from masksiam import dist
+from masksiam.io import atomic_write, atomic_write_text
 from masksiam.config import Config, ConfigError, apply
 
 
@@ -94,8 +95,8 @@ def write_results(out_dir: str | Path, name: str, result: dict) -> dict[str, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(markdown_table([result], [result.get("label", name)]))
+    atomic_write_text(paths["json"], json.dumps(result, indent=2) + "\n")
+    atomic_write_text(paths["md"], markdown_table([result], [result.get("label", name)]))
     plot_curves({result.get("label", name): result}, paths["png"])
     return paths
 
@@ -144,7 +145,7 @@ def plot_curves(results: dict[str, dict], path: str | Path) -> None:
     if not names:
         axes.flat[0].text(0.5, 0.5, "no curves", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 

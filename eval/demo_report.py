@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from masksiam.io import atomic_write, atomic_write_text
+
 
 def _plot(run: Path, pretrained: float, random_init: float, out: Path) -> None:
     import matplotlib
@@ -31,7 +33,7 @@ def _plot(run: Path, pretrained: float, random_init: float, out: Path) -> None:
         axes[1].text(bar.get_x() + bar.get_width() / 2, v, f"{100 * v:.1f}%", ha="center", va="bottom")
     axes[1].set(ylabel="kNN top-1", ylim=(0, 1), title="frozen features, weighted kNN")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -53,7 +55,7 @@ def main(argv=None) -> dict:
     pretrained = result["knn_top1"]
     report = {"run": str(run), "knn_top1_pretrained": pretrained, "knn_top1_random_init": random_init,
               "margin": pretrained - random_init, "steps": result["step"]}
-    (run / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run / "demo_report.json", json.dumps(report, indent=2) + "\n")
     _plot(run, pretrained, random_init, run / "demo.png")
     print(f"\nkNN top-1 on {run}: pretrained {100 * pretrained:.1f}%   random init {100 * random_init:.1f}%   "
           f"(+{100 * (pretrained - random_init):.1f} points)\nplot: {run / 'demo.png'}")

@@ -26,6 +26,7 @@ import torch
 
 import masksiam  # noqa: F401
 from masksiam import checkpoint as ckpt_io
+from masksiam.io import atomic_write, atomic_write_text
 from eval.common import EvalError
 
 
@@ -107,11 +108,12 @@ def check_features(sd: dict[str, torch.Tensor], state: dict, arch: str, size: in
 def save(sd: dict[str, torch.Tensor], path: Path, info: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(path), metadata={k: str(v) for k, v in info.items()})
+        from safetensors.torch import save as to_bytes
+        blob = to_bytes(sd, metadata={k: str(v) for k, v in info.items()})
+        atomic_write(path, lambda f: f.write(blob))
     elif path.suffix == ".pt":
         ckpt_io.save_atomic(sd, path)
-        path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_text(path.with_name(path.name + ".json"), json.dumps(info, indent=2) + "\n")
     else:
         raise EvalError(f"--out {path}: the file must end in .pt or .safetensors")
 

@@ -44,6 +44,7 @@ from torch import nn
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.io import atomic_write_text
 from eval.common import EvalError, progress, scale_milestones, scheduled_lr, topk_correct, unique_mean
 
 
@@ -195,7 +196,7 @@ def write_subset_file(path: str | Path, names: list[str], indices: np.ndarray) -
     """One line per image: its file name (SimCLR's format) when file names are unique, else '<class>/<file>'."""
     bases = [n.rsplit("/", 1)[-1] for n in names]
     unique = len(set(bases)) == len(bases)
-    Path(path).write_text("".join((bases[i] if unique else names[i]) + "\n" for i in indices))
+    atomic_write_text(path, "".join((bases[i] if unique else names[i]) + "\n" for i in indices))
 
 
 # ---- training -----------------------------------------------------------------------------------

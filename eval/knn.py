@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.io import atomic_write_text
 from masksiam.config import Config
 
 
@@ -201,8 +202,7 @@ def main(argv=None) -> dict:
     if info.is_main:
         print(json.dumps(result))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         if args.out:
             write_results(args.out, "knn", {"eval": "knn", "label": "knn", "checkpoint": args.checkpoint,
                                             "metrics": {"knn_top1": top1}, "curves": {},

@@ -39,6 +39,7 @@ from torch import nn
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.checkpoint import save_atomic
 from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, unique_mean
 
 
@@ -275,7 +276,7 @@ def main(argv=None) -> dict:
     if info.is_main:
         paths = write_results(out, name, result)
         if args.save_head:
-            torch.save({k: v.cpu() for k, v in head.state_dict().items()}, out / f"{name}_head.pt")
+            save_atomic({k: v.cpu() for k, v in head.state_dict().items()}, out / f"{name}_head.pt")
         print(f"linear probe ({preset_name}): top-1 {100 * final['val_top1']:.2f}%  top-5 "
               f"{100 * final['val_top5']:.2f}%  -> {paths['json']}", flush=True)
     dist.cleanup()

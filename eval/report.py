@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from masksiam.io import atomic_write, atomic_write_text
+
 SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
 KIND_ORDER = {"knn": 0, "linear": 1, "finetune": 2, "finetune_full": 3}    # column order
 
@@ -133,7 +135,7 @@ def plot(report: dict, path: Path, title: str = "") -> None:
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -153,8 +155,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(report)
-    (out / "report.md").write_text((f"## {args.title}\n\n" if args.title else "") + md)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", (f"## {args.title}\n\n" if args.title else "") + md)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     plot(report, out / "report.png", args.title)
     print(md + f"\n{out / 'report.md'}, {out / 'report.png'}")
     return report

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from masksiam.io import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ["torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130", "ffcv", "numba",
             "pyyaml", "tqdm", "matplotlib"]
@@ -52,6 +54,5 @@ def environment() -> dict:
 def write_run_info(run_dir: str | Path, extra: dict | None = None) -> dict:
     info = {"git": git_commit(), "packages": package_versions(), "environment": environment(), **(extra or {})}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / "run_info.json", "w") as f:
-        json.dump(info, f, indent=2)
+    atomic_write_text(Path(run_dir) / "run_info.json", json.dumps(info, indent=2))
     return info
