@@ -65,6 +65,20 @@ class BroaderContext(nn.Module):
         ema_update(self.teacher.projector, self.projector, m)
 
 
+def total_loss(lut: BroaderContext | None, weight: float, mim: torch.Tensor, pooled: torch.Tensor, out,
+               method: str, partner: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A MIM method's loss: its reconstruction loss `mim`, plus weight x the broader-context term when
+    LUT is on (lut not None); and the logs of each part."""
+    logs = {"mim_loss": mim.detach()}
+    loss = mim
+    if lut is not None:
+        bc = lut(pooled, check_views(out, method), partner=partner)
+        loss = loss + weight * bc
+        logs["lut_loss"] = bc.detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
 def check_views(out, method: str) -> torch.Tensor:
     """The unmasked second view LUT's teacher needs, or a ConfigError naming the recipe to use."""
     if len(out.views) < 2 or (out.mim_masks is not None and out.mim_masks[1] is not None):

@@ -73,14 +73,7 @@ class MixMAE(nn.Module):
         if self.hp["norm_pix_loss"]:
             target = patch_normalize(target, r["patch"])
         mim = masked_pixel_loss(r["pred"], target, r["hidden"], "l2")
-        logs = {"mim_loss": mim.detach()}
-        loss = mim
-        if self.lut is not None:
-            bc = self.lut(r["pooled"], lut_term.check_views(out, self.name), partner=True)
-            loss = loss + self.hp["lut_weight"] * bc
-            logs["lut_loss"] = bc.detach()
-        logs["loss"] = loss.detach()
-        return loss, logs
+        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, r["pooled"], out, self.name, partner=True)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.lut is not None:

@@ -119,14 +119,7 @@ class SimMIM(nn.Module):
         r = self.reconstruct(out)
         target = patch_normalize(r["input"], r["patch"]) if self.hp["norm_pix_loss"] else r["input"]
         mim = masked_pixel_loss(r["pred"], target, r["mask"], "l1")
-        logs = {"mim_loss": mim.detach()}
-        loss = mim
-        if self.lut is not None:
-            bc = self.lut(r["pooled"], lut_term.check_views(out, self.name))
-            loss = loss + self.hp["lut_weight"] * bc
-            logs["lut_loss"] = bc.detach()
-        logs["loss"] = loss.detach()
-        return loss, logs
+        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, r["pooled"], out, self.name)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.lut is not None:
