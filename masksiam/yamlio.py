@@ -69,6 +69,20 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def dataclass_from(cls, value: Any, where: str, error: type[Exception], field: Callable | None = None):
+    """cls(**value) from a yaml mapping: unknown keys refused naming the valid ones, each value coerced
+    to its field's type by field(value, type, where) (default: coerce with the same error)."""
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected a mapping of {cls.__name__} settings, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise error(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    field = field or (lambda v, t, w: coerce(v, t, w, error))
+    return cls(**{k: field(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+
+
 def coerce(value: Any, typ: Any, where: str, error: type[Exception]) -> Any:
     """`value` checked against the annotation `typ`, with the few safe conversions (int -> float,
     list -> tuple, a number -> str); a dataclass type takes a mapping of its fields. `where` starts
@@ -101,14 +115,7 @@ def coerce(value: Any, typ: Any, where: str, error: type[Exception]) -> Any:
             raise bad
         return tuple(coerce(v, a, where, error) for a, v in zip(args, value))
     if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise error(f"{where}: expected a mapping of {typ.__name__} settings, got {value!r}")
-        hints = typing.get_type_hints(typ)
-        names = [f.name for f in dataclasses.fields(typ)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise error(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-        return typ(**{k: coerce(v, hints[k], f"{where}.{k}", error) for k, v in value.items()})
+        return dataclass_from(typ, value, where, error)
     if typ is bool and isinstance(value, bool):
         return value
     if typ is int and isinstance(value, int) and not isinstance(value, bool):

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from masksiam.config import ConfigError
-from masksiam.yamlio import coerce, read_layers
+from masksiam.yamlio import coerce, dataclass_from, read_layers
 from pipelines.augment import masks as M
 from pipelines.augment import ops as A
 
@@ -215,14 +215,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 
 
 def _spec(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of {cls.__name__} settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+    return dataclass_from(cls, data, where, RecipeError, _coerce)
 
 
 def _check_probability(value: float, where: str) -> None:
