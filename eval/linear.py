@@ -40,7 +40,7 @@ from torch import nn
 import masksiam  # noqa: F401
 from masksiam import dist
 from masksiam.checkpoint import save_atomic
-from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, unique_mean
+from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
 
 
 @dataclass(frozen=True)
@@ -191,11 +191,6 @@ def train_probe(backbone: nn.Module, train_loader, val_loader, transform, num_cl
     return head, history
 
 
-def curves(history: list[dict]) -> dict[str, list]:
-    keys = [k for k in history[0] if k != "epoch"] if history else []
-    return {k: [[r["epoch"], r[k]] for r in history] for k in keys}
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
@@ -264,15 +259,11 @@ def main(argv=None) -> dict:
     final = history[-1]
     label = args.name or f"linear ({preset_name}{', fast' if args.fast else ''})"
     name = args.name or "linear"
-    result = {"eval": "linear", "label": label,
-              "checkpoint": args.checkpoint,
-              "metrics": {"top1": final["val_top1"], "top5": final["val_top5"],
-                          "best_top1": max(r["val_top1"] for r in history)},
-              "curves": curves(history),
-              "settings": {"preset": preset_name, **dataclasses.asdict(preset), "epochs": len(history),
-                           "fast": args.fast, "bn": args.bn, "loader": cfg.loader, "data": cfg.data,
-                           "random_init": args.random_init, "world_size": info.world_size,
-                           "seconds": round(time.perf_counter() - t0, 1)}}
+    result = trained_result("linear", label, args.checkpoint, history,
+                            {"preset": preset_name, **dataclasses.asdict(preset), "epochs": len(history),
+                             "fast": args.fast, "bn": args.bn, "loader": cfg.loader, "data": cfg.data,
+                             "random_init": args.random_init, "world_size": info.world_size,
+                             "seconds": round(time.perf_counter() - t0, 1)})
     if info.is_main:
         paths = write_results(out, name, result)
         if args.save_head:

@@ -141,3 +141,21 @@ def test_command_writes_the_subset_and_reads_it_back(image_folder, tmp_path):
     res = ft.main(common + ["--subset", str(tmp_path / "mine.txt")])
     assert res["settings"]["train_images"] == 3
     assert (out / "subset_mine.txt").read_text().splitlines() == lines[:3]
+
+
+def test_scratch_trains_every_label_from_random_init_with_the_sgd_recipe(image_folder, tmp_path):
+    s = ft.SCRATCH_PRESET
+    assert (s.optimizer, s.backbone_lr, s.head_lr, s.momentum, s.weight_decay, s.schedule, s.epochs) == \
+        ("sgd", 0.1, 0.1, 0.9, 1e-4, "cosine", 90)
+    cfg = _cfg(image_folder)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"config": to_dict(cfg), "backbone": _backbone(cfg).state_dict()}, ckpt)
+    out = tmp_path / "out"
+    res = ft.main(["--checkpoint", str(ckpt), "--scratch", "--epochs", "1", "--batch-size", "4", "--out", str(out),
+                   "--no-progress", "--crop-scale", "0.2", "1"])
+    st = res["settings"]
+    assert res["eval"] == "scratch" and st["random_init"] and st["fraction"] == 1.0 and st["optimizer"] == "sgd"
+    assert st["crop_scale"] == [0.2, 1.0] and (out / "scratch.json").exists()
+    with pytest.raises(SystemExit):
+        ft.main(["--checkpoint", str(ckpt), "--scratch", "--full"])

@@ -13,8 +13,8 @@
 #            epochs of the semi-supervised protocol (milestones moved to the same fractions)
 # against two baselines per seed, on the same network:
 #   random      the three evaluations of the untrained network (same seed)
-#   supervised  eval.finetune --random-init --full --fraction 1.0 --layer-decay 1.0: training from
-#               scratch with every label for EPOCHS epochs (AdamW 5e-4, cosine), the same budget
+#   supervised  eval.finetune --scratch: training from scratch with every label for EPOCHS epochs
+#               (torchvision's SGD recipe: lr 0.1, momentum 0.9, wd 1e-4, cosine), the same budget
 # Results: $OUT/<method>-seed<S>/ (runs and their eval/), $OUT/logs/ (train.py's output),
 # $OUT/report.{md,json,png} (eval.report:
 # mean +- half the range over seeds), with the machine and the wall time in the title.
@@ -108,7 +108,7 @@ for seed in $SEEDS; do
     "$PY" -m eval.knn --checkpoint "$base" --random-init --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
         --max-val "$MAX_VAL" --max-train "$knn_train" --no-progress
     evaluate "$base" "$OUT/random-seed$seed/eval" "$seed" --random-init
-    "$PY" -m eval.finetune --checkpoint "$base" --random-init --full --fraction 1.0 --layer-decay 1.0 \
+    "$PY" -m eval.finetune --checkpoint "$base" --scratch \
         --name supervised --out "$OUT/supervised-seed$seed/eval" "${common_eval[@]}" "${sup_extra[@]}"
 done
 
