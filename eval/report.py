@@ -8,7 +8,8 @@ evaluation JSON under it (<run>/eval/*.json and <run>/*.json written by eval.knn
 finetune; an eval JSON file may also be given directly). Columns are the evaluations (top-1, %),
 rows the runs. Runs whose names differ only by a seed suffix (`-seed1`, `_s2`) form one row: the
 mean, +- half the range over seeds, and n. Writes <out>/report.md, report.json and report.png
-(top-1 per evaluation as grouped bars, and the val top-1 curves).
+(top-1 per evaluation as grouped bars, and the val top-1 curves; with more than 6 rows one panel per
+evaluation, a bar per run and a dot per seed).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from masksiam.io import atomic_write, atomic_write_text
 
 SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
-KIND_ORDER = {"knn": 0, "linear": 1, "finetune": 2, "finetune_full": 3}    # column order
+KIND_ORDER = {"knn": 0, "linear": 1, "finetune": 2, "finetune_full": 3, "scratch": 4}    # column order
 
 
 def _load(path: Path) -> dict | None:
@@ -104,10 +105,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n\nTop-1 accuracy (%)" + (" : mean ± half the range over seeds" if seeds else "") + ".\n"
 
 
+MANY_RUNS = 6      # above this, grouped bars and shared curve panels stop being readable
+
+
 def plot(report: dict, path: Path, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if len(report["rows"]) > MANY_RUNS:
+        return plot_many(report, path, title, plt)
     cols, rows = report["columns"], report["rows"]
     curve_names = sorted({k for r in report["curves"].values() for k in r["curves"]})
     panels = 1 + len(curve_names)
@@ -134,6 +140,37 @@ def plot(report: dict, path: Path, title: str = "") -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
+
+def plot_many(report: dict, path: Path, title: str, plt) -> None:
+    """One panel per evaluation: a horizontal bar per run (the mean over seeds) with each seed's value
+    as a dot, runs in the order given, top to bottom; the curves stay in each run's own PNG."""
+    cols, rows = report["columns"], report["rows"]
+    ncols = min(4, len(cols))
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.6, 0.28 * len(rows) * nrows + 1.2),
+                             squeeze=False, sharey=True)
+    ys = list(range(len(rows)))[::-1]
+    for ax, c in zip(axes.flat, cols):
+        cells = [r["cells"].get(c) for r in rows]
+        ax.barh([y for y, cell in zip(ys, cells) if cell], [100 * cell["mean"] for cell in cells if cell],
+                color="#9ab", height=0.7)
+        for y, cell in zip(ys, cells):
+            if cell:
+                ax.plot([100 * v for v in cell["values"]], [y] * len(cell["values"]), "k.", ms=4)
+                ax.text(100 * max(cell["values"]) + 0.8, y, f"{100 * cell['mean']:.1f}", va="center", fontsize=7)
+        # the axis starts below the panel's lowest value: the differences between methods are points
+        low = min(100 * v for cell in cells if cell for v in cell["values"])
+        ax.set(title=c, xlim=(max(0, 10 * math.floor(low / 10) - 10), 102), xlabel="top-1 (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(ys, [r["run"] for r in rows], fontsize=8)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)

@@ -49,3 +49,15 @@ def test_report_puts_runs_side_by_side_and_folds_seeds(tmp_path):
     with pytest.raises(SystemExit, match="no results"):
         (tmp_path / "empty").mkdir()
         report.main([str(tmp_path / "empty"), "--out", str(out)])
+
+
+def test_report_of_many_runs_keeps_their_order_and_draws_a_panel_per_evaluation(tmp_path):
+    names = [f"m{i}-seed{s}" for i in (3, 1, 4, 0, 2, 6, 5) for s in (0, 1)]
+    runs = [_run(tmp_path, n, 0.5 + 0.01 * int(n[1]), 0.6 + 0.01 * int(n[-1])) for n in names]
+    out = tmp_path / "report"
+    rep = report.main([str(r) for r in runs] + ["--out", str(out)])
+    assert [r["run"] for r in rep["rows"]] == ["m3", "m1", "m4", "m0", "m2", "m6", "m5"]     # as given
+    assert rep["rows"][2]["cells"]["linear (mixmask)"]["values"] == [0.6, 0.61]
+    with Image.open(out / "report.png") as im:
+        w, h = im.size
+        assert 600 < w < 1400 and h > 150 and im.convert("L").getextrema()[0] < 100    # drawn, not blank
