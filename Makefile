@@ -60,7 +60,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 # the science table on Fashion-MNIST (every method x kNN / linear / 10 % fine-tune vs random init and
-# supervised, 2 seeds; ~2.5 h on 2 cores, an estimate): runs/science/report.{md,png}. Not in `make test`.
+# supervised, 2 seeds; ~2 h on 2 cores): runs/science/report.{md,png}. Not in `make test`.
 .PHONY: science
 science: data
 	PY=$(PY) DATA=$(DATA) tools/science.sh

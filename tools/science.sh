@@ -19,8 +19,9 @@
 # $OUT/report.{md,json,png} (eval.report:
 # mean +- half the range over seeds), with the machine and the wall time in the title.
 #
-# Wall time (estimate, not measured end to end): ~3 min per pretraining epoch on an idle 2-core CPU
-# (make demo), ~2 min of evaluation per run: 13 methods x 2 seeds at EPOCHS=1 is about 2.5 hours.
+# Wall time, measured 2026-12-01 on a 2-core EPYC: 2.5-3.5 min per method and seed on the idle machine
+# (pretraining epoch and its three evaluations; MixMAE 6), so 13 methods x 2 seeds at EPOCHS=1 take
+# under 2 hours; the README's table (6 methods x 2 seeds + 7 x 1 + baselines) took 90 min, partly contended.
 # Runs resume (resume=true) and evaluations are redone, so an interrupted `make science` continues.
 # SMOKE=1 checks the script in a few minutes (2 steps per run, tiny evaluations): not science.
 # SPREAD (default: every method) names the methods run with every seed in SEEDS; the others run with the
