@@ -1301,6 +1301,15 @@ def cmd_readme(args) -> dict:
 
 # ---- command line -------------------------------------------------------------------------------
 
+def _run_args(p, config_help: str = "a train.py config (configs/*.yaml)") -> None:
+    """The arguments of the modes that run train.py's own pieces on a config: --config, --set,
+    --out-dir, --device."""
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    p.add_argument("--out-dir", default="runs/bench-tmp")
+    p.add_argument("--device", default="auto")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1355,26 +1364,19 @@ def main(argv: list[str] | None = None) -> dict:
     for name, run, help_text in (("model", cmd_model, "the training step on synthetic data on the device: the ceiling"),
                                  ("train", cmd_train, "the real loop end to end, per loader, vs model-only")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml); model mode: "
-                       "comma-separated for several, side by side")
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+        _run_args(p, "a train.py config (configs/*.yaml); model mode: comma-separated for several, side by side")
         p.add_argument("--compare", default="", help="train mode: comma-separated loaders, end to end each")
         p.add_argument("--batches", type=int, default=20, help="measured steps (a multiple of --warmup)")
         p.add_argument("--warmup", type=int, default=5, help="steps excluded, also the logging interval")
-        p.add_argument("--out-dir", default="runs/bench-tmp")
-        p.add_argument("--device", default="auto")
         p.add_argument("--sweep", action="append", default=[],
                        help=f"{sweep_help} (train.py config keys: batch_size, workers, ...)")
         p.add_argument("--json", default=f"runs/bench/{name}.json", help="also writes .md and .png next to it")
         p.set_defaults(run=run)
 
     p = sub.add_parser("explain", help="each stage alone, then together, on your config: which one bounds the run")
-    p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    _run_args(p)
     p.add_argument("--batches", type=int, default=20, help="measured batches per stage (a multiple of --warmup)")
     p.add_argument("--warmup", type=int, default=5, help="batches excluded per stage")
-    p.add_argument("--out-dir", default="runs/bench-tmp")
-    p.add_argument("--device", default="auto")
     p.add_argument("--delay", action="append", default=[], metavar="STAGE=SECONDS",
                    help=f"sleep this long per batch in one stage ({', '.join(EXPLAIN_DELAYS)}): to see the "
                         f"verdict move, and for tests")
@@ -1383,12 +1385,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = sub.add_parser("syncs", help="a few train.py steps with the step path sync-free (CUDA: sync-debug "
                        "error; CPU: host reads refused): names the first host sync")
-    p.add_argument("--config", default=None, help="a train.py config (configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    _run_args(p)
     p.add_argument("--steps", type=int, default=4, help="guarded steps")
     p.add_argument("--skip", type=int, default=2, help="unguarded warm-up steps first (autotuning, lazy init)")
-    p.add_argument("--out-dir", default="runs/bench-tmp")
-    p.add_argument("--device", default="auto")
     p.add_argument("--strict", action="store_true", help="exit non-zero when a sync is found")
     p.add_argument("--json", default="runs/bench/syncs.json")
     p.set_defaults(run=cmd_syncs)
