@@ -114,6 +114,7 @@ class Config:
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     weight_decay: float = 1e-6
     momentum: float = 0.9
+    adamw_betas: tuple[float, float] = (0.9, 0.999)   # AdamW's (beta1, beta2); MixMAE / MAE: (0.9, 0.95)
     epochs: int = 100
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0              # cosine floor as a fraction of the peak lr

@@ -16,17 +16,36 @@ import torch
 from torch.optim.sgd import sgd as fused_sgd   # the functional SGD step; called with fused=True
 from torch import nn
 
+from masksiam.config import ConfigError
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters a module declares free of weight decay.
+
+    A module lists its own parameters' names in a class attribute `no_weight_decay` (e.g. the mask
+    tokens: ("token",) on models.mim.MaskTokenEncoder and PixelDecoder); this collects them over the
+    whole model, prefixed with the module's path, so a wrapper needs to declare nothing."""
+    names = set()
+    for path, module in model.named_modules():
+        for own in getattr(module, "no_weight_decay", ()):
+            names.add(f"{path}.{own}" if path else own)
+    return names
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights get weight decay (and LARS adaptation); biases and norm parameters get neither.
+    """Weights get weight decay (and LARS adaptation); biases, norm parameters and the parameters
+    modules declare in `no_weight_decay` (mask tokens) get neither.
 
-    This is the SimCLR / BYOL / Barlow Twins convention: 1-D parameters (biases, BN/LN gains and
-    shifts) are excluded from both.
+    1-D parameters (biases, BN/LN gains and shifts): the SimCLR / BYOL / Barlow Twins convention.
+    Mask tokens (SimMIM's after the stem, MixMAE's and the sparse decoder's): SimMIM, MixMIM and
+    SparK exclude them; a token is a learned input, and decay would pull it towards 0 (a zero fill).
+    The one rule for every method: tests/test_param_groups.py checks it on each registered one.
     """
+    exempt = no_weight_decay_names(model)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
             {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False}]
 
@@ -150,7 +169,10 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
     if cfg.optimizer == "adamw":
-        return AdamW(groups, lr=lr, fused=True)
+        betas = tuple(cfg.adamw_betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"config key 'adamw_betas' = {list(betas)} must be two numbers in [0, 1)")
+        return AdamW(groups, lr=lr, betas=betas, fused=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

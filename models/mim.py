@@ -89,6 +89,7 @@ def stages(backbone: ResNet, h: torch.Tensor) -> torch.Tensor:
 
 class MaskTokenEncoder(nn.Module):
     """SimMIM on ResNet: one learnable token (C_stem,) replaces the stem output at masked positions."""
+    no_weight_decay = ("token",)                             # masksiam.optim.param_groups
 
     def __init__(self, backbone: ResNet):
         super().__init__()
@@ -272,6 +273,7 @@ class PixelDecoder(nn.Module):
     (they carry the visible neighbours' features into hidden positions, which the sparse and mixed
     encoders leave without any), then the 1x1 head.
     """
+    no_weight_decay = ("token",)                             # masksiam.optim.param_groups
 
     def __init__(self, in_channels: int, stride: int, depth: int = 0, dim: int = 512, mask_token: bool = True):
         super().__init__()
