@@ -7,7 +7,9 @@ Used by run configs (masksiam/config.py) and augmentation recipes (pipelines/aug
 
 A file may name another with `base: other`; the other is read first and this file's keys are laid
 over it (how depends on the caller: configs replace key by key, recipes merge nested mappings).
-Errors are the caller's error class and name the file, the base chain or the key.
+Errors are the caller's error class and name the file, the base chain or the key. A key given twice
+in one mapping is refused (plain yaml keeps the last one silently, so an edit above a forgotten
+line would change nothing).
 """
 from __future__ import annotations
 
@@ -18,6 +20,37 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"key {key!r} appears twice (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key repeated in one mapping (merge keys `<<` may still be
+    overridden: that is what they are for)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:                   # an unhashable key: the base class names it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(stream) -> Any:
+    """yaml.safe_load with repeated keys refused (_DuplicateKey, a yaml.YAMLError)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
 
 
 def _relative(base: Any, parent: Path) -> Path:
@@ -42,9 +75,11 @@ def read_layers(path: str | Path, *, error: type[Exception], what: str,
         seen.append(path.resolve())
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = safe_load(f) or {}
+        except _DuplicateKey as err:
+            raise error(f"{what} {path}: {err}; keep one") from None
         except yaml.YAMLError as err:
-            raise error(f"{what} {path} is not valid yaml: {err}") from None
+            raise error(f"{what} {path} is not valid yaml: {' '.join(str(err).split())}") from None   # one line
         if not isinstance(data, dict):
             raise error(f"{what} {path} must hold a mapping of key: value")
         base = data.pop("base", None)

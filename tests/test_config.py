@@ -55,6 +55,12 @@ def test_base_file_applies_first_and_loops_are_refused(tmp_path):
         load_config(tmp_path / "e.yaml")
 
 
+def test_a_duplicate_key_in_a_config_file_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: byol\nepochs: 7\nmethod: simclr\n")
+    with pytest.raises(ConfigError, match=r"config file .*a.yaml: key 'method' appears twice \(lines 1 and 3\)"):
+        load_config(tmp_path / "a.yaml")
+
+
 def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(None, ["lr=0.7", "crop_scale=[0.3,0.9]", "proj_dim=64"])
     save_config(cfg, tmp_path / "resolved.yaml")

@@ -42,6 +42,33 @@ def test_base_errors_name_the_files(tmp_path):
         read_layers(tmp_path / "e.yaml", error=Bad, what="recipe")
 
 
+def test_a_key_given_twice_is_refused_naming_the_key_the_file_and_the_lines(tmp_path):
+    """Plain yaml keeps the last of two equal keys: an edit above a forgotten line would do nothing."""
+    (tmp_path / "dup.yaml").write_text("lr: 0.5\nepochs: 3\nlr: 0.1\n")
+    with pytest.raises(Bad) as err:
+        read_layers(tmp_path / "dup.yaml", error=Bad, what="config file")
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "dup.yaml") in msg and "'lr' appears twice (lines 1 and 3)" in msg
+    # in a base file, and inside a nested mapping (a recipe's stage settings)
+    (tmp_path / "top.yaml").write_text("base: nested.yaml\nlr: 1\n")
+    (tmp_path / "nested.yaml").write_text("stages:\n  blur: {p: 0.5, p: 0.2}\n")
+    with pytest.raises(Bad, match=r"nested.yaml: key 'p' appears twice \(lines 2 and 2\)"):
+        read_layers(tmp_path / "top.yaml", error=Bad, what="recipe")
+    # what stays allowed: the same key in two mappings, a child file overriding its base, merge keys
+    (tmp_path / "ok.yaml").write_text("base: root.yaml\na: {x: 1}\nb: {x: 2}\nd: &d {y: 1, z: 2}\n"
+                                      "e:\n  <<: *d\n  y: 3\n")
+    (tmp_path / "root.yaml").write_text("a: 0\n")
+    layers = read_layers(tmp_path / "ok.yaml", error=Bad, what="config file")
+    assert layers[1][1]["e"] == {"y": 3, "z": 2} and layers[0][1] == {"a": 0}
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    (tmp_path / "e.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(Bad) as err:
+        read_layers(tmp_path / "e.yaml", error=Bad, what="recipe")
+    assert "\n" not in str(err.value) and "e.yaml" in str(err.value)
+
+
 @dataclass(frozen=True)
 class Inner:
     p: float = 0.5
