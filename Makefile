@@ -11,11 +11,13 @@ TORCH_INDEX ?=
 DATA ?= data
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH) $(TORCHVISION)" | md5sum | cut -c1-8)
 TESTDATA := .cache/testdata/pillow/.complete
+# the start-up hook that makes `import torchvision` work without importing masksiam (masksiam/compat.py)
+HOOK := $(VENV)/.torchvision-hook
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast bench data clean-venv
 
-install: $(STAMP) $(TESTDATA)
+install: $(STAMP) $(HOOK) $(TESTDATA)
 
 $(STAMP): requirements.txt setup.py tools/install_apt.sh
 	tools/install_apt.sh
@@ -28,6 +30,12 @@ $(STAMP): requirements.txt setup.py tools/install_apt.sh
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt --no-deps --no-build-isolation -e .
 	$(PY) -c "import masksiam, torchvision, nvidia.dali, ffcv; print('masksiam installed: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# a fresh interpreter, not importing masksiam, must import torchvision and build a model
+$(HOOK): masksiam/compat.py masksiam/__init__.py $(STAMP)
+	$(PY) -c "from masksiam.compat import install_startup_hook; print('start-up hook:', install_startup_hook())"
+	cd /tmp && $(abspath $(PY)) -c "import torchvision; torchvision.models.resnet18()"
+	touch $@
 
 $(TESTDATA): | $(STAMP)
 	PY=$(PY) tools/fetch_testdata.sh .cache/testdata/pillow

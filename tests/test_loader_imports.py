@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE_LOADERS_ENV, have_loader_library, import_loader_library
+from conftest import REQUIRE_LOADERS_ENV, have_loader_library, import_loader_library, loader_libraries_required
 
 MISSING = "masksiam_no_such_loader_library"   # a module name that never imports
 REPO = Path(__file__).resolve().parent.parent
@@ -68,3 +68,71 @@ def test_a_required_missing_library_fails_the_run(tmp_path):
     assert f"{MISSING} does not import" in required.stdout
     optional = run()
     assert optional.returncode == 5 and "1 skipped" in optional.stdout, optional.stdout + optional.stderr
+
+
+# ---- torchvision in the project's environment, without masksiam imported first (masksiam/compat.py) --
+
+def _fresh(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter of this environment, outside the repository, no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+
+
+def _startup_file_installed() -> bool:
+    import sysconfig
+    from masksiam.compat import STARTUP_FILE
+    return (Path(sysconfig.get_paths()["purelib"]) / STARTUP_FILE).is_file()
+
+
+def test_torchvision_imports_in_a_fresh_interpreter(tmp_path):
+    """What a user's own script does with the exported backbone: import torchvision first, build a
+    ResNet, run it. On CPU torch the registry's CUDA torchvision needs the shim, which the start-up
+    hook `make install` writes applies; where the extension loads (CUDA) nothing is patched."""
+    r = _fresh("import torch, torchvision\n"
+               "out = torchvision.models.resnet18().eval()(torch.zeros(1, 3, 32, 32))\n"
+               "import masksiam.compat as c\n"
+               "print(tuple(out.shape), c.TORCHVISION_EXTENSION_OK)", tmp_path)
+    if r.returncode and not _startup_file_installed() and not loader_libraries_required():
+        pytest.skip("the torchvision start-up hook is not installed here (run `make install`)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    shape, native = r.stdout.split(")")[0] + ")", r.stdout.split(")")[1].strip()
+    assert shape == "(1, 1000)"
+    import torchvision  # noqa: F401  (this process: conftest imported masksiam first)
+    from masksiam import compat
+    assert native == str(compat.TORCHVISION_EXTENSION_OK)   # the same verdict as masksiam's own import
+
+
+def test_startup_hook_imports_no_torch(tmp_path):
+    """The hook runs at every interpreter start: it must not import torch (seconds) until torchvision
+    is imported, and importlib.util.find_spec("torchvision") must not import it either."""
+    r = _fresh("import sys, importlib.util\n"
+               "before = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy'))\n"
+               "import masksiam\n"
+               "spec = importlib.util.find_spec('torchvision')\n"
+               "after = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy'))\n"
+               "print(before, after, spec.origin.endswith('__init__.py'))", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["[]", "[]", "True"]
+
+
+def test_masksiam_first_then_torchvision_submodule(tmp_path):
+    """`import masksiam` then a torchvision sub-module as the first torchvision import (what
+    models/ and pipelines/ do): one import, the real spec, the hook gone afterwards."""
+    r = _fresh("import sys, masksiam\n"
+               "from torchvision.transforms import v2\n"
+               "import torchvision\n"
+               "from masksiam.compat import TorchvisionImportHook\n"
+               "print(type(torchvision.__spec__.loader).__name__, "
+               "any(isinstance(f, TorchvisionImportHook) for f in sys.meta_path), v2.RandomResizedCrop.__name__)",
+               tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["SourceFileLoader", "False", "RandomResizedCrop"]
+
+
+def test_install_startup_hook_writes_one_import_line(tmp_path):
+    from masksiam.compat import STARTUP_FILE, install_startup_hook
+    path = install_startup_hook(str(tmp_path))
+    assert path == tmp_path / STARTUP_FILE
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("import ")     # site.py executes only such lines
