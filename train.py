@@ -1,7 +1,7 @@
 """masksiam training: self-supervised pretraining of a ResNet, one script, read top to bottom.
 
     python train.py --config configs/demo_fmnist.yaml [key=value ...]          # one process
-    torchrun --nproc_per_node=8 train.py --config configs/simclr_in1k.yaml     # DDP (nccl; gloo on CPU)
+    torchrun --nproc_per_node=8 train.py --config configs/simclr_rn50_in1k.yaml     # DDP (nccl; gloo on CPU)
 
 Sections of `main`: 1 config and run directory; 2 performance settings; 3 data and augmentation;
 4 the method (network, heads, state); 5 optimizer; 6 resume; 7 the run record; 8 signals; 9 the
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import masksiam  # noqa: F401  (torchvision importable on CPU torch)
 from masksiam import checkpoint as ckpt_io
 from masksiam import dist
-from masksiam.config import ConfigError, load_config, save_config, to_dict
+from masksiam.config import ConfigError, load_config, resume_changes, save_config, to_dict
 from masksiam.errors import UserError, exit_on_user_error
 from masksiam.io import atomic_write, atomic_write_text
 from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr
@@ -47,7 +48,7 @@ from models.syncbn import convert_sync_batchnorm
 from pipelines.augment.ahead import AugmentAhead
 from pipelines.augment.engine import build_augmenter
 from pipelines.loaders import build_loader
-from pipelines.loaders.common import DataError
+from pipelines.loaders.common import DataError, has_labels
 
 
 class Exit(enum.Enum):
@@ -64,7 +65,7 @@ class RunStopped(UserError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="yaml recipe (configs/); keys as in masksiam/config.py")
+    p.add_argument("--config", default=None, help="run config yaml (configs/*.yaml); keys as in masksiam/config.py")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=0.5 epochs=10")
     return p.parse_args(argv)
 
@@ -77,12 +78,14 @@ def main(argv=None) -> dict:
     hp = hparams(get_method(cfg.method), cfg)       # the method's hyper-parameters, defaults filled in
     cfg = dataclasses.replace(cfg, **{k: v for k, v in hp.items() if hasattr(cfg, k)})
     run = _RunDir.of(cfg)                           # resume, or refuse a run directory that has a checkpoint
+    if not cfg.run_name:                            # resolved: config.yaml names the run to resume
+        cfg = dataclasses.replace(cfg, run_name=run.dir.name)
 
     # ---- 2. performance settings (all in one place) --------------------------------------------
     perf = _performance(cfg, info)
 
     # ---- 3. data and augmentation --------------------------------------------------------------
-    _check_eval_data(cfg)
+    cfg = _check_eval_data(cfg)                     # unlabelled data: no probe, no kNN
     loader = build_loader(cfg, info)
     augment = build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device, dtype=perf.aug_dtype,
                               seed=cfg.seed, rank=info.rank, mix=cfg.mix, compile=cfg.compile)
@@ -111,7 +114,8 @@ def main(argv=None) -> dict:
     optimizer = build_optimizer(method, cfg, lr_peak)
 
     # ---- 6. resume: everything a step depends on, checked against this run first -----------------
-    ckpt = _Checkpoints(run.ckpt_path, cfg, info, method, optimizer, perf.scaler, ahead, probe)
+    ckpt = _Checkpoints(run.ckpt_path, cfg, info, method, optimizer, perf.scaler, ahead, probe,
+                        record=_resume_record(loader, info))
     step, epoch, start_batch = ckpt.restore() if run.resume else (0, 0, 0)
 
     # ---- 7. the run record: written only now, after every check --------------------------------
@@ -123,6 +127,8 @@ def main(argv=None) -> dict:
     bad_total = torch.zeros((), device=info.device)
     since_log = _Interval(info.device)
     exit, detail = Exit.FINISHED, "finished"
+    if cfg.max_steps and step >= cfg.max_steps:     # a resumed run that already got there trains none
+        exit, detail = Exit.MAX_STEPS, f"reached max_steps={cfg.max_steps}"
     with _log_closed(log), _StopOnSignal() as stop:
         while epoch < cfg.epochs and exit is Exit.FINISHED:
             loader.set_epoch(epoch, start_batch)
@@ -141,9 +147,12 @@ def main(argv=None) -> dict:
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
 
                 last_of_epoch = batch_in_epoch == steps_per_epoch
+                last_step = bool(cfg.max_steps) and step >= cfg.max_steps
                 # ranks must agree on entering this block (collectives inside): a signal cuts the
-                # log interval short only in a single process
-                if step % cfg.log_every == 0 or last_of_epoch or (stop.name and info.world_size == 1):
+                # log interval short only in a single process. The steps since the last log_every
+                # boundary are logged at the end of an epoch and of the run.
+                if (step % cfg.log_every == 0 or last_of_epoch or last_step
+                        or (stop.name and info.world_size == 1)):
                     n_bad = int(bad_in_row.item())  # the sync happens here, at log intervals only
                     log.step(step, epoch, lr, since_log.reduce(), _reduce_logs(logs), cfg.batch_size,
                              int(bad_total.item()), loader.bad_images)
@@ -158,7 +167,7 @@ def main(argv=None) -> dict:
                         exit, detail = Exit.SIGNAL, (f"stopped by {stop.name or 'a signal on another rank'}; "
                                                      f"checkpoint written at step {step}")
                         break
-                if cfg.max_steps and step >= cfg.max_steps:
+                if last_step:
                     exit, detail = Exit.MAX_STEPS, f"reached max_steps={cfg.max_steps}"
                     break
                 t_wait = time.perf_counter()
@@ -180,7 +189,9 @@ def main(argv=None) -> dict:
         result = {"run_dir": str(run.dir), "step": step, "epoch": epoch, "exit": detail,
                   "bad_images": sorted({b for bad in dist.all_gather_object(loader.bad_images) for b in bad})}
         if cfg.final_eval and exit in (Exit.FINISHED, Exit.MAX_STEPS):
-            result["knn_top1"] = _final_eval(cfg, info, method.backbone, run, log, step, epoch)
+            top1 = _final_eval(cfg, info, method.backbone, run, log, step, epoch, has_labels(loader.classes))
+            if top1 is not None:
+                result["knn_top1"] = top1
         if info.is_main:
             for bad in result["bad_images"]:
                 print(f"train.py: skipped an unreadable image (bad_images=skip): {bad}", flush=True)
@@ -267,9 +278,12 @@ class _RunDir:
 
     @classmethod
     def of(cls, cfg) -> "_RunDir":
-        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.method}-{cfg.arch}")
         if cfg.keep_checkpoints < 1:
             raise ConfigError(f"config key 'keep_checkpoints' = {cfg.keep_checkpoints} must be >= 1")
+        if not cfg.run_name and cfg.resume:
+            raise ConfigError("resume=true needs the run_name of the run to continue (an empty run_name "
+                              "starts a new run, named <method>-<arch>-<date>-<time>)")
+        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.method}-{cfg.arch}-{_run_stamp()}")
         has_ckpt = ckpt_io.exists(run_dir / "checkpoint.pt", cfg.keep_checkpoints)
         elastic_restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if has_ckpt and not (cfg.resume or elastic_restart):
@@ -287,22 +301,48 @@ class _RunDir:
         dist.barrier()
 
 
+def _run_stamp() -> str:
+    """The name part of a run without run_name: the start time, the same on every rank; under
+    torchrun the rendezvous id instead, so that workers it restarts find their run again."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return os.environ["TORCHELASTIC_RUN_ID"]
+    return dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _resume_record(loader, info) -> dict:
+    """What the loader's order and position depend on beyond the config: the world size (each rank's
+    share of a batch and its own augment stream) and the training images, counted and, where the
+    loader lists their names (an ImageFolder or webdataset index), hashed. A .beton is counted."""
+    images = getattr(loader, "images", None) or getattr(loader, "samples", None)   # torchvision / DALI
+    names = getattr(images, "paths", None) or getattr(images, "names", None)
+    record = {"world_size": info.world_size}
+    if names is not None:
+        record["train_images"] = len(names)
+        record["train_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
+    elif hasattr(loader, "num_rows"):                                              # FFCV
+        record["train_images"] = int(loader.num_rows)
+    return record
+
+
 class _Checkpoints:
     """The run's checkpoints: what they record (every shape-deciding key and every tensor's shape,
-    so a foreign checkpoint is refused naming what differs), restore, and save on every rank."""
+    so a foreign checkpoint is refused naming what differs; the config and the resume record, so a
+    resume that would change the steps is refused), restore, and save on every rank."""
 
-    def __init__(self, path: Path, cfg, info, method, optimizer, scaler, ahead, probe=None):
-        self.path, self.cfg, self.info = path, cfg, info
+    def __init__(self, path: Path, cfg, info, method, optimizer, scaler, ahead, probe=None, record=None):
+        self.path, self.cfg, self.info, self.record = path, cfg, info, record or {}
         self.method, self.optimizer, self.scaler, self.ahead, self.probe = method, optimizer, scaler, ahead, probe
         self.meta = {"arch": cfg.arch, "method": cfg.method, "width": cfg.width,
                      "small_stem": use_small_stem(cfg.stem, cfg.size),
                      **{k: getattr(cfg, k) for k in shape_keys(method)}}
         self.shapes = {k: tuple(v.shape) for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
+        self.unreadable: dict[Path, str] = {}       # files restore skipped: the next save takes their place
 
     def restore(self) -> tuple[int, int, int]:
         """-> (step, epoch, batch in epoch) of the newest readable checkpoint, its state loaded."""
-        state, path, skipped = ckpt_io.load_latest(self.path, self.cfg.keep_checkpoints)
+        state, path, self.unreadable = ckpt_io.load_latest(self.path, self.cfg.keep_checkpoints)
         ckpt_io.check_compatible(state, path, self.meta, self.shapes)
+        ckpt_io.check_resumable(state, path, resume_changes(state.get("config") or {}, self.cfg), self.record)
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -311,7 +351,7 @@ class _Checkpoints:
             self.probe.load_state_dict(state["probe"])
         torch.set_rng_state(state["rng_cpu"][self.info.rank])
         if self.info.is_main:
-            for why in skipped:
+            for why in self.unreadable.values():
                 print(f"train.py: {why}; resuming from the previous checkpoint {path}", flush=True)
             print(f"resumed {path} at step {state['step']} (epoch {state['epoch']}, batch "
                   f"{state['batch_in_epoch']})", flush=True)
@@ -324,13 +364,15 @@ class _Checkpoints:
         if self.info.is_main:
             try:
                 ckpt_io.save_rotating({
-                    "meta": self.meta, "config": to_dict(self.cfg), "step": step, "epoch": epoch,
+                    "meta": self.meta, "config": to_dict(self.cfg), "resume_record": self.record,
+                    "step": step, "epoch": epoch,
                     "batch_in_epoch": batch_in_epoch, "model": self.method.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                     "augment": aug_states, "rng_cpu": rng_states,
                     "probe": self.probe.state_dict() if self.probe is not None else None,
                     "backbone": {k: v.detach().cpu() for k, v in self.method.backbone.state_dict().items()},
-                }, self.path, self.cfg.keep_checkpoints)
+                }, self.path, self.cfg.keep_checkpoints, unreadable=self.unreadable)
+                self.unreadable = {}                # written over by this save
             except ckpt_io.CheckpointError as err:
                 failed = err
         if dist.any_rank(failed is not None):       # every rank stops together
@@ -362,7 +404,7 @@ def _online_probe(cfg, method, loader, device):
     """A linear classifier on the detached pooled features of the last ResNet stage, trained by its
     own SGD step each step (eval/probe.py): top-1 in the logs, a live signal at almost no cost.
     Outside the method and the optimizer: the pretraining numbers do not change with it."""
-    if not cfg.online_probe:
+    if not cfg.online_probe or not has_labels(loader.classes):   # unlabelled: said once at start-up
         return None
     from eval.probe import OnlineProbe
     probe = OnlineProbe(method.backbone.num_features, len(loader.classes)).to(device)
@@ -378,13 +420,16 @@ def _log_closed(log):
         log.close()
 
 
-def _final_eval(cfg, info, backbone, run: _RunDir, log, step: int, epoch: int) -> float:
-    """The exported backbone (torchvision state dict), its kNN accuracy, the curves."""
+def _final_eval(cfg, info, backbone, run: _RunDir, log, step: int, epoch: int, labelled: bool) -> float | None:
+    """The exported backbone (torchvision state dict), its kNN accuracy where the data have labels
+    (None otherwise), the curves: backbone.pt and curves.png are written either way."""
     if info.is_main:
         weights = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
         _write(run.dir / "backbone.pt", lambda: ckpt_io.save_atomic(weights, run.dir / "backbone.pt"))
-    top1 = _knn(cfg, info, backbone)
-    log.knn(step, epoch, top1)
+    top1 = None
+    if labelled:
+        top1 = _knn(cfg, info, backbone)
+        log.knn(step, epoch, top1)
     if info.is_main:
         _plot(run.metrics, run.dir / "curves.png")
     return top1
@@ -410,12 +455,18 @@ def _reduce_logs(logs: dict) -> dict:
     return {k: v if k == "z_std" else dist.all_reduce_mean(v.float()) for k, v in logs.items()}
 
 
-def _check_eval_data(cfg) -> None:
-    """The final evaluation's data must exist before hours of training (eval/data.py)."""
-    if not cfg.final_eval and not cfg.knn_every:
-        return
-    from eval.data import check_eval_data
-    check_eval_data(cfg)
+def _check_eval_data(cfg):
+    """Before hours of training: the final evaluation's data exist and the train and val class
+    lists agree (eval/data.py). An unlabelled train split (a flat folder of photos, one class) ->
+    cfg without the online probe and the kNN monitor, said once; section 9 skips the final kNN."""
+    if cfg.loader == "synthetic" or not (cfg.final_eval or cfg.knn_every or cfg.online_probe):
+        return cfg
+    from eval.data import check_eval_data, unlabelled_note
+    if check_eval_data(cfg):
+        return cfg
+    if dist.rank() == 0:
+        print(f"train.py: {unlabelled_note(cfg)}", flush=True)
+    return dataclasses.replace(cfg, online_probe=False, knn_every=0)
 
 
 def _knn(cfg, info, backbone) -> float:
@@ -495,20 +546,32 @@ class _Logger:
             self.file.close()
 
 
+# curves.png: one panel per entry of PLOTS, every panel by step: (title, ((metrics key, label), ...)).
+# kNN top-1 shares the online probe's panel (top-1 on the same classes), as points at its step.
+PLOTS = (("pretraining loss", (("loss", "loss"),)),
+         ("top-1", (("probe_top1", "online probe"), ("knn_top1", "kNN"))),
+         ("learning rate", (("lr", "lr"),)),
+         ("images/s", (("images_per_s", "images/s"),)))
+
+
+def _curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """metrics.jsonl rows -> {panel title: {label: [(step, value)]}}, the series that have points."""
+    return {title: {label: pts for key, label in series if (pts := [(r["step"], r[key]) for r in rows if key in r])}
+            for title, series in PLOTS}
+
+
 def _plot(metrics_path: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    steps = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    knn = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    if steps:
-        axes[0].plot(*zip(*steps))
-    axes[0].set(xlabel="step", ylabel="loss", title="pretraining loss")
-    if knn:
-        axes[1].plot(*zip(*knn), marker="o")
-    axes[1].set(xlabel="epoch", ylabel="kNN top-1", title="kNN monitor")
+    curves = _curves([json.loads(line) for line in metrics_path.read_text().splitlines() if line])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (title, series) in zip(axes.flat, curves.items()):
+        for label, points in series.items():
+            ax.plot(*zip(*points), label=label, **({"marker": "o", "linestyle": "none"} if label == "kNN" else {}))
+        if len(series) > 1:
+            ax.legend()
+        ax.set(xlabel="step", title=title)
     fig.tight_layout()
     _write(out, lambda: atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100)))
     plt.close(fig)

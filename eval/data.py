@@ -1,6 +1,6 @@
 """Evaluation data through the training loader layer: image folders, .beton files, webdataset shards.
 
-    check_eval_data(cfg)                                   # train.py at start-up: fail before training
+    check_eval_data(cfg) -> labelled                       # train.py at start-up: fail before training
     loader = eval_loader(cfg, info, cfg.val_split)         # resize + center crop, fixed order, one view
     loader = eval_loader(cfg, info, "train", train=True)   # one random resized crop + flip per image
 
@@ -8,6 +8,12 @@ Evaluation reads the split with the loader that `loader=` names, exactly as trai
 torchvision reads <data>/<split>/ (an ImageFolder), ffcv reads <data>/<split>.beton (or ffcv_path
 with "{split}"), dali reads <data>/<split>/ as an ImageFolder or as webdataset shards (index.json).
 `eval_source` is the one place that says which file or folder that is.
+
+Labels: each split numbers its own sorted classes (pipelines/loaders/common.py's folder rules), so
+every evaluation (and train.py before a run) compares the val split's class list with the train
+split's and refuses a difference, naming the classes (`check_labels`). A flat folder of photos (or
+a single class) is unlabelled: train.py pretrains on it without the probe and the kNN, and every
+evaluation refuses it.
 
 Subsets (semi-supervised fine-tuning) are positions in the split's sample list (`sample_names`),
 written as an ImageFolder of links (`materialise_subset`; webdataset and .beton samples are copied
@@ -22,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from masksiam.io import atomic_write, atomic_write_text
 from pipelines.loaders import build_loader
-from pipelines.loaders.common import DataError
+from pipelines.loaders.common import (CLASS_LIST, UNLABELLED, DataError, compare_classes, find_classes, has_labels,
+                                      split_dir)
 
 # what evaluation may read, per loader; synthetic data needs no files
 _FORMATS = {"torchvision": "an ImageFolder <data>/<split>/<class>/<image>",
@@ -81,15 +89,79 @@ def _require(cfg, split: str) -> None:
                         f"data={cfg.data}; loader={cfg.loader} expects {_FORMATS[cfg.loader]})")
 
 
-def check_eval_data(cfg) -> None:
-    """Start-up check for train.py: the splits the kNN monitor and final kNN read exist.
+def split_classes(cfg, split: str) -> list[str]:
+    """The class list cfg.loader will number for `split`, read cheaply before any loader is built:
+    a folder's top level (common.find_classes: the folder rules), a webdataset index, a .beton's
+    sidecar. [UNLABELLED] for a flat folder of photos."""
+    path = eval_source(cfg, split)
+    if path is None:
+        return [str(c) for c in range(1000)]                    # synthetic: labelled, as its loader
+    if cfg.loader == "ffcv":
+        import json
+        sidecar = path.with_name(path.name + ".json")           # convert.py ffcv's report: no FFCV import
+        if sidecar.is_file():
+            return list(json.loads(sidecar.read_text())["classes"])
+        from ffcv.reader import Reader
+        from pipelines.loaders.ffcv_loader import _classes
+        try:
+            reader = Reader(str(path))
+        except Exception as err:  # noqa: BLE001  (FFCV raises IndexError, ValueError... on a bad header)
+            raise DataError(f"cannot read the FFCV file {path}: {type(err).__name__}: {err}") from err
+        return _classes(path, reader)
+    from pipelines.loaders.samples import is_webdataset, read_index
+    return read_index(path)["classes"] if is_webdataset(path) else find_classes(split_dir(cfg.data, split))
 
-    Raises DataError (naming the path and the config keys) when final_eval or knn_every will read
-    a split that is not there, so a run fails before training instead of after it."""
-    if not (cfg.final_eval or cfg.knn_every):
+
+def _unlabelled(path: Path, classes: list[str]) -> str:
+    what = "a flat folder of images, no class folders" if classes == [UNLABELLED] else f"one class, {classes[0]!r}"
+    return f"{path} is unlabelled ({what})"
+
+
+def check_eval_data(cfg) -> bool:
+    """Start-up check for train.py; returns whether the train split is labelled (two classes or
+    more), i.e. whether the online probe and the kNN evaluation can run at all.
+
+    For a labelled run that evaluates (final_eval or knn_every), raises DataError (naming the path
+    and the config keys) when the kNN will read a split that is not there, or when the train and
+    val splits number different classes, so a run fails before training instead of after it."""
+    evaluates = cfg.final_eval or cfg.knn_every
+    if evaluates:
+        check_split(cfg, "train_split", "the kNN memory bank (train_split)")
+    elif not _exists(cfg, eval_source(cfg, cfg.train_split)):
+        return True                         # the training loader names what is missing
+    classes = split_classes(cfg, cfg.train_split)
+    if not has_labels(classes):
+        return False                        # no val split needed: nothing will be evaluated
+    if evaluates:
+        check_split(cfg, "val_split", "the kNN queries (val_split)")
+        _compare(cfg, classes, cfg.val_split)
+    return True
+
+
+def unlabelled_note(cfg) -> str:
+    """The one line train.py prints for an unlabelled train split."""
+    classes = split_classes(cfg, cfg.train_split)
+    return (f"{_unlabelled(eval_source(cfg, cfg.train_split), classes)}: self-supervised pretraining "
+            "only; the online probe and the kNN evaluation are off (they need class folders), "
+            "backbone.pt and curves.png are written as usual")
+
+
+def _compare(cfg, train_classes: list[str], split: str) -> None:
+    compare_classes(train_classes, split_classes(cfg, split), f"{cfg.train_split} ({eval_source(cfg, cfg.train_split)})",
+                    f"{split} ({eval_source(cfg, split)})")
+
+
+def check_labels(cfg, split: str) -> None:
+    """An evaluation reads labelled splits whose class lists agree: raise DataError for an
+    unlabelled split, or one whose classes differ from the train split's (labels would shift)."""
+    if cfg.loader == "synthetic":
         return
-    check_split(cfg, "train_split", "the kNN memory bank (train_split)")
-    check_split(cfg, "val_split", "the kNN queries (val_split)")
+    classes = split_classes(cfg, split)
+    if not has_labels(classes):
+        raise DataError(f"{_unlabelled(eval_source(cfg, split), classes)}: evaluation needs labels, "
+                        f"<split>/<class>/<image> with two classes or more (loader={cfg.loader}, data={cfg.data})")
+    if split != cfg.train_split and _exists(cfg, eval_source(cfg, cfg.train_split)):
+        _compare(cfg, split_classes(cfg, cfg.train_split), split)
 
 
 def detect_loader(cfg, split: str) -> str:
@@ -121,6 +193,7 @@ def eval_loader(cfg, info, split: str, *, train: bool = False, batch_size: int |
     cfg = dataclasses.replace(cfg, batch_size=batch, views=1, max_images=max_images,
                               drop_last=False if not train else cfg.drop_last, crops="")
     _require(cfg, split)
+    check_labels(cfg, split)
     return build_loader(cfg, info, split, train)
 
 
@@ -186,20 +259,23 @@ def materialise_subset(cfg, split: str, indices: np.ndarray, dest: str | Path):
     labels keep their numbers; returns cfg reading it (a .beton's subset through the torchvision
     loader). Rank 0 writes, the others wait for it."""
     from masksiam import dist
+    check_labels(cfg, split)
     root = Path(dest) / split
     if dist.rank() == 0:
         samples = _samples(cfg, split)
         if root.exists():
             shutil.rmtree(root)
-        for c in samples.classes:
-            (root / c).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True)
+        if has_labels(samples.classes):     # the class list, kept where the subset has no image of a class
+            atomic_write_text(root / CLASS_LIST, "".join(c + "\n" for c in samples.classes))
         for i in indices:
             name = samples.names[int(i)]
-            target = root / samples.classes[samples.labels[int(i)]] / Path(name).name
+            target = root / name                     # '<class>/<file>', nested folders kept
+            target.parent.mkdir(parents=True, exist_ok=True)
             source = Path(samples.describe(int(i)))
             if source.is_file():
                 target.symlink_to(source.resolve())
             else:
-                samples.read(int(i)).tofile(target)
+                atomic_write(target, lambda f, data=samples.read(int(i)): f.write(data.tobytes()))
     dist.barrier()
     return dataclasses.replace(cfg, data=str(dest), loader="dali" if cfg.loader == "dali" else "torchvision")

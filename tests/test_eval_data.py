@@ -27,6 +27,8 @@ def _cfg(data, **kw) -> Config:
 def test_missing_val_beton_fails_at_start_up_naming_path_and_keys(tmp_path):
     # the case: loader=ffcv, data=DIR holding only train.beton
     (tmp_path / "train.beton").write_bytes(b"")
+    for split in ("train", "val"):                  # convert.py ffcv's sidecars: the class lists
+        (tmp_path / f"{split}.beton.json").write_text('{"classes": ["a", "b"]}')
     cfg = _cfg(tmp_path, loader="ffcv")
     with pytest.raises(DataError) as err:
         check_eval_data(cfg)

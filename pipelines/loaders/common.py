@@ -11,7 +11,17 @@ Contract (torchvision, DALI and FFCV loaders all meet it):
         batch.labels   # (N,) int64 on info.device: class index from the folder name
         batch.indices  # (N,) int64 on info.device: position of each image in the split's file list
 
-N = cfg.batch_size // world_size. Every view is an independent RandomResizedCrop(S_v, scale_v, ratio)
+N = cfg.batch_size // world_size.
+
+A Batch owns its tensors: it stays valid after the loader hands out the next ones, for as long as
+it is referenced, so a consumer may keep a batch, a view, labels or indices (the kNN bank keeps
+every batch's labels and indices; augment-ahead holds batch k while it asks for k+1). A loader that
+fills reused buffers copies out of them before it yields (FFCV on a CPU device: its ring of
+batches_ahead + 2 host batches is refilled as soon as the next batch is taken); on CUDA every
+loader hands out fresh device memory. tests/test_eval_loaders_equal.py checks it for each loader
+over more batches than any ring holds.
+
+Every view is an independent RandomResizedCrop(S_v, scale_v, ratio)
 plus a horizontal flip with probability flip_prob of the same decoded image, its box drawn by
 LoaderSpec.boxes. Everything after crop and flip (colour, blur, masks, normalisation) belongs to the
 batched augment stage.
@@ -51,6 +61,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 class Batch(NamedTuple):
+    """One batch of a loader; it owns its tensors (valid after the next batch: see the module docstring)."""
     views: list[torch.Tensor]   # V x (N, 3, S_v, S_v) uint8 channels-last, in crop order
     labels: torch.Tensor        # (N,) int64
     indices: torch.Tensor       # (N,) int64
@@ -74,32 +85,142 @@ class DataError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class ImageList:
     root: Path
-    paths: list[str]        # relative to root, sorted: class folder, then file name
+    paths: list[str]        # relative to root, in the folder rules' order (class, then path below it)
     labels: list[int]
-    classes: list[str]
+    classes: list[str]      # [UNLABELLED] for a flat folder
 
     def __len__(self) -> int:
         return len(self.paths)
 
 
-def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
-    """ImageNet's layout: root/<class>/<image>. Deterministic order; max_images > 0 keeps `spread` of them."""
+# ---- the folder rules: the one place that decides which files a split holds ----------------------
+#
+# Every loader, `convert.py validate` and the converters read a folder split through
+# scan_image_folder, so they agree on these rules:
+#   - root/<class>/.../<image>: an ImageFolder. The visible sub-folders of the split are its classes
+#     (sorted); a class holds every image anywhere below its folder (nested sub-folders are read, as
+#     torchvision's ImageFolder does, in its order: sorted(os.walk(followlinks=True))).
+#   - root/<image>: a flat folder of photos (no class folders), the usual input of self-supervised
+#     pretraining: one pseudo-class UNLABELLED, label 0 for every image.
+#   - a split with images beside class folders is refused (which images belong to no class would
+#     be a guess); so is a class folder with no image below it (each split would number its classes
+#     differently), naming it.
+#   - hidden entries are ignored at every level: names starting with '.' (.DS_Store, macOS's
+#     AppleDouble `._photo.jpg`, .thumbnails/, .git/).
+#   - an image is a file whose name ends in IMG_EXTENSIONS (any case), as ImageFolder decides;
+#     other files (.txt, .json, .xml) are ignored.
+#   - CLASS_LIST: a split may list its classes, one per line, in root/.classes (eval/data.py's
+#     materialise_subset writes it so a subset keeps the whole split's label numbers); a listed
+#     class may then have no image.
+
+UNLABELLED = ""              # the pseudo-class of a flat folder: paths are file names, root / "" is root
+CLASS_LIST = ".classes"
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def has_labels(classes: list[str]) -> bool:
+    """Whether a split's class list can be evaluated (kNN, probes): two classes or more. A flat
+    folder's one pseudo-class, or a single class folder, gives every image the same label."""
+    return len(classes) > 1
+
+
+def find_classes(root: str | Path) -> list[str]:
+    """The class list of the split folder `root` by the folder rules: its visible sub-folders,
+    sorted; [UNLABELLED] for a flat folder. Reads the top level only (cheap: train.py compares the
+    train and val lists with it before a run). Raises DataError naming the folder."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
-    paths, labels = [], []
-    for label, cls in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(root / cls)
-                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-        paths += [f"{cls}/{n}" for n in names]
-        labels += [label] * len(names)
+    if (root / CLASS_LIST).is_file():
+        classes = [c for c in (root / CLASS_LIST).read_text().splitlines() if c]
+        if not classes:
+            raise DataError(f"{root / CLASS_LIST} lists no classes")
+        return classes
+    folders, images = [], 0
+    for e in os.scandir(root):
+        if is_hidden(e.name):
+            continue
+        if e.is_dir():
+            folders.append(e.name)
+        elif e.is_file() and is_image_name(e.name):
+            images += 1
+    if folders and images:
+        raise DataError(f"image folder {root} holds {images} images beside class folders "
+                        f"({_some(sorted(folders))}): put every image in a class folder (root/<class>/<image>), "
+                        f"or use a flat folder of images with no sub-folders (root/<image>)")
+    if folders:
+        return sorted(folders)
+    if images:
+        return [UNLABELLED]
+    raise DataError(f"image folder {root} holds no images ({', '.join(IMG_EXTENSIONS)}): expected "
+                    f"root/<class>/<image>, or a flat folder root/<image> for unlabelled photos")
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _images_below(folder: Path) -> list[str]:
+    """Image paths below `folder`, relative to it, in ImageFolder's order (sorted os.walk, then
+    sorted file names), hidden files and folders left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]    # pruned in place: never entered
+        found.append((dirpath, filenames))
+    out = []
+    for dirpath, filenames in sorted(found):
+        rel = os.path.relpath(dirpath, folder)
+        out += [n if rel == "." else f"{rel}/{n}" for n in sorted(filenames) if is_image_name(n)]
+    return out
+
+
+def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
+    """The images of one split folder by the folder rules above: an ImageFolder or a flat folder.
+    Deterministic order; max_images > 0 keeps `spread` of them."""
+    root = Path(root)
+    classes = find_classes(root)
+    paths, labels, empty = [], [], []
+    listed = (root / CLASS_LIST).is_file()
+    if classes == [UNLABELLED]:
+        paths = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
+        labels = [0] * len(paths)
+    else:
+        for label, cls in enumerate(classes):
+            names = _images_below(root / cls) if (root / cls).is_dir() else []
+            if not names:
+                empty.append(cls)
+            paths += [f"{cls}/{n}" for n in names]
+            labels += [label] * len(names)
+    if empty and not listed:
+        raise DataError(f"image folder {root}: class folder{'s' if len(empty) > 1 else ''} {_some(empty)} "
+                        f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(IMG_EXTENSIONS)}); "
+                        "remove or fill it: every split must number the same classes")
     if not paths:
         raise DataError(f"image folder {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
     keep = spread(len(paths), max_images)
     return ImageList(root, [paths[i] for i in keep], [labels[i] for i in keep], classes)
+
+
+def compare_classes(train: list[str], val: list[str], train_name: str, val_name: str) -> None:
+    """Refuse splits whose class lists differ: each numbers its own sorted class folders, so a
+    class missing from one shifts every label after it. Raises DataError naming the classes."""
+    if train == val:
+        return
+    missing = [c for c in train if c not in set(val)]
+    extra = [c for c in val if c not in set(train)]
+    parts = ([f"{val_name} lacks {len(missing)} of the classes of {train_name}: {_some(missing)}"] if missing else []) \
+        + ([f"{val_name} has {len(extra)} classes that {train_name} lacks: {_some(extra)}"] if extra else [])
+    if not parts:
+        parts = ["the same classes in another order"]
+    raise DataError(f"the train and val class lists differ ({'; '.join(parts)}): labels would not match "
+                    "between the splits; give both splits the same class folders")
 
 
 def spread(n: int, max_images: int) -> np.ndarray:

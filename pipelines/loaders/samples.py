@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.loaders.common import IMG_EXTENSIONS, DataError, scan_image_folder, spread
+from pipelines.loaders.common import DataError, is_hidden, scan_image_folder, spread
 
 INDEX = "index.json"
 FORMAT = "masksiam-webdataset"
 
 
 class FolderSamples:
-    """An ImageFolder split (root/<class>/<image>) as a sample source: one file per read."""
+    """A folder split (root/<class>/.../<image>, or a flat root/<image>: the folder rules of
+    common.py) as a sample source: one file per read."""
     format = "imagefolder"
 
     def __init__(self, root: str | Path, max_images: int = 0):
@@ -133,19 +134,34 @@ def is_webdataset(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def is_split(path: str | Path) -> bool:
-    """A webdataset split, or a folder whose sub-folders hold images directly (an ImageFolder)."""
+SPLIT_NAMES = ("train", "val")      # the default train_split / val_split
+
+
+def is_dataset_root(path: str | Path) -> bool:
+    """Whether `path` is a dataset root (one folder per split) rather than one split: it holds a
+    train/ or val/ folder, or a webdataset split. Nested class folders are read (the folder rules,
+    common.py), so root/train/<class>/<image> would otherwise also read as one split of classes
+    "train" and "val"; a flat split root/train/<image> likewise."""
     path = Path(path)
-    if is_webdataset(path):
-        return True
-    for sub in (p for p in path.iterdir() if p.is_dir()) if path.is_dir() else ():
-        if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(sub)):
-            return True
-    return False
+    if not path.is_dir() or is_webdataset(path):
+        return False
+    return any(e.is_dir() and (e.name in SPLIT_NAMES or is_webdataset(e.path))
+               for e in os.scandir(path) if not is_hidden(e.name))
+
+
+def dataset_splits(path: str | Path) -> list[Path]:
+    """The split folders of `path`: itself if it is one split (an ImageFolder, a flat folder or
+    webdataset shards), else its visible sub-folders (is_dataset_root)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist")
+    if not is_dataset_root(path):
+        return [path]
+    return sorted(Path(e.path) for e in os.scandir(path) if e.is_dir() and not is_hidden(e.name))
 
 
 def open_split(path: str | Path, max_images: int = 0) -> FolderSamples | TarSamples:
-    """The sample source at `path`: webdataset shards if it holds index.json, else an ImageFolder."""
+    """The sample source at `path`: webdataset shards if it holds index.json, else a folder split."""
     return TarSamples(path, max_images) if is_webdataset(path) else FolderSamples(path, max_images)
 
 

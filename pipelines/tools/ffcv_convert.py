@@ -1,9 +1,13 @@
-"""`python convert.py ffcv`: an ImageFolder split -> one FFCV .beton file, plus a JSON sidecar.
+"""`python convert.py ffcv`: a folder split -> one FFCV .beton file, plus a JSON sidecar.
 
     python convert.py ffcv --src data/photos/train --out data/photos/train.beton --max-res 256 --quality 90
 
+--src is one split read by the folder rules of pipelines/loaders/common.py (scan_image_folder, as
+every loader): an ImageFolder <class>/.../<image>, or a flat folder of photos <image> (one
+pseudo-class: label 0, classes [""] in the sidecar, and the run is unlabelled).
+
 Fields: image (RGBImageField), label (IntField: class index of the sorted class folders) and index
-(IntField: the image's position in the sorted file list of --src, so a loader can name the source
+(IntField: the image's position in the file list of --src, so a loader can name the source
 file even when bad files were skipped).
 
 Image modes (--mode), as FFCV defines them: jpg (re-encoded at --quality), raw (uint8 pixels: no
@@ -45,6 +49,7 @@ from PIL import Image, ImageOps
 
 from masksiam.io import atomic_write_text
 from pipelines.loaders.common import DataError, scan_image_folder
+from pipelines.loaders.samples import is_dataset_root
 
 HELP = "convert an ImageFolder split into an FFCV .beton (+ FILE.beton.json report)"
 MODES = ("jpg", "raw", "proportion", "smart")
@@ -240,8 +245,8 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
         raise DataError(f"{out} already exists; pass --force to overwrite it")
     if not src.is_dir():
         raise DataError(f"--src {src} is not a folder")
-    if (src / "train").is_dir() and (src / "val").is_dir():
-        raise DataError(f"--src {src} holds train/ and val/: convert one split, e.g. --src {src / 'train'}")
+    if is_dataset_root(src):
+        raise DataError(f"--src {src} holds splits (train/, val/): convert one split, e.g. --src {src / 'train'}")
     images = scan_image_folder(src, max_images)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -331,7 +336,7 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
 # ---- convert.py command -------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("--src", required=True, help="ImageFolder split: SRC/<class>/<image>")
+    p.add_argument("--src", required=True, help="one split: SRC/<class>/<image> or a flat SRC/<image>")
     p.add_argument("--out", required=True, help="output .beton (the report goes to OUT.json)")
     p.add_argument("--mode", default="jpg", choices=MODES, help="how images are stored (default jpg)")
     p.add_argument("--max-res", type=int, default=256, help="cap the longer side (0 = keep)")

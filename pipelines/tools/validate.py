@@ -2,11 +2,15 @@
 
     python convert.py validate DIR [--json OUT] [--workers N]
 
-DIR is a dataset root (train/, val/ inside), one split, an ImageFolder or webdataset shards written
-by `convert.py webdataset`. Every image is read and fully decoded with PIL (what the torchvision
+DIR is a dataset root (train/, val/ inside), one split (an ImageFolder <class>/<image>, a flat
+folder of photos <image>: the folder rules of pipelines/loaders/common.py) or webdataset shards
+written by `convert.py webdataset`. Every image is read and fully decoded with PIL (what the torchvision
 loader does) and its header is walked with the rules of DALI's JPEG parser (nvImageCodec), which is
 stricter than PIL: a stray byte between two JPEG segments is skipped by PIL but fails DALI's whole
-batch. Each bad file is listed with the reason; the exit status is 1 when any is bad.
+batch. Each bad file is listed with the reason; the exit status is 1 when any is bad, or when the
+train and val splits of a dataset root have different class lists. The report also says which
+splits are unlabelled (a flat folder, or one class) and how many photos carry an EXIF orientation,
+and what the loaders do with it (EXIF_NOTE).
 
 The core is reusable by every loader and converter:
 
@@ -28,8 +32,8 @@ from pathlib import Path
 from PIL import Image
 
 from masksiam.io import atomic_write_text
-from pipelines.loaders.common import DataError
-from pipelines.loaders.samples import is_split, open_split
+from pipelines.loaders.common import UNLABELLED, DataError, compare_classes, has_labels
+from pipelines.loaders.samples import dataset_splits, open_split
 
 
 class BadImage(ValueError):
@@ -105,66 +109,103 @@ def image_size(data) -> tuple[int, int]:
         raise BadImage(f"not a readable image: {type(err).__name__}: {err}") from None
 
 
+# What each decoder does with a photo's EXIF orientation tag (phones store pixels sideways and
+# say "rotate 90" in it): validate's report states it.
+EXIF_NOTE = ("not applied when loading: the torchvision loader (PIL) and the DALI loader "
+             "(adjust_orientation=False) both read the pixels as stored, so a photo tagged as rotated "
+             "trains sideways, the same in both; `convert.py ffcv` applies it (its .beton holds upright pixels)")
+
+
+def _inspect(data) -> tuple[str | None, bool]:
+    """(None or why `data` fails to decode, whether its EXIF orientation asks for a rotation or flip)."""
+    try:
+        image_size(data)
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img.convert("RGB")
+            try:
+                rotated = img.getexif().get(0x0112, 1) not in (0, 1)
+            except Exception:  # noqa: BLE001  (unreadable EXIF: the loaders ignore it too)
+                rotated = False
+    except BadImage as err:
+        return str(err), False
+    except Exception as err:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
+        return f"{type(err).__name__}: {err}", False
+    return None, rotated
+
+
 def check_image(data) -> str | None:
     """None if `data` (one encoded image) decodes with both PIL and DALI's header rules, else why not.
 
     The full PIL decode catches truncated and corrupt entropy data; converting to RGB catches modes
     the loaders cannot use.
     """
+    return _inspect(data)[0]
+
+
+def _inspect_sample(samples, i: int) -> tuple[str | None, bool]:
     try:
-        image_size(data)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img.convert("RGB")
-    except BadImage as err:
-        return str(err)
-    except Exception as err:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
-        return f"{type(err).__name__}: {err}"
-    return None
+        data = samples.read(i)
+    except OSError as err:
+        return f"unreadable: {err}", False
+    return _inspect(data)
 
 
 def check_sample(samples, i: int) -> str | None:
     """check_image on sample i of a source (see pipelines/tools/webdataset.py); read errors are reasons too."""
-    try:
-        data = samples.read(i)
-    except OSError as err:
-        return f"unreadable: {err}"
-    return check_image(data)
+    return _inspect_sample(samples, i)[0]
 
 
-def find_bad(samples, workers: int = 4, progress=None) -> list[tuple[int, str]]:
-    """[(index, reason)] for every bad sample of `samples`, in index order.
+def inspect_all(samples, workers: int = 4, progress=None) -> tuple[list[tuple[int, str]], int]:
+    """([(index, reason)] for every bad sample of `samples`, in index order; how many good ones
+    carry an EXIF rotation).
 
     Threads suffice: reading and PIL's decoder release the GIL. Work goes out in chunks so that a
     million-image folder is never held in memory at once.
     """
-    bad, chunk = [], 64 * max(1, workers)
+    bad, rotated, chunk = [], 0, 64 * max(1, workers)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for start in range(0, len(samples), chunk):
             ids = range(start, min(start + chunk, len(samples)))
-            for i, reason in zip(ids, pool.map(lambda i: check_sample(samples, i), ids)):
+            for i, (reason, turned) in zip(ids, pool.map(lambda i: _inspect_sample(samples, i), ids)):
                 if reason is not None:
                     bad.append((i, reason))
+                rotated += turned
             if progress:
                 progress(ids.stop, len(bad))
-    return bad
+    return bad, rotated
+
+
+def find_bad(samples, workers: int = 4, progress=None) -> list[tuple[int, str]]:
+    """[(index, reason)] for every bad sample of `samples`, in index order (inspect_all)."""
+    return inspect_all(samples, workers, progress)[0]
 
 
 def find_splits(path: Path) -> list[Path]:
-    """The split folders under `path`: itself if it is one (ImageFolder or webdataset), else its
-    sub-folders that are."""
-    if is_split(path):
-        return [path]
-    splits = sorted(p for p in path.iterdir() if p.is_dir() and is_split(p)) if path.is_dir() else []
-    if not splits:
-        raise DataError(f"{path} holds no images: expected <split>/<class>/<image>, <class>/<image> "
-                        "or webdataset shards (index.json) from `convert.py webdataset`")
-    return splits
+    """The split folders under `path` (samples.dataset_splits: itself if it is one split, else its
+    sub-folders when it holds train/ or val/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist (expected a dataset root with train/ and val/, one split "
+                        "folder <class>/<image> or <image>, or webdataset shards from `convert.py webdataset`)")
+    return dataset_splits(path)
+
+
+def class_mismatch(report: dict) -> str | None:
+    """Why the train and val splits of a validated dataset root cannot be evaluated together, or None."""
+    splits = report["splits"]
+    if "train" not in splits or "val" not in splits or not splits["train"]["labelled"]:
+        return None
+    try:
+        compare_classes(splits["train"]["classes"], splits["val"]["classes"], "train", "val")
+    except DataError as err:
+        return str(err)
+    return None
 
 
 def validate(path: str | Path, workers: int = 4, verbose: bool = True) -> dict:
     """Check every image under `path`; returns the report (counts and bad files per split)."""
-    report = {"path": str(path), "splits": {}, "checked": 0, "bad": 0}
+    report = {"path": str(path), "splits": {}, "checked": 0, "bad": 0, "exif_orientation": EXIF_NOTE}
     for split in find_splits(Path(path)):
         samples = open_split(split)
         start = time.perf_counter()
@@ -173,20 +214,32 @@ def validate(path: str | Path, workers: int = 4, verbose: bool = True) -> dict:
             if verbose and sys.stderr.isatty():
                 print(f"\r  {name}: {done}/{total} checked, {nbad} bad", end="", file=sys.stderr, flush=True)
 
-        bad = find_bad(samples, workers, progress)
+        bad, rotated = inspect_all(samples, workers, progress)
         if verbose and sys.stderr.isatty():
             print(file=sys.stderr)
         seconds = time.perf_counter() - start
+        labelled = has_labels(samples.classes)
         report["splits"][split.name] = {
             "path": str(split), "format": samples.format, "checked": len(samples), "bad": len(bad),
+            "classes": list(samples.classes), "labelled": labelled, "exif_rotated": rotated,
             "seconds": round(seconds, 2),
             "bad_files": [{"file": samples.describe(i), "reason": reason} for i, reason in bad]}
         report["checked"] += len(samples)
         report["bad"] += len(bad)
         if verbose:
-            print(f"{split}: {len(samples)} images ({samples.format}) checked in {seconds:.1f} s, {len(bad)} bad")
+            kind = (f"{len(samples.classes)} classes" if labelled else
+                    "unlabelled: a flat folder, one pseudo-class" if samples.classes == [UNLABELLED] else
+                    "one class: unlabelled for evaluation")
+            print(f"{split}: {len(samples)} images ({samples.format}, {kind}) checked in {seconds:.1f} s, "
+                  f"{len(bad)} bad, {rotated} with an EXIF orientation")
             for i, reason in bad:
                 print(f"  BAD {samples.describe(i)}: {reason}")
+    report["class_mismatch"] = class_mismatch(report)
+    if verbose:
+        if report["class_mismatch"]:
+            print(f"PROBLEM {report['class_mismatch']}")
+        if any(s["exif_rotated"] for s in report["splits"].values()):
+            print(f"EXIF orientation: {EXIF_NOTE}")
     return report
 
 
@@ -200,8 +253,9 @@ def run(args) -> int:
     report = validate(args.path, args.workers)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))
-    print(f"{report['checked']} images checked, {report['bad']} bad")
-    return 1 if report["bad"] else 0
+    print(f"{report['checked']} images checked, {report['bad']} bad"
+          + ("; the train and val class lists differ" if report["class_mismatch"] else ""))
+    return 1 if report["bad"] or report["class_mismatch"] else 0
 
 
 COMMANDS = {"validate": ("find corrupt or unreadable images (PIL decode + DALI header rules)", add_arguments, run)}

@@ -12,8 +12,11 @@ Layout written (one folder per split of --src; the folder, not the files, is wha
     OUT/<split>/shard-000000.idx    DALI's wds2idx index ("v1.2 N", then "ext offset size name ..."
                                     per sample), so fn.readers.webdataset can read the shards too
 
-<key> is the image's ImageFolder path without extension, "<class>/<stem>" ('.' and whitespace in it
-become '_': webdataset splits keys at the first dot, DALI's index at spaces). .cls holds the label
+<key> is the image's path in its split without extension: "<class>/<stem>", "<class>/<sub>/<stem>"
+for nested folders, "<stem>" for a flat folder of photos (the folder rules of
+pipelines/loaders/common.py decide which files a split holds; a flat folder is one pseudo-class,
+label 0, classes [""]). '.' and whitespace in it become '_': webdataset splits keys at the first
+dot, DALI's index at spaces. .cls holds the label
 as ASCII digits. Shards keep the ImageFolder order and images are stored byte for byte, so sample i
 of a webdataset split is image i of the folder (minus files found corrupt, listed under
 "skipped"): every loader sees the same images per rank and epoch whichever format it reads. Tar
@@ -40,7 +43,7 @@ from pipelines.tools.validate import check_image, find_splits
 # ---- conversion --------------------------------------------------------------------------------
 
 def _key(path: str) -> tuple[str, str]:
-    """ImageFolder path "cls/name.JPEG" -> (key "cls/name", member extension "jpg")."""
+    """Split path "cls/name.JPEG" -> (key "cls/name", member extension "jpg")."""
     stem, ext = os.path.splitext(path)
     ext = ext[1:].lower()
     return re.sub(r"[.\s]", "_", stem), "jpg" if ext in ("jpg", "jpeg") else ext
@@ -81,7 +84,7 @@ def _write_shard(path: Path, samples: list[tuple[str, str, int, bytes]]) -> int:
 
 def convert_split(src: Path, out: Path, shard_size: int, workers: int, on_bad: str,
                   verbose: bool = True) -> dict:
-    """One ImageFolder split -> shards + index in `out`. Every image is checked first
+    """One folder split (ImageFolder or flat) -> shards + index in `out`. Every image is checked first
     (pipelines.tools.validate: PIL decode + DALI header rules); bad ones are skipped and listed, or stop
     the conversion with on_bad="fail"."""
     from concurrent.futures import ThreadPoolExecutor
@@ -135,14 +138,13 @@ def convert_split(src: Path, out: Path, shard_size: int, workers: int, on_bad: s
         raise DataError(f"{src}: no readable images to convert")
     meta = {"format": FORMAT, "version": 1, "source": str(src), "classes": folder.classes,
             "num_samples": count, "shard_size": shard_size, "shards": shards, "skipped": skipped}
-    with open(out / INDEX, "w") as f:
-        json.dump(meta, f)
+    atomic_write_text(out / INDEX, json.dumps(meta))
     return {"images": count, "skipped": len(skipped), "shards": len(shards), "bytes": total_bytes}
 
 
 def convert(src: str | Path, out: str | Path, shard_size: int, workers: int = 4, on_bad: str = "skip",
             force: bool = False, verbose: bool = True) -> dict:
-    """Every split of `src` (or `src` itself if it is one ImageFolder split, written as OUT/<name>)
+    """Every split of `src` (or `src` itself if it is one split, written as OUT/<name>: find_splits)
     into webdataset shards under `out`, built in a temporary folder and renamed into place."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
@@ -163,7 +165,7 @@ def convert(src: str | Path, out: str | Path, shard_size: int, workers: int = 4,
             if verbose:
                 print(f"{split} -> {out / split.name}: {s['images']} images in {s['shards']} shards, "
                       f"{s['bytes'] / 2**20:.1f} MiB, {s['skipped']} skipped, {time.perf_counter() - start:.1f} s")
-        (tmp / ".complete").write_text(json.dumps(summary) + "\n")
+        atomic_write_text(tmp / ".complete", json.dumps(summary) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
