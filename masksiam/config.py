@@ -32,10 +32,12 @@ class ConfigError(UserError, ValueError):
 class Config:
     # ---- run ------------------------------------------------------------------------------------
     out_dir: str = "runs"                  # runs are written to out_dir/run_name/
-    run_name: str = ""                     # "" = <method>-<arch>-<timestamp>
+    run_name: str = ""                     # "" = a new run <method>-<arch>-<YYYYmmdd-HHMMSS> (under torchrun:
+                                           # its rdzv id instead of the time); resume=true needs the name
     seed: int = 0
     resume: bool = False                   # continue from run_dir/checkpoint.pt when it exists
-    log_every: int = 20                    # steps between metric logs (the only host syncs)
+    log_every: int = 20                    # steps between metric logs (the only host syncs), and the
+                                           # last step of each epoch and of the run
     ckpt_every: int = 1                    # epochs between checkpoints and at the end (0 = never: benchmarks)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = no limit)
     progress: bool = True                  # progress bar on rank 0
@@ -131,6 +133,30 @@ class Config:
     knn_max_train: int = 0                 # cap the kNN memory bank (0 = whole train split)
     knn_max_val: int = 0
     eval_size: int = 0                     # kNN input size (0 = size)
+
+
+# What a resume may change: where the run is written and how it logs and checkpoints, how fast
+# the data is read, and the evaluation. Every other key decides the steps themselves (the loader's
+# order and position, the lr schedule, augmentation, model, optimizer): a resume that changes one
+# is refused, naming it. The data may move (data, train_split, ffcv_path): the checkpoint records
+# the training images (number and names) and the world size, and those must match instead.
+RESUME_MAY_CHANGE = frozenset({
+    "out_dir", "run_name", "resume", "log_every", "ckpt_every", "max_steps", "progress", "max_bad_steps",
+    "keep_checkpoints",
+    "data", "train_split", "val_split", "ffcv_path", "workers", "prefetch", "bad_images", "max_bad_images",
+    "dali_device", "ffcv_os_cache", "compile",
+    "online_probe", "knn_every", "final_eval", "knn_k", "knn_t", "knn_max_train", "knn_max_val", "eval_size",
+    "highpass_eval",
+})
+
+
+def resume_changes(saved: dict[str, Any], cfg: "Config") -> list[str]:
+    """The keys of `cfg` that differ from the checkpoint's config `saved` (to_dict) and may not
+    change on resume, as "key=saved (this run: value)". Keys the checkpoint does not know (added
+    since it was written) are not compared."""
+    now = to_dict(cfg)
+    return [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in now.items()
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
 
 
 def valid_keys() -> list[str]:

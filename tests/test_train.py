@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def test_training_lowers_the_loss_and_writes_the_run(image_folder, tmp_path):
         assert (run / name).exists(), name
     info = json.loads((run / "run_info.json").read_text())
     assert info["packages"]["torch"] and "sha" in info["git"]
+    # curves.png: every panel by step; the final kNN a point at the last step, beside the probe's top-1
+    curves = train._curves(_metrics(run))
+    assert curves["top-1"]["kNN"] == [(21, res["knn_top1"])]
+    assert [len(curves[t][k]) for t, k in [("pretraining loss", "loss"), ("top-1", "online probe"),
+                                            ("learning rate", "lr"), ("images/s", "images/s")]] == [21] * 4
     # the exported backbone loads into a stock torchvision-layout model of the same shape
     from models.resnet import build_backbone, load_backbone_state
     load_backbone_state(build_backbone("resnet10", small_stem=True, width=8),
@@ -249,3 +255,18 @@ def test_an_odd_batch_on_the_cpu_trains(image_folder, tmp_path):
     res = train.main(_args(image_folder, tmp_path, "odd", "arch=resnet18", "stem=imagenet", "size=32",
                            "batch_size=7", "drop_last=false", "epochs=1", "final_eval=false"))
     assert res["step"] == 4 and res["exit"] == "finished"          # 7 + 7 + 7 + 3 of 24 images
+
+
+def test_steps_after_the_last_log_every_boundary_are_logged(image_folder, tmp_path):
+    """A 5-step run (6 steps per epoch at batch 4) with log_every=10 logs its one interval at step 5."""
+    res = train.main(_args(image_folder, tmp_path, "short", "batch_size=4", "epochs=1", "max_steps=5",
+                           "log_every=10", "final_eval=false"))
+    rows = _metrics(Path(res["run_dir"]))
+    assert [r["step"] for r in rows] == [5] and rows[0]["loss"] > 0 and "probe_top1" in rows[0]
+
+
+def test_help_names_only_configs_that_exist(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    named = re.findall(r"configs/[\w.-]+\.yaml", capsys.readouterr().out)
+    assert named and all((REPO / c).is_file() for c in named), named
