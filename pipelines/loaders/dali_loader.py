@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.loaders.common import Batch, DataError, replacement, split_dir, to_device_views
+from pipelines.loaders.crop_draws import batch_boxes
 from pipelines.tools.validate import BadImage, check_image, image_size
 from pipelines.loaders.samples import open_split
 from pipelines.loaders.spec import LoaderSpec, check_bad, eval_short_side
@@ -98,14 +99,15 @@ class _Plan(NamedTuple):
     bad: list                    # (file, reason) of the images replaced in this batch
 
 
-def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+def eval_box(height, width, size: int) -> np.ndarray:
     """torchvision_loader.eval_transform as a box in source pixels: resizing the short side to
-    size/0.875 (`size` below 64 px) and cutting the central size x size is resizing this box."""
-    short = eval_short_side(size)
-    scale = short / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    size/0.875 (`size` below 64 px) and cutting the central size x size is resizing this box.
+    height, width: ints or (n,) arrays -> (..., 4) float64 top, left, box height, box width."""
+    height, width = np.asarray(height, np.float64), np.asarray(width, np.float64)
+    scale = eval_short_side(size) / np.minimum(width, height)
+    new_w, new_h = np.maximum(size, np.rint(width * scale)), np.maximum(size, np.rint(height * scale))
     sy, sx = height / new_h, width / new_w
-    return (new_h - size) // 2 * sy, (new_w - size) // 2 * sx, size * sy, size * sx
+    return np.stack([(new_h - size) // 2 * sy, (new_w - size) // 2 * sx, size * sy, size * sx], -1)
 
 
 # the call behind F.interpolate(mode="bilinear", antialias=True), with out=: it resizes straight into
@@ -177,6 +179,7 @@ class DaliLoader:
         self.epoch, self.start_batch = 0, 0
         self.bad_images: list[str] = []  # the contract's "file: reason" list (bad_images=skip)
         self._bad: dict[int, str] = {}   # index -> reason: unusable, found on the host or by DALI
+        self._sizes = np.zeros((len(samples), 2), np.int64)  # (H, W) per sample from its header, 0 = not read yet
         # replacements stay in an image's group: its class folder, or its shard of a webdataset
         self.groups = np.asarray(samples.shard_of if samples.format == "webdataset" else samples.labels)
         # reads and host crops. One intra-op thread each (a per-thread setting; the training thread
@@ -223,9 +226,9 @@ class DaliLoader:
             self._drain()
 
     # ---- host side -------------------------------------------------------------------------------
-    def _plan_sample(self, epoch: int, index: int):
-        """Read sample `index`, draw its crops -> (index used, encoded, (V, 5) boxes top, left, h, w,
-        flip in source pixels (train=False: the whole image's eval box, fractional), (h, w), bad).
+    def _read_sample(self, index: int):
+        """Read sample `index` -> (index used, encoded bytes, bad). Its (H, W) header is parsed once
+        per loader and kept in self._sizes, not once per epoch.
 
         An image that cannot be read, whose header is unusable or that DALI failed to decode before
         (self._bad) is replaced under bad_images=skip by common.replacement, as every loader does;
@@ -240,7 +243,8 @@ class DaliLoader:
             if reason is None:
                 try:
                     data = self.samples.read(candidate)
-                    height, width = image_size(data)
+                    if self._sizes[candidate, 0] == 0:
+                        self._sizes[candidate] = image_size(data)
                 except (OSError, BadImage) as err:
                     reason = self._bad[candidate] = str(err)
             if reason is not None:
@@ -248,27 +252,28 @@ class DaliLoader:
                     check_bad(self.spec, [], self.samples.describe(candidate), reason)  # raises DataError
                 bad.append((self.samples.describe(candidate), reason))
                 continue
-            if not self.train:
-                return candidate, data, [(*eval_box(height, width, self.sizes[0]), 0.0)], (height, width), bad
-            # (V, 5): the crops every loader draws for this sample
-            return candidate, data, self.spec.boxes(epoch, candidate, height, width), (height, width), bad
+            return candidate, data, bad
         raise DataError(f"every image of the group of {self.samples.describe(index)} (its class folder or "
                         "shard) is unusable: " + "; ".join(f"{f}: {r}" for f, r in bad[:5]))
 
     def _plan_batch(self, epoch: int, indices: np.ndarray) -> _Plan:
-        """Read and plan one batch: reads, headers and crop draws over the pool (one run of samples
-        per thread), then each image's decode window for the whole batch at once."""
-        parts = self._pool.map(lambda part: [self._plan_sample(epoch, int(indices[k])) for k in part],
+        """Read and plan one batch: reads (and first-time headers) over the pool, one run of samples
+        per thread; then the crop draws (crop_draws.batch_boxes: spec.boxes for the whole batch in
+        one vectorised call) and each image's decode window, for the whole batch at once."""
+        parts = self._pool.map(lambda part: [self._read_sample(int(indices[k])) for k in part],
                                _parts(len(indices), self.threads))
-        used, encoded, boxes, sizes, bad = zip(*(sample for part in parts for sample in part))
+        used, encoded, bad = zip(*(sample for part in parts for sample in part))
         job, indices = (epoch, indices), np.asarray(used, np.int64)
-        boxes = np.asarray(boxes, np.float64)                              # (n, V, 5)
-        if self.train:  # the window: the union of the V boxes, the only region decoded
+        heights, widths = self._sizes[indices].T                           # each (n,)
+        if self.train:  # (n, V, 5) top, left, h, w, flip in source pixels: the crops every loader draws
+            boxes = batch_boxes(self.spec, epoch, indices, heights, widths).astype(np.float64)
+            # the window: the union of the V boxes, the only region decoded
             y0, x0 = boxes[:, :, 0].min(1), boxes[:, :, 1].min(1)
             y1, x1 = (boxes[:, :, 0] + boxes[:, :, 2]).max(1), (boxes[:, :, 1] + boxes[:, :, 3]).max(1)
-        else:           # the whole image
+        else:           # one view, the eval crop as a fractional box, never flipped; the whole image decoded
+            boxes = np.concatenate([eval_box(heights, widths, self.sizes[0]), np.zeros((len(indices), 1))], 1)[:, None]
             y0 = x0 = np.zeros(len(indices))
-            y1, x1 = np.asarray(sizes, np.float64).T
+            y1, x1 = heights.astype(np.float64), widths.astype(np.float64)
         windows = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.int32)  # (n, 4) x, y, w, h
         boxes[:, :, 0] -= y0[:, None]
         boxes[:, :, 1] -= x0[:, None]
@@ -317,7 +322,7 @@ class DaliLoader:
                 _Source(self), num_outputs=5 + (2 * self.views if self.crop_in_dali else 0), batch=True, no_copy=True)
             images = fn.decoders.image_slice(  # (h, w, 3) uint8 windows, HWC
                 encoded, start=start, shape=shape, axis_names="WH", output_type=types.RGB,
-                adjust_orientation=False,  # the boxes are in stored pixels, as PIL (no EXIF transpose)
+                adjust_orientation=True,  # upright, as every loader; the boxes are in upright pixels (image_size)
                 device="mixed" if self.decoder == "mixed" else "cpu",
                 **(MIXED_DECODER_ARGS if self.decoder == "mixed" else {}))
             if not self.crop_in_dali:
