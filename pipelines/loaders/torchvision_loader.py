@@ -19,13 +19,17 @@ from PIL import Image, UnidentifiedImageError
 from pipelines.loaders.common import (Batch, DataError, ImageList, replacement, scan_image_folder, split_dir,
                                       to_device_views)
 from pipelines.loaders.spec import LoaderSpec, check_bad, eval_short_side
+from pipelines.tools.validate import upright
 
 
 def decode_rgb(path) -> Image.Image:
-    """Open and fully decode one image as RGB (CMYK, grayscale, palette and alpha are converted)."""
+    """Open and fully decode one image as RGB (CMYK, grayscale, palette and alpha are converted),
+    upright: its EXIF orientation applied, as every loader does (pipelines/tools/validate.py's
+    EXIF_NOTE; image_size gives the same upright size from the header)."""
     try:
         with Image.open(path) as img:
             img.load()
+            upright(img)
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from err

@@ -16,7 +16,8 @@ image from --seed so a conversion is reproducible), smart (raw unless the raw pi
 --smart-threshold bytes). --max-res caps the longer side (cv2 INTER_AREA, as FFCV resizes).
 
 Odd inputs are converted, not fatal. Every file is decoded by Pillow, which reads the format from
-the content (a PNG named .jpg works); EXIF orientation is applied; CMYK, grayscale, palette, 16-bit
+the content (a PNG named .jpg works); a JPEG's EXIF orientation is applied, as every loader
+applies it (pipelines/tools/validate.py: EXIF_NOTE); CMYK, grayscale, palette, 16-bit
 and float images become 8-bit RGB (colour profiles are ignored); transparency is composited on
 white. A file that cannot be fully decoded (truncated, corrupt, not an image, over Pillow's
 decompression-bomb limit) is skipped and listed with its reason in the sidecar and on stderr.
@@ -45,11 +46,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from PIL import Image, ImageOps
+from PIL import Image
 
 from masksiam.io import atomic_write_text
 from pipelines.loaders.common import DataError, scan_image_folder
 from pipelines.loaders.samples import is_dataset_root
+from pipelines.tools.validate import upright
 
 HELP = "convert an ImageFolder split into an FFCV .beton (+ FILE.beton.json report)"
 MODES = ("jpg", "raw", "proportion", "smart")
@@ -86,13 +88,9 @@ def load_rgb(path: str | Path) -> tuple[np.ndarray, dict]:
         warnings.simplefilter("ignore")          # Pillow's EXIF/ICC chatter; real errors still raise
         with Image.open(path) as img:
             img.load()                           # the whole file: truncation and corruption raise here
-            notes = {"format": img.format, "mode": img.mode, "rotated": False}
-            try:
-                notes["rotated"] = img.getexif().get(0x0112, 1) not in (0, 1)
-                upright = ImageOps.exif_transpose(img)
-            except Exception:                    # unreadable EXIF: keep the stored orientation
-                notes["rotated"], upright = False, img
-            rgb = np.asarray(_to_rgb(upright))
+            notes = {"format": img.format, "mode": img.mode}
+            notes["rotated"] = upright(img)      # a JPEG's EXIF orientation, as every loader applies it
+            rgb = np.asarray(_to_rgb(img))
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ValueError(f"decoded to an unusable array of shape {rgb.shape}")
     return rgb, notes

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from masksiam.io import atomic_write_text
 from pipelines.loaders.common import UNLABELLED, DataError, compare_classes, has_labels
@@ -52,7 +52,7 @@ def _jpeg_size(buf: memoryview) -> tuple[int, int]:
     marker byte that is not 0x00, and its length must stay inside the file. PIL tolerates junk
     between segments; DALI fails with "Invalid marker", so that is reported here.
     """
-    n, pos, size = len(buf), 2, None
+    n, pos, size, orientation = len(buf), 2, None, None
     while True:
         if pos + 2 > n:
             raise BadImage("JPEG ends before its scan data (truncated header)")
@@ -73,6 +73,8 @@ def _jpeg_size(buf: memoryview) -> tuple[int, int]:
         length = buf[pos + 2] << 8 | buf[pos + 3]
         if length < 2 or pos + 2 + length > n:
             raise BadImage(f"JPEG segment 0xFF{marker:02X} at byte {pos} runs past the end of the file (truncated)")
+        if marker == _APP1 and orientation is None and bytes(buf[pos + 4:pos + 10]) == b"Exif\x00\x00":
+            orientation = _exif_orientation(buf[pos + 4:pos + 2 + length])   # the first Exif block, as PIL
         if marker in _SOF_MARKERS:
             if length < 8:
                 raise BadImage("JPEG frame header (SOF) is too short")
@@ -86,12 +88,40 @@ def _jpeg_size(buf: memoryview) -> tuple[int, int]:
         raise BadImage("JPEG has no frame header (SOF) before its scan data")
     if size[0] == 0 or size[1] == 0:
         raise BadImage(f"JPEG frame header says {size[1]}x{size[0]} pixels")
-    return size
+    return (size[1], size[0]) if orientation in _TRANSPOSED else size
+
+
+_TRANSPOSED = (5, 6, 7, 8)          # EXIF orientations that swap height and width (90 / 270 degrees)
+
+
+def _exif_orientation(payload: memoryview) -> int:
+    """The orientation tag (0x0112) of an APP1 Exif payload's first IFD: 1..8, 1 when absent or
+    unreadable (then no decoder applies one either)."""
+    if bytes(payload[:6]) != b"Exif\x00\x00" or len(payload) < 14:
+        return 1
+    tiff = payload[6:]
+    order = {b"II": "<", b"MM": ">"}.get(bytes(tiff[:2]))
+    if order is None:
+        return 1
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
+        if tag == 0x0112 and kind == 3:                              # SHORT, stored left-justified
+            (value,) = struct.unpack(order + "H", tiff[entry + 8:entry + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def image_size(data) -> tuple[int, int]:
-    """(height, width) of an encoded image as stored (EXIF orientation is not applied, as in the
-    loaders), from its header alone. Raises BadImage if the header is unusable."""
+    """(height, width) of an encoded image upright, from its header alone: a JPEG's EXIF
+    orientation is applied (swapped for 90 / 270 degrees), as every loader applies it (EXIF_NOTE).
+    Raises BadImage if the header is unusable."""
     buf = memoryview(data).cast("B")
     if len(buf) == 0:
         raise BadImage("empty file")
@@ -110,10 +140,28 @@ def image_size(data) -> tuple[int, int]:
 
 
 # What each decoder does with a photo's EXIF orientation tag (phones store pixels sideways and
-# say "rotate 90" in it): validate's report states it.
-EXIF_NOTE = ("not applied when loading: the torchvision loader (PIL) and the DALI loader "
-             "(adjust_orientation=False) both read the pixels as stored, so a photo tagged as rotated "
-             "trains sideways, the same in both; `convert.py ffcv` applies it (its .beton holds upright pixels)")
+# say "rotate 90" in it): validate's report states it. One rule, three decoders: `upright` (PIL:
+# the torchvision loader, convert.py ffcv), DALI's adjust_orientation=True, and image_size, which
+# gives DALI's crop planning the upright size from the header.
+EXIF_NOTE = ("applied to JPEG files by every loader (torchvision and convert.py ffcv: PIL's "
+             "exif_transpose; DALI: adjust_orientation), so crops are drawn on the upright photo; "
+             "other formats (PNG, TIFF, WebP) are read as stored, as DALI reads them")
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+
+def upright(img: Image.Image) -> bool:
+    """Apply a JPEG's EXIF orientation to the decoded `img` in place, as DALI's decoder does; other
+    formats stay as stored (Pillow alone would also turn a PNG by its eXIf chunk or XMP). Returns
+    whether it turned the image; an unreadable EXIF block leaves it as stored, as DALI does."""
+    if img.format not in _JPEG_FORMATS:
+        return False
+    try:
+        if img.getexif().get(0x0112, 1) in (0, 1):
+            return False
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001  (Pillow's EXIF parser raises many types on corrupt blocks)
+        return False
+    return True
 
 
 def _inspect(data) -> tuple[str | None, bool]:
@@ -123,10 +171,7 @@ def _inspect(data) -> tuple[str | None, bool]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             img.convert("RGB")
-            try:
-                rotated = img.getexif().get(0x0112, 1) not in (0, 1)
-            except Exception:  # noqa: BLE001  (unreadable EXIF: the loaders ignore it too)
-                rotated = False
+            rotated = upright(img)
     except BadImage as err:
         return str(err), False
     except Exception as err:  # noqa: BLE001  (PIL raises OSError, SyntaxError, struct.error, ...)
