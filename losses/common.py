@@ -18,6 +18,7 @@ Conventions every method follows (tests/test_losses.py and tests/test_dist_losse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -86,12 +87,115 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
+# The backward of a loss runs later, in loss.backward(), outside _no_tf32: without more, its matmuls
+# (the transposes of the forward's) would run in TF32. Two identity autograd Functions fence the
+# loss's graph: _EnterLossBackward on its outputs runs first in the backward (it turns TF32 off),
+# _ExitLossBackward on its inputs runs once every gradient of the loss's graph reached them (it
+# restores the flag), so the network's backward keeps TF32. Fences nest (a loss calling another
+# pure loss): one depth count, the flag saved at the outermost. Should the exit never run (a
+# backward asked for gradients of the loss's inner tensors only), a callback at the end of the
+# backward pass restores it. Other branches the engine runs in between (an online probe's backward)
+# run without TF32: more precise, not less.
+_FENCE = {"depth": 0, "saved": False}
+
+
+def _enter_backward() -> None:
+    if _FENCE["depth"] == 0:
+        _FENCE["saved"] = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with contextlib.suppress(Exception):       # only inside a backward pass, which this is
+            torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+    _FENCE["depth"] += 1
+
+
+def _exit_backward() -> None:
+    if _FENCE["depth"] > 0:
+        _FENCE["depth"] -= 1
+        if _FENCE["depth"] == 0:
+            torch.backends.cuda.matmul.allow_tf32 = _FENCE["saved"]
+
+
+def _end_of_backward() -> None:
+    if _FENCE["depth"] > 0:
+        _FENCE["depth"] = 0
+        torch.backends.cuda.matmul.allow_tf32 = _FENCE["saved"]
+
+
+class _EnterLossBackward(torch.autograd.Function):
+    """Identity on the loss's outputs; its backward turns TF32 off for the loss's backward."""
+    @staticmethod
+    def forward(ctx, *ts):
+        ctx.set_materialize_grads(False)        # an unused input gets no gradient, not zeros
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _enter_backward()
+        return grads
+
+
+class _ExitLossBackward(torch.autograd.Function):
+    """Identity on the loss's inputs; its backward (after the whole loss graph's) restores TF32."""
+    @staticmethod
+    def forward(ctx, *ts):
+        ctx.set_materialize_grads(False)        # an unused input gets no gradient, not zeros
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _exit_backward()
+        return grads
+
+
+def _differentiable(obj) -> list[torch.Tensor]:
+    """The tensors that require grad in a loss's arguments or results (tensors, lists, tuples,
+    dicts, dataclasses such as Embeddings)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.requires_grad else []
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _differentiable(v)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _differentiable(v)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _differentiable(getattr(obj, f.name))]
+    return []
+
+
+def _replace(obj, new: dict[int, torch.Tensor]):
+    """obj with each tensor t replaced by new[id(t)] where present (same nesting as _differentiable)."""
+    if isinstance(obj, torch.Tensor):
+        return new.get(id(obj), obj)
+    if isinstance(obj, list):
+        return [_replace(v, new) for v in obj]
+    if isinstance(obj, tuple):
+        return type(obj)(*(_replace(v, new) for v in obj)) if hasattr(obj, "_fields") \
+            else tuple(_replace(v, new) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _replace(v, new) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _replace(getattr(obj, f.name), new)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _fence(fn_class, obj):
+    """obj with its differentiable tensors passed through one fn_class (one node for all of them,
+    so that its backward runs once, when all their gradients are in)."""
+    ts = list({id(t): t for t in _differentiable(obj)}.values())
+    if not ts or not torch.is_grad_enabled():
+        return obj
+    return _replace(obj, {id(t): o for t, o in zip(ts, fn_class.apply(*ts))})
+
+
 def full_precision(fn):
-    """Run a pure loss with autocast and TF32 off, whatever context the method is called from."""
+    """Run a pure loss with autocast and TF32 off, whatever context the method is called from, and
+    its backward with TF32 off too (the fences above)."""
     @functools.wraps(fn)
     def run(first, *args, **kwargs):
+        first, args, kwargs = _fence(_ExitLossBackward, (first, args, kwargs))
         with torch.autocast(_device_type(first), enabled=False), _no_tf32():
-            return fn(first, *args, **kwargs)
+            result = fn(first, *args, **kwargs)
+        return _fence(_EnterLossBackward, result)
     return run
 
 
