@@ -3,7 +3,9 @@
 The augment stage draws the mask (recipe `simmim`: 32 px patches, ratio 0.6; out.mim_masks[0],
 (N, H/p, W/p), True = masked). The encoder (models/mim.py), `mim_encoder`:
     dense   SimMIM: a learnable token replaces the stem output (conv + max-pool, stride 4) at masked
-            positions; the stages follow unchanged
+            positions; the stages follow unchanged. `mim_fill` sets the masked pixels before the stem:
+            zero (default) or mean keep every feature blind to them; none is SimMIM's (and
+            openmixup's) ResNet, whose stem reads masked pixels across each patch border
     sparse  beyond the seed, SparK's masked dense convolution: the input and every conv / pool
             output re-masked, BatchNorm over visible positions only; hidden patches stay 0, so the
             decoder needs context (decoder_depth >= 1) and fills them with its mask token
@@ -29,7 +31,7 @@ from losses.common import full_precision, upcast
 from masksiam.config import ConfigError
 from models.mim import MaskTokenEncoder, PixelDecoder, SourceEncoder, encoder_stride, expand_mask, stem_stride
 
-DEFAULTS = {"mim_encoder": "dense", "decoder_depth": 0, "decoder_dim": 512, "norm_pix_loss": False,
+DEFAULTS = {"mim_encoder": "dense", "mim_fill": "zero", "decoder_depth": 0, "decoder_dim": 512, "norm_pix_loss": False,
             **lut_term.DEFAULTS}
 VALID = {"decoder_depth": (lambda v: v >= 0, ">= 0 (0 = the linear head)"),
          "decoder_dim": (lambda v: v > 0, "> 0"), **lut_term.VALID}
@@ -89,7 +91,7 @@ class SimMIM(nn.Module):
         if self.sparse and hp["decoder_depth"] == 0:
             raise ConfigError("mim_encoder=sparse leaves the masked patches without features, which a linear "
                               "head cannot reconstruct: set config key 'decoder_depth' >= 1")
-        self.tokens = None if self.sparse else MaskTokenEncoder(backbone)
+        self.tokens = None if self.sparse else MaskTokenEncoder(backbone, hp["mim_fill"])
         self.decoder = PixelDecoder(backbone.num_features, self.stride, hp["decoder_depth"], hp["decoder_dim"],
                                     mask_token=self.sparse)
         self.lut = lut_term.BroaderContext(backbone, hp) if hp["lut_weight"] > 0 else None

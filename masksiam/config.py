@@ -103,6 +103,7 @@ class Config:
     std_coeff: Optional[float] = None      # VICReg variance
     cov_coeff: Optional[float] = None      # VICReg covariance
     mim_encoder: Optional[Literal["dense", "sparse"]] = None   # SimMIM: mask token after the stem, or SparK-style
+    mim_fill: Optional[Literal["none", "zero", "mean"]] = None  # SimMIM dense: masked pixels before the stem
     decoder_depth: Optional[int] = None    # SimMIM / MixMAE: 3x3 conv blocks before the pixel head (0 = linear)
     decoder_dim: Optional[int] = None      # their width
     norm_pix_loss: Optional[bool] = None   # MIM target: per-patch normalised pixels (MAE / MixMIM)

@@ -2,7 +2,7 @@
 light pixel decoder. Every piece runs on the backbone it is given (its own parameters, its key names):
 the backbone stays a plain torchvision ResNet for kNN, evaluation and export.
 
-    tok = MaskTokenEncoder(backbone)                    # SimMIM (seed 004 section 5)
+    tok = MaskTokenEncoder(backbone, fill="zero")       # SimMIM (seed 004 section 5), leak-free
     f = tok(backbone, x, mask)                          # (N, F, H/s, W/s), s = encoder stride (32)
 
     enc = SourceEncoder.sparse(mask)                    # SparK-style masked dense convolution
@@ -17,8 +17,9 @@ Masks are patch masks (N, h, w) bool (True = masked / from the other image), h =
 by the augment stage; a feature map of size (H', W') sees each cell as an (H'/h) x (W'/w) block.
 
 MaskTokenEncoder: a learnable token replaces the stem output (conv + BN + ReLU + max-pool, stride 4;
-stride 1 for the small stem) at masked positions; the pixels are not zeroed, so the stem's receptive
-field reads a few pixels across a patch border (as SimMIM on ResNet does).
+stride 1 for the small stem) at masked positions. fill="none" leaves the masked pixels in the input,
+so the stem's receptive field reads a few pixels across a patch border (as SimMIM on ResNet and
+openmixup do); fill="zero" / "mean" replaces them first (as A2MIM), and no feature sees them.
 
 SourceEncoder: every position of every feature map belongs to one source (a cell of the mask) or to
 none. Per op, with I_s the indicator of source s at the op's input or output resolution:
@@ -87,18 +88,48 @@ def stages(backbone: ResNet, h: torch.Tensor) -> torch.Tensor:
 
 # ---- SimMIM: a mask token after the stem -----------------------------------------------------------
 
+FILLS = ("none", "zero", "mean")
+
+
+def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str) -> torch.Tensor:
+    """x (N, C, H, W) normalised pixels with the masked patches' pixels replaced, mask (N, h, w).
+
+    none: unchanged (SimMIM / openmixup on ResNet: the stem reads across the patch border).
+    zero: 0, the dataset mean colour after normalisation.
+    mean: each image's per-channel mean over its visible pixels (A2MIM fills with the image mean;
+          over the visible pixels only, so that the fill carries nothing of the masked ones)."""
+    if fill == "none":
+        return x
+    px = expand_mask(mask, x.shape[2], x.shape[3])[:, None]                 # (N, 1, H, W)
+    if fill == "zero":
+        return x.masked_fill(px, 0.0)
+    if fill != "mean":
+        raise ValueError(f"fill {fill!r} is not one of {', '.join(FILLS)}")
+    vis = (~px).to(x.dtype)
+    mean = (x * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True).clamp_min(1.0)   # (N, C, 1, 1)
+    return torch.where(px, mean, x)
+
+
 class MaskTokenEncoder(nn.Module):
-    """SimMIM on ResNet: one learnable token (C_stem,) replaces the stem output at masked positions."""
+    """SimMIM on ResNet: one learnable token (C_stem,) replaces the stem output at masked positions.
+
+    fill (FILLS) sets the masked pixels before the stem. With "none" a visible stem output whose
+    receptive field crosses a patch border reads masked pixels, which the loss then scores; with
+    "zero" or "mean" every feature is a function of the visible pixels alone (the stem's border
+    outputs read the fill; the token replaces the rest)."""
     no_weight_decay = ("token",)                             # masksiam.optim.param_groups
 
-    def __init__(self, backbone: ResNet):
+    def __init__(self, backbone: ResNet, fill: str = "none"):
         super().__init__()
+        if fill not in FILLS:
+            raise ValueError(f"fill {fill!r} is not one of {', '.join(FILLS)}")
+        self.fill = fill
         self.token = nn.Parameter(torch.zeros(1, backbone.bn1.num_features, 1, 1))
         nn.init.trunc_normal_(self.token, std=0.02)          # SimMIM's mask-token init
 
     def tokenized_stem(self, backbone: ResNet, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (N, 3, H, W), mask (N, h, w) -> stem output (N, C, H/4, W/4), the token where masked."""
-        s = stem(backbone, x)
+        s = stem(backbone, fill_masked(x, mask, self.fill))
         m = expand_mask(mask, s.shape[2], s.shape[3])[:, None]
         return torch.where(m, self.token.to(s.dtype), s)
 
