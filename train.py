@@ -106,7 +106,10 @@ def main(argv=None) -> dict:
     method = method.to(info.device, memory_format=perf.memory_format)
     if cfg.compile:
         method.backbone.compile()                   # in place: state-dict keys stay torchvision's
-    model = DDP(method, device_ids=[info.device.index] if perf.cuda else None) if info.world_size > 1 else method
+    # sync_bn: GlobalBatchNorm keeps every rank's BN buffers equal, nothing to broadcast per forward;
+    # gradients stay in DDP's all-reduce buckets (.grad views them: no copy, no second buffer)
+    model = DDP(method, device_ids=[info.device.index] if perf.cuda else None, broadcast_buffers=not cfg.sync_bn,
+                gradient_as_bucket_view=True) if info.world_size > 1 else method
     probe = _online_probe(cfg, method, loader, info.device)
 
     # ---- 5. optimizer --------------------------------------------------------------------------
