@@ -142,8 +142,8 @@ def unlabelled_note(cfg) -> str:
     """The one line train.py prints for an unlabelled train split."""
     classes = split_classes(cfg, cfg.train_split)
     return (f"{_unlabelled(eval_source(cfg, cfg.train_split), classes)}: self-supervised pretraining "
-            "only; the online probe and the kNN evaluation are off (they need class folders), "
-            "backbone.pt and curves.png are written as usual")
+            "only; the online probe and the kNN evaluation are off (they need class folders)"
+            + ("; backbone.pt and curves.png are written as usual" if cfg.final_eval else ""))
 
 
 def _compare(cfg, train_classes: list[str], split: str) -> None:

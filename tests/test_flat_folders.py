@@ -142,3 +142,9 @@ def test_evaluation_refuses_unlabelled_data(flat, tmp_path):
     with pytest.raises(SystemExit) as err:
         knn.main(["--checkpoint", str(ckpt), "--no-progress"])
     assert "unlabelled" in str(err.value) and str(flat / "train") in str(err.value)
+
+
+def test_data_naming_the_photos_themselves_says_where_they_go(flat):
+    """data= names the folder above the splits; pointing it at the photos says so."""
+    with pytest.raises(DataError, match=r"holds images itself: data= names the folder above the splits"):
+        build_loader(_cfg(flat / "train"), INFO)

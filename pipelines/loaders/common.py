@@ -234,7 +234,11 @@ def spread(n: int, max_images: int) -> np.ndarray:
 def split_dir(data: str | Path, split: str) -> Path:
     path = Path(data) / split
     if not path.is_dir():
-        raise DataError(f"split folder {path} does not exist (data={data}, split={split})")
+        hint = ""
+        if Path(data).is_dir() and any(is_image_name(e.name) and e.is_file() for e in os.scandir(data)):
+            hint = (f"; {data} holds images itself: data= names the folder above the splits, so move the "
+                    f"photos into {path}/ (a flat folder of photos is a split of its own)")
+        raise DataError(f"split folder {path} does not exist (data={data}, split={split}){hint}")
     return path
 
 
