@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+
+from masksiam.errors import ArgumentParser, command
 
 # command -> module; the module's COMMANDS[command] = (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS = {
@@ -25,10 +28,15 @@ COMMANDS = {
 }
 
 
+# the arguments that name an input; a missing one is refused here, for every command alike
+INPUTS = ("src", "path")
+
+
+@command("convert.py")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="convert.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
     runners = {}
@@ -41,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(p)
         runners[name] = run
     args = parser.parse_args(argv)
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).exists():
+            from pipelines.loaders.common import DataError
+            raise DataError(f"{args.command}: {value} does not exist")
     return runners[args.command](args) or 0
 
 

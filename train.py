@@ -38,7 +38,7 @@ import masksiam  # noqa: F401  (torchvision importable on CPU torch)
 from masksiam import checkpoint as ckpt_io
 from masksiam import dist
 from masksiam.config import ConfigError, load_config, resume_changes, save_config, to_dict
-from masksiam.errors import UserError, exit_on_user_error
+from masksiam.errors import ArgumentParser, UserError, exit_on_user_error
 from masksiam.io import atomic_write, atomic_write_text
 from masksiam.optim import build_optimizer, lr_at, peak_lr, set_lr
 from masksiam.runinfo import write_run_info
@@ -64,7 +64,7 @@ class RunStopped(UserError):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="run config yaml (configs/*.yaml); keys as in masksiam/config.py")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=0.5 epochs=10")
     return p.parse_args(argv)

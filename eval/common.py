@@ -21,10 +21,11 @@ import masksiam  # noqa: F401
 from masksiam import checkpoint as ckpt_io
 from masksiam import dist
 from masksiam.io import atomic_write, atomic_write_text
-from masksiam.config import Config, ConfigError, apply
+from masksiam.config import Config, apply
+from masksiam.errors import UserError
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input (arguments, checkpoint contents); the message names it."""
 
 
@@ -48,12 +49,9 @@ def load_backbone(cfg: Config, state: dict | None, device: torch.device):
 
 
 def open_checkpoint(path: str, overrides: dict[str, Any], random_init: bool = False):
-    """(cfg, info, backbone, state) for an evaluation command; user errors exit with their message."""
-    try:
-        state = ckpt_io.load(path)
-        cfg = run_config(state, path, overrides)
-    except (ckpt_io.CheckpointError, ConfigError, EvalError) as err:
-        sys.exit(f"eval: {err}")
+    """(cfg, info, backbone, state) for an evaluation command; a bad checkpoint or override raises a UserError."""
+    state = ckpt_io.load(path)
+    cfg = run_config(state, path, overrides)
     if cfg.data and overrides.get("loader") is None:
         from eval.data import detect_loader
         loader = detect_loader(cfg, cfg.val_split)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from masksiam.errors import ArgumentParser, UserError, command
 from masksiam.io import atomic_write, atomic_write_text
 
 
@@ -37,18 +37,23 @@ def _plot(run: Path, pretrained: float, random_init: float, out: Path) -> None:
     plt.close(fig)
 
 
+@command("eval.demo_report")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.demo_report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="a finished train.py run directory")
     p.add_argument("--min-margin", type=float, default=0.02, help="required kNN gain over random init")
     args = p.parse_args(argv)
     run = Path(args.run)
     result_path = run / "result.json"
     if not result_path.exists():
-        sys.exit(f"demo_report: {result_path} is missing: did train.py finish?")
-    result = json.loads(result_path.read_text())
+        raise UserError(f"{result_path} is missing: did train.py finish?")
+    try:
+        result = json.loads(result_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{result_path} is not JSON ({err})") from None
     if "knn_top1" not in result:
-        sys.exit(f"demo_report: {result_path} has no knn_top1 (exit: {result.get('exit')}; final_eval off?)")
+        raise UserError(f"{result_path} has no knn_top1 (exit: {result.get('exit')}; final_eval off?)")
 
     from eval import knn
     random_init = knn.main(["--checkpoint", str(run / "checkpoint.pt"), "--random-init"])["knn_top1"]
@@ -60,7 +65,7 @@ def main(argv=None) -> dict:
     print(f"\nkNN top-1 on {run}: pretrained {100 * pretrained:.1f}%   random init {100 * random_init:.1f}%   "
           f"(+{100 * (pretrained - random_init):.1f} points)\nplot: {run / 'demo.png'}")
     if pretrained < random_init + args.min_margin:
-        sys.exit(f"demo_report: pretraining gained {100 * (pretrained - random_init):.1f} points over random "
+        raise UserError(f"pretraining gained {100 * (pretrained - random_init):.1f} points over random "
                  f"init, less than the required {100 * args.min_margin:.1f}")
     return report
 

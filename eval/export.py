@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import masksiam  # noqa: F401
 from masksiam import checkpoint as ckpt_io
+from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write, atomic_write_text
 from eval.common import EvalError
 
@@ -118,8 +118,10 @@ def save(sd: dict[str, torch.Tensor], path: Path, info: dict) -> None:
         raise EvalError(f"--out {path}: the file must end in .pt or .safetensors")
 
 
+@command("eval.export")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="train.py checkpoint, backbone.pt, or eval.finetune --save")
     p.add_argument("--out", required=True, help="FILE.pt or FILE.safetensors")
     p.add_argument("--head", default=None, help="classifier from eval.linear --save-head")
@@ -127,19 +129,16 @@ def main(argv=None) -> dict:
     p.add_argument("--num-classes", type=int, default=1000, help="classes of a fresh fc")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh fc")
     args = p.parse_args(argv)
-    try:
-        state = ckpt_io.load(args.checkpoint)
-        head = ckpt_io.load(args.head) if args.head else None
-        arch = args.arch or arch_of(state)
-        sd, source = export_state_dict(state, arch=arch, head=head, num_classes=args.num_classes, seed=args.seed)
-        diff = check_features(sd, state, arch)
-        if diff > 1e-4:
-            raise EvalError(f"exported {arch} differs from the backbone by {diff:.3g} (relative) on a random batch")
-        info = {"arch": arch, "source": args.checkpoint, "fc": source, "num_classes": sd["fc.weight"].shape[0],
-                "feature_max_rel_diff": diff}
-        save(sd, Path(args.out), info)
-    except (EvalError, ckpt_io.CheckpointError) as err:
-        sys.exit(f"eval.export: {err}")
+    state = ckpt_io.load(args.checkpoint)
+    head = ckpt_io.load(args.head) if args.head else None
+    arch = args.arch or arch_of(state)
+    sd, source = export_state_dict(state, arch=arch, head=head, num_classes=args.num_classes, seed=args.seed)
+    diff = check_features(sd, state, arch)
+    if diff > 1e-4:
+        raise EvalError(f"exported {arch} differs from the backbone by {diff:.3g} (relative) on a random batch")
+    info = {"arch": arch, "source": args.checkpoint, "fc": source, "num_classes": sd["fc.weight"].shape[0],
+            "feature_max_rel_diff": diff}
+    save(sd, Path(args.out), info)
     print(f"wrote {args.out}: torchvision / timm {arch}, fc {source}; features match the backbone "
           f"(max |diff| {diff:.1e})")
     return info

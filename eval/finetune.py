@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write_text
 from eval.common import EvalError, progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
 
@@ -281,8 +281,10 @@ def _fraction_name(f: float) -> str:
     return f"{100 * f:g}percent"
 
 
+@command("eval.finetune")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.finetune", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
     p.add_argument("--data", default=None, help="data root (default: the run's): folder, .beton files or shards")
     p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"])
@@ -320,7 +322,6 @@ def main(argv=None) -> dict:
 
     from eval.common import eval_transform, open_checkpoint, write_results
     from eval.data import eval_loader, materialise_subset, sample_names
-    from pipelines.loaders.common import DataError
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
                                                                "workers": args.workers}, args.random_init)
     if args.scratch:
@@ -340,45 +341,42 @@ def main(argv=None) -> dict:
     out = Path(args.out or Path(args.checkpoint).parent / "eval")
     show = not args.no_progress
     t0 = time.perf_counter()
-    try:
-        subset, subset_file = None, None
-        need_list = args.subset or args.fraction < 1 or args.max_train
-        names, labels, classes = sample_names(cfg, cfg.train_split) if need_list else (None, None, None)
-        if args.subset:
-            subset = read_subset_file(args.subset, names)
-            tag = Path(args.subset).stem
-        elif args.fraction < 1:
-            subset = balanced_subset(labels, args.fraction, args.seed)
-            tag = f"{_fraction_name(args.fraction)}_seed{args.seed}"
-        else:
-            tag = "100percent"
-            subset = np.arange(len(names)) if args.max_train else None
-        if args.max_train and len(subset) > args.max_train:
-            subset = subset[np.linspace(0, len(subset) - 1, args.max_train).round().astype(np.int64)]
-            tag += f"_max{args.max_train}"
-        n_train = len(subset) if subset is not None else None
-        train_cfg = cfg
-        if subset is not None:
-            if info.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-                subset_file = out / f"subset_{tag}.txt"
-                write_subset_file(subset_file, names, subset)
-            # the subset as a folder of links next to the results, read like any split; at least
-            # one batch per rank even for a tiny subset (the last one padded by the loader)
-            train_cfg = dataclasses.replace(materialise_subset(cfg, cfg.train_split, subset, out / f"subset_{tag}"),
-                                            drop_last=n_train >= 2 * preset.batch_size)
-        train_loader = eval_loader(train_cfg, info, cfg.train_split, train=True, batch_size=preset.batch_size)
-        val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=preset.batch_size, max_images=args.max_val)
-        model = Classifier(backbone, len(val_loader.classes)).to(info.device)
+    subset, subset_file = None, None
+    need_list = args.subset or args.fraction < 1 or args.max_train
+    names, labels, classes = sample_names(cfg, cfg.train_split) if need_list else (None, None, None)
+    if args.subset:
+        subset = read_subset_file(args.subset, names)
+        tag = Path(args.subset).stem
+    elif args.fraction < 1:
+        subset = balanced_subset(labels, args.fraction, args.seed)
+        tag = f"{_fraction_name(args.fraction)}_seed{args.seed}"
+    else:
+        tag = "100percent"
+        subset = np.arange(len(names)) if args.max_train else None
+    if args.max_train and len(subset) > args.max_train:
+        subset = subset[np.linspace(0, len(subset) - 1, args.max_train).round().astype(np.int64)]
+        tag += f"_max{args.max_train}"
+    n_train = len(subset) if subset is not None else None
+    train_cfg = cfg
+    if subset is not None:
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            subset_file = out / f"subset_{tag}.txt"
+            write_subset_file(subset_file, names, subset)
+        # the subset as a folder of links next to the results, read like any split; at least
+        # one batch per rank even for a tiny subset (the last one padded by the loader)
+        train_cfg = dataclasses.replace(materialise_subset(cfg, cfg.train_split, subset, out / f"subset_{tag}"),
+                                        drop_last=n_train >= 2 * preset.batch_size)
+    train_loader = eval_loader(train_cfg, info, cfg.train_split, train=True, batch_size=preset.batch_size)
+    val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=preset.batch_size, max_images=args.max_val)
+    model = Classifier(backbone, len(val_loader.classes)).to(info.device)
 
-        def log(row):
-            if info.is_main:
-                print(json.dumps({"finetune": row}), flush=True)
+    def log(row):
+        if info.is_main:
+            print(json.dumps({"finetune": row}), flush=True)
 
-        history = finetune(model, train_loader, val_loader, transform, preset, info.device, epochs=args.epochs,
-                           show=show, log=log)
-    except (DataError, EvalError) as err:
-        sys.exit(f"eval.finetune: {err}")
+    history = finetune(model, train_loader, val_loader, transform, preset, info.device, epochs=args.epochs,
+                       show=show, log=log)
     kind = "scratch" if args.scratch else "finetune_full" if args.full else "finetune"
     name = args.name or ("scratch" if args.scratch else f"finetune_{'full_' if args.full else ''}{tag}")
     final = history[-1]

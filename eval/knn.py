@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write_text
 from masksiam.config import Config
 
@@ -159,8 +159,10 @@ def knn_accuracy(backbone, train_loader, val_loader, transform, device, num_clas
     return (pred == labels).float().mean().item()
 
 
-def knn_accuracy_from_config(cfg: Config, info, backbone, progress: bool = False) -> float:
-    """kNN top-1 on cfg.val_split with cfg.train_split as the memory bank, read by cfg.loader."""
+def knn_accuracy_from_config(cfg: Config, info, backbone, progress: bool | None = None) -> float:
+    """kNN top-1 on cfg.val_split with cfg.train_split as the memory bank, read by cfg.loader;
+    progress bars on rank 0 as cfg.progress says unless `progress` is given (train.py's kNN: both
+    the monitor and the final one)."""
     from eval.common import eval_transform
     from eval.data import eval_loader
     batch = min(256, cfg.batch_size)
@@ -168,11 +170,13 @@ def knn_accuracy_from_config(cfg: Config, info, backbone, progress: bool = False
     val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=batch, max_images=cfg.knn_max_val)
     transform = eval_transform(cfg, info.device)
     return knn_accuracy(backbone, train_loader, val_loader, transform, info.device,
-                        len(train_loader.classes), cfg.knn_k, cfg.knn_t, progress)
+                        len(train_loader.classes), cfg.knn_k, cfg.knn_t, cfg.progress if progress is None else progress)
 
 
+@command("eval.knn")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.knn", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
     p.add_argument("--data", default=None, help="data root (default: the run's); format as the loader reads it")
     p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"],
@@ -184,30 +188,33 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--random-init", action="store_true", help="evaluate the same arch at random init")
     p.add_argument("--json", default=None, help="write the result as JSON to this file")
-    p.add_argument("--out", default=None, help="write knn.json / knn.md / knn.png into this folder")
+    p.add_argument("--out", default=None,
+                   help="result folder for <name>.json / .md / .png (default: <checkpoint folder>/eval)")
+    p.add_argument("--name", default=None,
+                   help="result name (default knn; knn_random_init with --random-init, so it does not "
+                        "replace the trained network's result)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     from eval.common import open_checkpoint, write_results
-    from pipelines.loaders.common import DataError
     overrides = {"data": args.data, "loader": args.loader, "knn_k": args.k, "knn_t": args.t,
                  "knn_max_train": args.max_train, "knn_max_val": args.max_val, "workers": args.workers}
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, overrides, args.random_init)
-    try:
-        top1 = knn_accuracy_from_config(cfg, info, backbone, progress=not args.no_progress)
-    except DataError as err:
-        sys.exit(f"eval.knn: {err}")
+    top1 = knn_accuracy_from_config(cfg, info, backbone, progress=not args.no_progress)
     result = {"checkpoint": args.checkpoint, "random_init": args.random_init, "arch": cfg.arch,
               "k": cfg.knn_k, "t": cfg.knn_t, "knn_top1": top1}
     if info.is_main:
         print(json.dumps(result))
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        if args.out:
-            write_results(args.out, "knn", {"eval": "knn", "label": "knn", "checkpoint": args.checkpoint,
-                                            "metrics": {"knn_top1": top1}, "curves": {},
-                                            "settings": {"k": cfg.knn_k, "t": cfg.knn_t, "loader": cfg.loader,
-                                                         "random_init": args.random_init}})
+        # every eval command writes <out>/<name>.json (README), --out or not
+        from pathlib import Path
+        name = args.name or ("knn_random_init" if args.random_init else "knn")
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        result["files"] = {k: str(v) for k, v in write_results(out, name, {
+            "eval": "knn", "label": name, "checkpoint": args.checkpoint, "metrics": {"knn_top1": top1},
+            "curves": {}, "settings": {"k": cfg.knn_k, "t": cfg.knn_t, "loader": cfg.loader,
+                                       "random_init": args.random_init}}).items()}
     dist.cleanup()
     return result
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 import masksiam  # noqa: F401
 from masksiam import dist
 from masksiam.checkpoint import save_atomic
+from masksiam.errors import ArgumentParser, command
 from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
 
 
@@ -191,8 +191,10 @@ def train_probe(backbone: nn.Module, train_loader, val_loader, transform, num_cl
     return head, history
 
 
+@command("eval.linear")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.linear", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
     p.add_argument("--data", default=None, help="data root (default: the run's): folder, .beton files or shards")
     p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"])
@@ -216,7 +218,6 @@ def main(argv=None) -> dict:
 
     from eval.common import eval_transform, open_checkpoint, recipe_highpasses, write_results
     from eval.data import eval_loader
-    from pipelines.loaders.common import DataError
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
                                                                "workers": args.workers}, args.random_init)
     preset_name = args.preset or ("mscn" if recipe_highpasses(cfg) else "mixmask")
@@ -236,26 +237,23 @@ def main(argv=None) -> dict:
             print(json.dumps({"linear": row}), flush=True)
 
     t0 = time.perf_counter()
-    try:
-        val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=preset.batch_size, max_images=args.max_val)
-        num_classes = len(val_loader.classes)
-        if args.fast:
-            from eval.knn import extract_features
-            train_eval = eval_loader(cfg, info, cfg.train_split, batch_size=preset.batch_size,
-                                     max_images=args.max_train)
-            xf, yf = extract_features(backbone, train_eval, transform, info.device, normalize=False,
-                                      desc="features (train)" if show else None)
-            vf, vy = extract_features(backbone, val_loader, transform, info.device, normalize=False,
-                                      desc="features (val)" if show else None)
-            head, history = train_on_features(xf, yf, vf, vy, num_classes, preset, epochs=args.epochs, bn=args.bn,
-                                              seed=cfg.seed, show=show and info.is_main, log=log)
-        else:
-            train_loader = eval_loader(cfg, info, cfg.train_split, train=True, batch_size=preset.batch_size,
-                                       max_images=args.max_train)
-            head, history = train_probe(backbone, train_loader, val_loader, transform, num_classes, preset,
-                                        info.device, epochs=args.epochs, bn=args.bn, show=show, log=log)
-    except DataError as err:
-        sys.exit(f"eval.linear: {err}")
+    val_loader = eval_loader(cfg, info, cfg.val_split, batch_size=preset.batch_size, max_images=args.max_val)
+    num_classes = len(val_loader.classes)
+    if args.fast:
+        from eval.knn import extract_features
+        train_eval = eval_loader(cfg, info, cfg.train_split, batch_size=preset.batch_size,
+                                 max_images=args.max_train)
+        xf, yf = extract_features(backbone, train_eval, transform, info.device, normalize=False,
+                                  desc="features (train)" if show else None)
+        vf, vy = extract_features(backbone, val_loader, transform, info.device, normalize=False,
+                                  desc="features (val)" if show else None)
+        head, history = train_on_features(xf, yf, vf, vy, num_classes, preset, epochs=args.epochs, bn=args.bn,
+                                          seed=cfg.seed, show=show and info.is_main, log=log)
+    else:
+        train_loader = eval_loader(cfg, info, cfg.train_split, train=True, batch_size=preset.batch_size,
+                                   max_images=args.max_train)
+        head, history = train_probe(backbone, train_loader, val_loader, transform, num_classes, preset,
+                                    info.device, epochs=args.epochs, bn=args.bn, show=show, log=log)
     final = history[-1]
     label = args.name or f"linear ({preset_name}{', fast' if args.fast else ''})"
     name = args.name or "linear"

@@ -17,9 +17,9 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
+from masksiam.errors import ArgumentParser, UserError, command
 from masksiam.io import atomic_write, atomic_write_text
 
 SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
@@ -176,8 +176,10 @@ def plot_many(report: dict, path: Path, title: str, plt) -> None:
     plt.close(fig)
 
 
+@command("eval.report")
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m eval.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (or eval JSON files)")
     p.add_argument("--out", default="runs/report", help="folder for report.md / report.json / report.png")
     p.add_argument("--title", default="")
@@ -185,10 +187,10 @@ def main(argv=None) -> dict:
     runs = [Path(r) for r in args.runs]
     missing = [str(r) for r in runs if not r.exists()]
     if missing:
-        sys.exit(f"eval.report: {', '.join(missing)} do not exist")
+        raise UserError(f"{', '.join(missing)} do{'es' if len(missing) == 1 else ''} not exist")
     report = build(runs)
     if not report["columns"]:
-        sys.exit(f"eval.report: no results in {', '.join(args.runs)} (result.json or eval JSON files)")
+        raise UserError(f"no results in {', '.join(args.runs)} (result.json or eval JSON files)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(report)

@@ -43,6 +43,9 @@ def render_reconstructions(checkpoint: str | Path, images: int = 6, seed: int = 
     from pipelines.tools.show import _display
 
     state = ckpt_io.load(checkpoint)
+    if not isinstance(state.get("config"), dict) or "model" not in state:
+        raise ckpt_io.CheckpointError(f"{checkpoint} is not a train.py checkpoint (no run config and model): "
+                                      f"reconstructions need a simmim or mixmae run's checkpoint.pt")
     cfg = apply(Config(), state["config"], f"{checkpoint} (its config)")
     if cfg.method not in ("simmim", "mixmae"):
         raise ConfigError(f"{checkpoint} is a {cfg.method!r} run; reconstructions exist for simmim and mixmae")

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 import masksiam  # noqa: F401  (torchvision importable before the loader)
 from masksiam.config import Config, apply
 from masksiam.dist import DistInfo
+from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write
 from pipelines.loaders import build_loader
 from pipelines.augment.masks import upsample_mask
@@ -96,9 +97,10 @@ def save_png(img: Image.Image, out: str | Path, colours: int = 0) -> None:
     atomic_write(out, lambda f: img.save(f, format="PNG", optimize=True))
 
 
+@command("pipelines.show")
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.show", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m pipelines.show", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="mscn", help="a recipe name (pipelines/augment/recipes/) or yaml path")
     p.add_argument("--data", default=None, help="ImageFolder root with train/ (and val/); with --checkpoint: "
                    "the run's data unless given")
