@@ -18,12 +18,14 @@ Loader mode: `ratio_tv2` is the rate over backend torchvision-v2's (the plain Im
 transforms.v2 pipeline a user would write), when it is compared; host_cpu_ms is the CPU time of the
 whole process and its workers per image over the measured batches, host_cpu_ex_decode_ms the same
 minus decode_ms, the decode's share: on the CPU DALI's decode threads' CPU time, measured; for the
-others the full PIL decodes an image needs, timed on the split's files.
+others the full PIL decodes an image needs, timed on what the loader decodes: the split's files, or
+for FFCV the images its .beton stores (at the converter's --max-res).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -42,6 +44,7 @@ from tqdm import tqdm
 import masksiam  # noqa: F401
 from masksiam.config import Config, apply
 from masksiam.dist import DEVICE_ENV, DistInfo
+from masksiam.errors import ArgumentParser, UsageError, UserError, command
 from masksiam.io import atomic_write, atomic_write_text
 
 
@@ -151,7 +154,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: --device cuda but CUDA is not available")
+        raise UsageError("--device cuda but CUDA is not available")
     return torch.device(name)
 
 
@@ -190,14 +193,14 @@ def _combos(args, allowed: tuple[str, ...] | None = None) -> list[dict]:
         key, _, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not key or not values:
-            sys.exit(f"bench.py: --sweep {item!r}: expected KEY=V1,V2,...")
+            raise UsageError(f"--sweep {item!r}: expected KEY=V1,V2,...")
         if allowed is not None and key not in allowed:
-            sys.exit(f"bench.py {args.mode}: --sweep {key}: choose from {', '.join(allowed)}")
+            raise UsageError(f"{args.mode}: --sweep {key}: choose from {', '.join(allowed)}")
         cast = int if allowed is not None else str      # loader/augment keys are ints; train.py parses its own
         try:
             axes.append([(key, cast(v)) for v in values.split(",")])
         except ValueError:
-            sys.exit(f"bench.py: --sweep {item!r}: {key} takes integers")
+            raise UsageError(f"--sweep {item!r}: {key} takes integers") from None
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
@@ -259,22 +262,43 @@ class _TorchvisionV2:
             yield [v.to(self.device, non_blocking=True) for v in views], labels.to(self.device, non_blocking=True)
 
 
-def _decode_ms(data: str, split: str, images: int = 64) -> float:
-    """CPU ms to decode one image of the split fully (PIL: libjpeg-turbo, as every CPU loader here
-    uses), median over `images` files spread over the split, in this thread (thread_time)."""
+def _decode_ms(payloads: list[bytes | None]) -> float:
+    """CPU ms to decode one image fully (PIL: libjpeg-turbo, as every CPU loader here uses), median
+    over the encoded `payloads` (None: stored as raw pixels, nothing to decode), in this thread
+    (thread_time)."""
     from PIL import Image
-    root = Path(data) / split
-    files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
+    if not payloads:
         return float("nan")
     times = []
-    for path in [files[i] for i in np.linspace(0, len(files) - 1, min(images, len(files))).round().astype(int)]:
-        encoded = path.read_bytes()
+    for encoded in payloads:
         t0 = time.thread_time()
-        with Image.open(io.BytesIO(encoded)) as img:
-            img.convert("RGB").load()
+        if encoded is not None:
+            with Image.open(io.BytesIO(encoded)) as img:
+                img.convert("RGB").load()
         times.append(time.thread_time() - t0)
     return 1000.0 * float(np.median(times))
+
+
+def _folder_decode_ms(data: str, split: str, images: int = 64) -> float:
+    """_decode_ms on the split's own files (the loaders' folder rules): what the torchvision and DALI
+    loaders decode; nan where the split is no image folder (webdataset shards)."""
+    from pipelines.loaders.common import DataError, scan_image_folder
+    try:
+        found = scan_image_folder(Path(data) / split, images)
+    except DataError:
+        return float("nan")
+    return _decode_ms([(found.root / p).read_bytes() for p in found.paths])
+
+
+@functools.lru_cache(maxsize=None)
+def _beton_decode_ms(path: str, images: int = 64) -> float:
+    """_decode_ms on the images a .beton stores (its JPEGs, at the converter's --max-res; raw rows
+    cost no decode): what the FFCV loader decodes, not the full-size files it was made from."""
+    from eval.data import BetonSamples
+    from pipelines.loaders.common import spread
+    rows = BetonSamples(Path(path))
+    return _decode_ms([None if rows.names[i].endswith(".png") else rows.read(i).tobytes()
+                       for i in spread(len(rows), images)])
 
 
 def _decodes_per_image(backend: str, views: int, device: torch.device) -> int:
@@ -300,7 +324,7 @@ def _dali_thread_cpu() -> float:
 def bench_loader(backend: str, args, device: torch.device) -> dict:
     from pipelines.loaders import build_loader
     if backend not in LOADER_BACKENDS:
-        sys.exit(f"bench.py loader: unknown backend {backend!r}; choose from {', '.join(LOADER_BACKENDS)}")
+        raise UsageError(f"loader: unknown backend {backend!r}; choose from {', '.join(LOADER_BACKENDS)}")
     views = args.views
     if args.crops:                                   # the config wants views = the crops' total
         from pipelines.loaders.spec import parse_crops
@@ -341,12 +365,16 @@ def bench_loader(backend: str, args, device: torch.device) -> dict:
     dali_cpu = _dali_thread_cpu() - dali_cpu
     res = meter.result(cfg.batch_size)
     # host CPU per image: CPU seconds of this process (every thread) and its workers over the measured
-    # batches / images. decode_ms: DALI's decode threads measured (CPU backend), else cmd_loader
-    # counts decodes_per_image full decodes at _decode_ms's cost (timed once per run)
+    # batches / images. decode_ms: DALI's decode threads measured (CPU backend); FFCV: decodes_per_image
+    # decodes of the .beton's stored images; else cmd_loader counts decodes_per_image full decodes of
+    # the split's files (each timed once per run)
     res["host_cpu_ms"] = 10.0 * res["cpu_percent"] / res["images_per_s"]
     res["decodes_per_image"] = _decodes_per_image(backend, views, device)
     if backend == "dali" and device.type == "cpu":
         res["decode_ms"] = 1000.0 * dali_cpu / max(1, res["batches"] * cfg.batch_size)
+    elif cfg.loader == "ffcv":
+        from pipelines.loaders.ffcv_loader import beton_path
+        res["decode_ms"] = res["decodes_per_image"] * _beton_decode_ms(str(beton_path(cfg, cfg.train_split)))
     res.update(backend=backend, startup_s=startup, views=views, size=args.size, crops=args.crops,
                batch_size=args.batch_size, workers=args.workers, device=str(device))
     if hasattr(loader, "compile_seconds"):           # ffcv: numba compile, part of startup_s
@@ -375,7 +403,7 @@ def _merge_repeats(runs: list[dict]) -> dict:
 def cmd_loader(args) -> dict:
     device = _device(args.device)
     backends = args.compare.split(",") if args.compare else [args.backend]
-    decode_ms = _decode_ms(args.data, args.split)
+    decode_ms = _folder_decode_ms(args.data, args.split)
     rows = []
     for combo in _combos(args, LOADER_SWEEPS):
         run = argparse.Namespace(**{**vars(args), **combo})
@@ -671,7 +699,7 @@ def bench_loop(label: str, overrides: list[str], args, device: torch.device) -> 
     rows = [(r, r["step"] - prev["step"]) for prev, r in zip([{"step": 0}] + logged, logged)
             if prev["step"] >= args.warmup]
     if not rows:
-        raise SystemExit(f"bench.py: the {label} run logged nothing after its {args.warmup} warm-up steps")
+        raise UsageError(f"the {label} run logged nothing after its {args.warmup} warm-up steps: raise --batches")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     seconds = [cfg["batch_size"] * n / r["images_per_s"] for r, n in rows]
     per_step = [t / n for t, (_, n) in zip(seconds, rows)]
@@ -721,12 +749,9 @@ def model_only_overrides(args, sweep: list[str]) -> list[str]:
     """train.py overrides of the model-only ceiling of a config (with --set and the sweep values):
     synthetic uint8 batches already on the device, and the config's recipe's model-only twin
     (model_only_recipe), written next to the run."""
-    from masksiam.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, [*args.set, *sweep])
-        twin = model_only_recipe(cfg.recipe, cfg.mix)
-    except ConfigError as err:                         # RecipeError is one
-        sys.exit(f"bench.py {args.mode}: {err}")
+    from masksiam.config import load_config
+    cfg = load_config(args.config, [*args.set, *sweep])
+    twin = model_only_recipe(cfg.recipe, cfg.mix)
     path = Path(args.out_dir) / f"model-only-{Path(cfg.recipe).stem}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(twin, sort_keys=False))
@@ -962,7 +987,7 @@ def cmd_syncs(args) -> dict:
                                                                                if k != "run"},
                                "results": [res], "table": line}, indent=2) + "\n")
     if not res["ok"] and args.strict:
-        sys.exit(f"bench.py syncs: {line}")
+        raise UserError(f"syncs: {line}")
     return res
 
 
@@ -1139,21 +1164,18 @@ def _waterfall(stages: list[dict], verdict: str, out: Path) -> None:
 
 
 def cmd_explain(args) -> dict:
-    from masksiam.config import ConfigError, load_config
+    from masksiam.config import load_config
     device = _device(args.device)
     delays = {}
     for item in args.delay:
         stage, _, seconds = item.partition("=")
         if stage not in EXPLAIN_DELAYS:
-            sys.exit(f"bench.py explain: --delay {item!r}: the stage is one of {', '.join(EXPLAIN_DELAYS)}")
+            raise UsageError(f"explain: --delay {item!r}: the stage is one of {', '.join(EXPLAIN_DELAYS)}")
         try:
             delays[stage] = float(seconds)
         except ValueError:
-            sys.exit(f"bench.py explain: --delay {item!r}: expected STAGE=SECONDS")
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        sys.exit(f"bench.py explain: {err}")
+            raise UsageError(f"explain: --delay {item!r}: expected STAGE=SECONDS") from None
+    cfg = load_config(args.config, args.set)
     stages = _explain_stages(args, cfg, device, delays)
     e2e = next(s["images_per_s"] for s in stages if s["stage"] == "end-to-end")
     for s in stages:
@@ -1282,7 +1304,7 @@ def cmd_readme(args) -> dict:
         runs = {mode: json.loads(p.read_text()) for mode in ("loader", "augment", "train", "model")
                 if (p := Path(folder) / f"{mode}.json").exists()}
         if not runs:
-            sys.exit(f"bench.py readme: no loader/augment/train/model .json in {folder}")
+            raise UserError(f"readme: no loader/augment/train/model .json in {folder}")
         blocks.append(readme_block(runs, folder))
         found += [f"{folder}/{m}.json" for m in runs]
     block = "\n\n".join(blocks)
@@ -1301,6 +1323,32 @@ def cmd_readme(args) -> dict:
 
 # ---- command line -------------------------------------------------------------------------------
 
+# what each mode measures: `bench.py MODE --help`
+DESCRIPTIONS = {
+    "loader": """Images/s of a loader backend alone (or of several side by side, --compare): decode,
+crops and flips of the training split into uint8 batches on --device, no augment stage, no model.
+Rows: images/s, ratio to the first row (ratio_tv2: to the plain torchvision-v2 pipeline), seconds
+per batch p50 / p95, CPU use, host_cpu_ms (CPU ms per image of the process and its workers) and
+host_cpu_ex_decode_ms (the same minus decode_ms: the full decodes an image costs, timed on what the
+backend decodes: the split's files, the .beton's stored images for FFCV, DALI's threads on CPU),
+peak host RSS, start-up seconds; on CUDA peak GPU memory.""",
+    "augment": """Views/s of an augment recipe's batched stage on --device, on random uint8 crops (no
+loader, no model), against the same recipe applied per sample with torchvision.transforms.v2
+(speedup); memory traffic per view (mb_per_view, computed from the ops), optional profile.""",
+    "model": """The training step alone on synthetic uint8 batches already on the device: forward,
+loss, backward and optimizer step of the config's method, its augment stage replaced by its
+model-only twin. The ceiling a loader has to feed; --config A,B side by side.""",
+    "train": """train.py's real loop end to end on the config, one row per loader (--compare), beside
+the model-only ceiling of the same config (model mode): efficiency = end to end / ceiling.""",
+    "explain": """Each stage of the pipeline alone on your config (read, decode, loader, augment,
+model), then end to end: which stage bounds the run, in words and as a waterfall of ms per image.""",
+    "syncs": """A few train.py steps with the step path guarded against host-device syncs (CUDA:
+sync-debug mode raises; CPU: host reads of tensors are refused): names the first sync, or says
+none. --strict exits 1 when one is found.""",
+    "readme": f"""Rewrite the {BEGIN} ... {END} block of README.md from a bench run's JSON files
+(loader, augment, train, model): only that block changes.""",
+}
+
 def _run_args(p, config_help: str = "a train.py config (configs/*.yaml)") -> None:
     """The arguments of the modes that run train.py's own pieces on a config: --config, --set,
     --out-dir, --device."""
@@ -1310,13 +1358,18 @@ def _run_args(p, config_help: str = "a train.py config (configs/*.yaml)") -> Non
     p.add_argument("--device", default="auto")
 
 
+@command("bench.py")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bench.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     sweep_help = "KEY=V1,V2: one row (group) per value; repeat for the cartesian product"
 
-    p = sub.add_parser("loader", help="images/s of a loader backend (or several, side by side)")
+    def mode(name: str, help_text: str):
+        return sub.add_parser(name, help=help_text, description=DESCRIPTIONS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = mode("loader", "images/s of a loader backend (or several, side by side)")
     p.add_argument("--backend", default="torchvision", choices=list(LOADER_BACKENDS))
     p.add_argument("--compare", default="", help="comma-separated backends, ratios to the first")
     p.add_argument("--data", required=True)
@@ -1338,7 +1391,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default="runs/bench/loader.json", help="also writes .md and .png next to it")
     p.set_defaults(run=cmd_loader)
 
-    p = sub.add_parser("augment", help="views/s of an augment recipe vs per-sample torchvision v2")
+    p = mode("augment", "views/s of an augment recipe vs per-sample torchvision v2")
     p.add_argument("--recipe", default="mscn", help="a recipe name or yaml path; comma-separated for several")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
@@ -1363,7 +1416,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name, run, help_text in (("model", cmd_model, "the training step on synthetic data on the device: the ceiling"),
                                  ("train", cmd_train, "the real loop end to end, per loader, vs model-only")):
-        p = sub.add_parser(name, help=help_text)
+        p = mode(name, help_text)
         _run_args(p, "a train.py config (configs/*.yaml); model mode: comma-separated for several, side by side")
         p.add_argument("--compare", default="", help="train mode: comma-separated loaders, end to end each")
         p.add_argument("--batches", type=int, default=20, help="measured steps (a multiple of --warmup)")
@@ -1373,7 +1426,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--json", default=f"runs/bench/{name}.json", help="also writes .md and .png next to it")
         p.set_defaults(run=run)
 
-    p = sub.add_parser("explain", help="each stage alone, then together, on your config: which one bounds the run")
+    p = mode("explain", "each stage alone, then together, on your config: which one bounds the run")
     _run_args(p)
     p.add_argument("--batches", type=int, default=20, help="measured batches per stage (a multiple of --warmup)")
     p.add_argument("--warmup", type=int, default=5, help="batches excluded per stage")
@@ -1383,8 +1436,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default="runs/bench/explain.json", help="also writes .md and .png (the waterfall)")
     p.set_defaults(run=cmd_explain)
 
-    p = sub.add_parser("syncs", help="a few train.py steps with the step path sync-free (CUDA: sync-debug "
-                       "error; CPU: host reads refused): names the first host sync")
+    p = mode("syncs", "a few train.py steps with the step path sync-free (CUDA: sync-debug error; CPU: "
+                      "host reads refused): names the first host sync")
     _run_args(p)
     p.add_argument("--steps", type=int, default=4, help="guarded steps")
     p.add_argument("--skip", type=int, default=2, help="unguarded warm-up steps first (autotuning, lazy init)")
@@ -1392,7 +1445,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default="runs/bench/syncs.json")
     p.set_defaults(run=cmd_syncs)
 
-    p = sub.add_parser("readme", help=f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
+    p = mode("readme", f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
     p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json; "
                    "comma-separated for several (e.g. runs/bench,runs/gpu_check: the GPU rows too)")
     p.add_argument("--readme", default="README.md", help="only the marked block changes; never created")

@@ -19,6 +19,7 @@ import bench
 from conftest import have_loader_library
 
 HAVE_DALI = have_loader_library("nvidia.dali")  # an error, not skips, where the project installed it
+HAVE_FFCV = have_loader_library("ffcv")
 
 TINY_LOADER = ["--views", "2", "--size", "32", "--batch-size", "8", "--workers", "0", "--warmup", "2",
                "--batches", "2", "--device", "cpu"]
@@ -235,6 +236,47 @@ def test_torchvision_v2_views():
     whole = bench._Views([(32, (1.0, 1.0))], ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
     x = torch.from_numpy(photo).permute(2, 0, 1)
     assert torch.equal(whole, v2.functional.horizontal_flip(v2.functional.resize(x, [32, 32], antialias=True)))
+
+
+@pytest.mark.skipif(not HAVE_FFCV, reason="ffcv is not installed")
+def test_ffcv_decode_is_timed_on_what_the_beton_stores(image_folder, tmp_path, monkeypatch):
+    """The .beton holds copies capped at the converter's --max-res: FFCV's decode_ms is the decode of
+    those (its stored JPEGs), not of the folder's full-size files, which made host_cpu_ex_decode_ms
+    negative. Each backend's decode is timed on what it decodes."""
+    import io
+    import convert
+    beton = tmp_path / "train.beton"
+    assert convert.main(["ffcv", "--src", str(image_folder / "train"), "--out", str(beton), "--max-res", "40",
+                         "--workers", "1", "--no-progress"]) == 0
+    decoded = []                                       # the images of each decode timing, in order
+    timed = bench._decode_ms
+
+    def spy(payloads):
+        decoded.append([Image.open(io.BytesIO(p)).size for p in payloads if p is not None])
+        return timed(payloads)
+    monkeypatch.setattr(bench, "_decode_ms", spy)
+    bench._beton_decode_ms.cache_clear()
+    out = tmp_path / "loader.json"
+    bench.main(["loader", "--compare", "torchvision,ffcv", "--data", str(image_folder), "--ffcv-path", str(beton),
+                *TINY_LOADER, "--workers", "1", "--json", str(out)])
+    rows = check_outputs(out)
+    assert [r["backend"] for r in rows] == ["torchvision", "ffcv"]
+    folder, stored = decoded                           # the split's files, then the .beton's rows
+    assert len(folder) == len(stored) == 24            # 3 classes x 8 training images, every one
+    assert max(max(s) for s in stored) == 40 < max(max(s) for s in folder)
+    assert rows[1]["decode_ms"] < rows[0]["decode_ms"]  # 40 px against 64-160 px: several times less work
+    for r in rows:
+        assert r["host_cpu_ex_decode_ms"] == pytest.approx(r["host_cpu_ms"] - r["decode_ms"])
+
+
+def test_every_mode_says_what_it_measures(capsys):
+    for mode in bench.DESCRIPTIONS:
+        with pytest.raises(SystemExit) as done:
+            bench.main([mode, "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert " ".join(bench.DESCRIPTIONS[mode].split()) in text
+    assert "host_cpu_ex_decode_ms" in bench.DESCRIPTIONS["loader"]
 
 
 @pytest.mark.dali
