@@ -160,3 +160,27 @@ def test_cli_on_webdataset_shards(tmp_path, image_folder):
     assert convert.main(["validate", str(out / "train"), "--json", str(report_path)]) == 1
     bad = json.loads(report_path.read_text())["splits"]["train"]["bad_files"]
     assert [b["file"] for b in bad] == [f"{shard}:{samples.names[i]}"]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])                # II (little-endian) and MM TIFF headers
+def test_image_size_is_the_upright_size_of_an_exif_turned_jpeg(photo, order):
+    """The header's size is what the loaders decode: EXIF orientations 5-8 (90 / 270 degrees) swap
+    it, 1-4 do not; the independent reference is Pillow's exif_transpose of the decoded image."""
+    import struct
+    from PIL import ImageOps
+    for o in range(1, 9):
+        tiff = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8) + struct.pack(order + "H", 1) \
+            + struct.pack(order + "HHI", 0x0112, 3, 1) + struct.pack(order + "HH", o, 0) + b"\0\0\0\0"
+        data = jpeg_bytes(photo, exif=b"Exif\0\0" + tiff)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.getexif().get(0x0112) == o                   # Pillow reads the block we wrote
+            w, h = ImageOps.exif_transpose(img).size
+        assert image_size(data) == (h, w) == ((128, 96) if o >= 5 else (96, 128)), o
+
+
+def test_image_size_matches_pillow_on_its_orientation_samples(pillow_test_images):
+    from PIL import ImageOps
+    for path in sorted(pillow_test_images.glob("*orientation*.jpg")):
+        with Image.open(path) as img:
+            w, h = ImageOps.exif_transpose(img).size
+        assert image_size(path.read_bytes()) == (h, w), path.name
