@@ -16,7 +16,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from masksiam.errors import ArgumentParser, command
+from masksiam.errors import ArgumentParser, exit_on_user_error
 
 # command -> module; the module's COMMANDS[command] = (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS = {
@@ -32,7 +32,6 @@ COMMANDS = {
 INPUTS = ("src", "path")
 
 
-@command("convert.py")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = ArgumentParser(prog="convert.py", description=__doc__,
@@ -57,5 +56,5 @@ def main(argv: list[str] | None = None) -> int:
     return runners[args.command](args) or 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # main() raises user errors (DataError, ...) to Python callers; here one line
+    sys.exit(exit_on_user_error("convert.py", main))
