@@ -175,7 +175,9 @@ def batch_boxes(spec, epoch: int, indices, heights, widths) -> np.ndarray:
     out = np.empty((n, views, 5), np.int64)
     if n == 0:
         return out
-    if spec.seed < 0 or epoch < 0 or indices.min() < 0 or indices.max() >= 1 << 32:  # not one word each
+    # the emulation covers one-word indices and spans below 2^32 (numpy's 32-bit integer path)
+    if (spec.seed < 0 or epoch < 0 or indices.min() < 0 or indices.max() >= 1 << 32
+            or heights.max() >= 1 << 32 or widths.max() >= 1 << 32):
         for r in range(n):
             out[r] = spec.boxes(epoch, int(indices[r]), int(heights[r]), int(widths[r]))
         return out

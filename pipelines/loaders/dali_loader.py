@@ -68,13 +68,37 @@ from pipelines.tools.validate import BadImage, check_image, image_size
 from pipelines.loaders.samples import open_split
 from pipelines.loaders.spec import LoaderSpec, check_bad, eval_short_side
 
-# nvJPEG buffers sized for ImageNet's largest images (DALI's ImageNet examples) so nothing is
-# reallocated mid-run; the hardware decoder (A100, H100) takes this share of every batch, the
-# CUDA decoder the rest. Tune HW_DECODER_LOAD with bench.py on the target GPU.
+# nvJPEG's preallocated buffers are per DALI thread: one device buffer of device_memory_padding and
+# two pinned host buffers of host_memory_padding each (double-buffered). Sized for ImageNet's largest
+# images (DALI's ImageNet examples) they cost 16 threads x (201 MiB + 2 x 134 MiB) = 3.1 GiB of GPU
+# and 4.2 GiB of pinned memory per pipeline. A training pipeline gets these budgets for all its
+# threads together instead (a buffer that proves too small grows once, on the larger image), an
+# evaluation pipeline DALI's defaults; neither goes below DALI's defaults per thread. The hardware
+# decoder's preallocate_*_hint stay unset (DALI's default): its buffers grow to the largest image met.
+PADDING_BUDGET = dict(device=1 << 30, host=1 << 30)                 # bytes per training pipeline
+PADDING_MAX = dict(device=211_025_920, host=140_544_512)             # per thread: ImageNet's largest image
+PADDING_MIN = dict(device=16 << 20, host=8 << 20)                    # per thread: DALI's defaults
+# the hardware decoder (A100, H100) takes this share of every batch, the CUDA decoder the rest. Tune
+# HW_DECODER_LOAD with bench.py on the target GPU.
 HW_DECODER_LOAD = 0.65
-MIXED_DECODER_ARGS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
-                          preallocate_width_hint=5980, preallocate_height_hint=6430,
-                          hw_decoder_load=HW_DECODER_LOAD)
+
+
+def decoder_padding(threads: int, train: bool) -> dict:
+    """nvJPEG's per-thread padding for one pipeline of `threads` threads -> the mixed decoder's
+    device_memory_padding and host_memory_padding (bytes). Its memory: threads x device padding
+    on the GPU, 2 x threads x host padding pinned (see padding_bytes)."""
+    if not train:
+        return dict(device_memory_padding=PADDING_MIN["device"], host_memory_padding=PADDING_MIN["host"])
+    threads = max(1, threads)
+    device = min(PADDING_MAX["device"], max(PADDING_MIN["device"], PADDING_BUDGET["device"] // threads))
+    host = min(PADDING_MAX["host"], max(PADDING_MIN["host"], PADDING_BUDGET["host"] // (2 * threads)))
+    return dict(device_memory_padding=device, host_memory_padding=host)
+
+
+def padding_bytes(threads: int, train: bool) -> dict:
+    """What decoder_padding preallocates for one pipeline: {"device": GPU bytes, "pinned": host bytes}."""
+    pad = decoder_padding(threads, train)
+    return dict(device=threads * pad["device_memory_padding"], pinned=2 * threads * pad["host_memory_padding"])
 
 
 def import_dali():
@@ -191,6 +215,7 @@ class DaliLoader:
         self._pipe = None
         self._todo: deque[list] = deque()  # [epoch, indices, planned future or None]: not yet given to DALI
         self._fed: deque[_Plan] = deque()  # given to DALI, outputs not yet taken
+        self._held: deque[tuple] = deque()  # (CUDA event after the copies, DALI outputs) kept alive until it has run
 
     # ---- contract --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -204,11 +229,14 @@ class DaliLoader:
         order = self.spec.shard(len(self.samples), self.epoch)
         self._todo = deque([self.epoch, order[b * self.batch:(b + 1) * self.batch], None]
                            for b in range(self.start_batch, len(self)))
+        replaced: dict[str, str] = {}  # file -> reason, replaced in this pass
         try:
             while True:
                 try:
-                    outputs = pipe.run()
+                    outputs = pipe.run(self._stream())  # on the GPU bound to the consumer's stream, no host sync
                 except StopIteration:
+                    if replaced and not self.train:
+                        self._report_eval_bad(replaced)
                     return
                 except DataError:
                     self._pipe = None  # raised by our own source: drop this pipeline's state
@@ -220,10 +248,19 @@ class DaliLoader:
                 plan = self._fed.popleft()
                 for name, reason in plan.bad:
                     check_bad(self.spec, self.bad_images, name, reason)
+                    replaced[name] = reason
                 yield self._to_batch(outputs, plan)
         finally:
             self._todo.clear()
             self._drain()
+
+    def _report_eval_bad(self, replaced: dict[str, str]) -> None:
+        """Evaluation: an unreadable image's stand-in (the next image of its class) is a duplicate that
+        the evaluation counts once, so the image is left out of it: say which and how many, per pass."""
+        names = "; ".join(f"{name}: {reason}" for name, reason in list(replaced.items())[:10])
+        print(f"DALI loader: {len(replaced)} of {len(self.samples)} evaluation images in {self.samples.root} are "
+              f"unreadable and left out of this evaluation (bad_images=skip): {names}"
+              + (" ..." if len(replaced) > 10 else ""), flush=True)
 
     # ---- host side -------------------------------------------------------------------------------
     def _read_sample(self, index: int):
@@ -324,7 +361,8 @@ class DaliLoader:
                 encoded, start=start, shape=shape, axis_names="WH", output_type=types.RGB,
                 adjust_orientation=True,  # upright, as every loader; the boxes are in upright pixels (image_size)
                 device="mixed" if self.decoder == "mixed" else "cpu",
-                **(MIXED_DECODER_ARGS if self.decoder == "mixed" else {}))
+                **(dict(decoder_padding(self.threads, self.train), hw_decoder_load=HW_DECODER_LOAD)
+                   if self.decoder == "mixed" else {}))
             if not self.crop_in_dali:
                 pipe.set_outputs(images, labels, indices)
             else:
@@ -338,6 +376,7 @@ class DaliLoader:
 
     def _drain(self) -> None:
         """Take the outputs of batches still in flight (the source is empty), then rewind DALI."""
+        self._release_held(wait=True)  # the end of an epoch: the last copies out of DALI's buffers
         if self._pipe is None:
             self._fed.clear()
             return
@@ -351,14 +390,30 @@ class DaliLoader:
             self._pipe = None  # start afresh
         self._fed.clear()
 
+    def _stream(self):
+        """The consumer's CUDA stream (the current one of whoever asks for the next batch: the
+        training loop, or augment-ahead's side stream), None on the CPU (host-synchronous outputs)."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
     def _to_batch(self, outputs, plan: _Plan) -> Batch:
+        """DALI's outputs -> a Batch that owns its memory: it stays valid after the next batch, and
+        record_stream works on it (torch's caching allocator made it)."""
         *images, labels, indices = outputs
         if self.crop_in_dali:
-            # V x (N, S, S, 3) DALI buffers become torch tensors without a copy; on the GPU DLPack
-            # also makes torch's current stream wait for DALI's
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                views = [torch.from_dlpack(v.as_tensor()).permute(0, 3, 1, 2) for v in images]
-                return Batch(views, torch.from_dlpack(labels.as_tensor()), torch.from_dlpack(indices.as_tensor()))
+            # V x (N, S, S, 3) DALI buffers, imported through DLPack and copied into torch's memory on
+            # the consumer's stream (DALI bound its outputs to it). DALI's buffers are not torch's:
+            # record_stream cannot protect them from reuse while another stream reads them, so
+            # nothing downstream sees them, and they stay referenced until the copies have run.
+            stream = self._stream()
+            with torch.cuda.device(self.device) if stream is not None else contextlib.nullcontext():
+                owned = [torch.from_dlpack(t.as_tensor()).clone() for t in (*images, labels, indices)]
+            if stream is not None:
+                self._release_held()
+                done = torch.cuda.Event()
+                done.record(stream)
+                self._held.append((done, outputs))
+            *views, labels, indices = owned
+            return Batch([v.permute(0, 3, 1, 2) for v in views], labels, indices)
         (windows,) = images
         n = len(plan.indices)
         views = [torch.empty(n, size, size, 3, dtype=torch.uint8) for size in self.sizes]
@@ -371,8 +426,16 @@ class DaliLoader:
                     crop_resize(image, boxes[v][k], size, out=views[v][k])
 
         list(self._pool.map(crop, _parts(n, self.threads)))
-        return Batch(to_device_views(views, self.device), torch.from_dlpack(labels.as_tensor()).to(self.device),
-                     torch.from_dlpack(indices.as_tensor()).to(self.device))
+        # labels and indices from the plan: arrays made for this batch alone (DALI's outputs of them are
+        # its buffers); the views were written into new tensors
+        return Batch(to_device_views(views, self.device), torch.from_numpy(plan.inputs[3]).to(self.device),
+                     torch.from_numpy(plan.indices).to(self.device))
+
+    def _release_held(self, wait: bool = False) -> None:
+        """Drop DALI's outputs whose copies into torch memory have run (all of them, waiting, if `wait`)."""
+        while self._held and (wait or self._held[0][0].query()):
+            done, _ = self._held.popleft()
+            done.synchronize()
 
     def _undecodable(self, err: RuntimeError) -> list[tuple[int, str]]:
         """The samples behind a DALI decode error, (index, reason): every image in flight re-checked
@@ -394,6 +457,9 @@ class DaliLoader:
             for i, reason in bad:
                 self._bad[i] = reason
                 check_bad(self.spec, self.bad_images, self.samples.describe(i), reason)  # max_bad_images
+                # DALI's own message (its log line above) names no file
+                print(f"DALI loader: {self.samples.describe(i)}: {reason}: replaced by the next image of its "
+                      "class or shard (bad_images=skip)", flush=True)
             again = [[*plan.job, None] for plan in self._fed] + [[job[0], job[1], None] for job in self._todo]
             self._fed.clear()
             self._todo = deque(again)
