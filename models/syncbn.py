@@ -6,7 +6,8 @@ process would compute), on gloo and nccl alike. torch's nn.SyncBatchNorm does th
 copies the per-rank counts to the host once per BN layer per forward (`count_all[mask]`, a boolean
 index): ~55 stalls per ResNet-50 forward, plus the EMA target's. Here nothing leaves the device:
 
-  forward   per-rank mean and biased variance (C,) and count, one all_gather of (2C + 1,) per layer,
+  forward   per-rank mean and biased variance (C,) and count, one all_gather of (2C + 1,) per layer
+            (into one preallocated buffer),
             Chan's parallel combination into the global mean / variance, then normalise
   backward  per-rank sum(dy) and sum(dy * (x - mean)) (C,), one all_reduce of (2C,), then the
             BatchNorm input gradient with the global count
@@ -40,6 +41,41 @@ def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     return mean, var
 
 
+# Every layer gathers (W, 2C + 1) float32 into one flat buffer per (device, length, world size),
+# reused by the next layer of that width: what is read from it becomes new tensors at once (the
+# global statistics, a copy of the counts), and the layers run in stream order.
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+_INTO_TENSOR: dict[str, bool] = {}          # backend -> whether it gathers into one tensor
+
+
+def _all_gather_rows(packed: torch.Tensor) -> torch.Tensor:
+    """(L,) on every rank -> (W, L), rank order: one all_gather into a preallocated flat (W * L,)
+    buffer (the layout nccl and gloo both take; newer torch names it all_gather_single), or, on a
+    backend without it, a list gather (detected once per backend)."""
+    w, length = world_size(), packed.numel()
+    backend = str(dist.get_backend())
+    into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    if _INTO_TENSOR.get(backend, True):
+        key = (packed.device, packed.dtype, length, w)
+        if torch.compiler.is_compiling():              # no global state in a traced graph
+            out = packed.new_empty(w * length)
+        else:
+            out = _BUFFERS.get(key)
+            if out is None:
+                out = _BUFFERS[key] = packed.new_empty(w * length)
+        try:
+            into(out, packed)
+            _INTO_TENSOR[backend] = True
+            return out.view(w, length)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            if backend in _INTO_TENSOR:                 # it worked before: a real error
+                raise
+            _INTO_TENSOR[backend] = False
+    parts = [torch.empty_like(packed) for _ in range(w)]
+    dist.all_gather(parts, packed)
+    return torch.stack(parts)
+
+
 def _gather_stats(mean: torch.Tensor, var: torch.Tensor, count: float) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-rank (C,) mean / variance and count -> the global mean, biased variance (C,) and the
@@ -48,17 +84,12 @@ def _gather_stats(mean: torch.Tensor, var: torch.Tensor, count: float) \
     catastrophically when |mean| >> std."""
     c = mean.shape[0]
     packed = torch.cat([mean, var, mean.new_full((1,), count)])            # (2C + 1,), no H2D copy
-    if world_size() > 1:
-        parts = [torch.empty_like(packed) for _ in range(world_size())]
-        dist.all_gather(parts, packed)
-        packed = torch.stack(parts)                                         # (W, 2C + 1)
-    else:
-        packed = packed[None]
+    packed = _all_gather_rows(packed) if world_size() > 1 else packed[None]  # (W, 2C + 1)
     means, variances, counts = packed[:, :c], packed[:, c:2 * c], packed[:, 2 * c:]   # (W, C), (W, C), (W, 1)
     total = counts.sum()
     g_mean = (counts * means).sum(0) / total
     g_var = (counts * (variances + (means - g_mean).square())).sum(0) / total
-    return g_mean, g_var, counts.view(-1)
+    return g_mean, g_var, counts.reshape(-1).clone()                       # not a view of the buffer
 
 
 class _GlobalBatchNormFn(torch.autograd.Function):
