@@ -1,64 +1,108 @@
-"""tools/gpu_check.sh --dry-run: every step of the GPU measurement at tiny sizes on the CPU, so the
-script cannot rot between the rare GPU windows. Checks the files it promises (at most 8, each under
-16 MB), that every step ran and passed (or was skipped saying why), the rows of each mode, and that
-`bench.py readme` takes its folder."""
+"""tools/gpu_check.sh and tools/gpu_check.py: the GPU measurement's plan fits its 8-minute budget in
+the order of value, and `--dry-run` takes every step of it at tiny sizes on the CPU, so that the script
+cannot rot between the rare GPU windows. The dry run hides the Debian photo packages (the GPU machine
+has none): its data path is missing and convert.py photos fails, so it also checks the synthetic-JPEG
+fallback. A bare python (no torch) still gets the preflight line and every step's row."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import bench
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
 FILES = {"gpu_check.md", "gpu_check.json", "gpu_check.log", "augment.json", "model.json", "train.json",
          "augment.png", "train.png"}
+# the order of value (issue 22): the environment, the compiled mscn augment, end to end and model-only
+# for SimCLR and BYOL, the sync checks; then the rest
+FIRST = ["environment", "augment-compiled-mscn", "photos", "train-simclr", "train-byol", "syncs-simclr-mscn",
+         "syncs-byol-mixmask"]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("gpu_check_tool", ROOT / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(*flags: str) -> dict[str, int]:
+    done = subprocess.run(["bash", str(SCRIPT), "--plan", *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return {name: int(limit) for name, limit in (line.split("\t") for line in done.stdout.splitlines())}
+
+
+def test_the_plan_fits_eight_minutes_in_the_order_of_value():
+    plan = _plan()
+    budget, summary = plan.pop("budget"), plan.pop("summary")
+    assert budget == 480 and sum(plan.values()) + summary <= budget
+    assert list(plan)[:len(FIRST)] == FIRST
+    assert plan["augment-compiled-mscn"] >= 180           # a cold inductor compile of MSCN's stencils
+    assert list(plan).index("cuda-tests") < list(plan).index("augment-compiled-rest") == len(plan) - 1
+    assert plan["augment-compiled-rest"] == 0              # runs only on time the others left
+    dry = _plan("--dry-run")
+    assert dry.pop("budget") == 4 * budget and dry.pop("summary") == 4 * summary
+    assert list(dry) == list(plan) and all(dry[k] == 4 * v for k, v in plan.items())
+
+
+def test_script_refuses_unknown_arguments():
+    done = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: tools/gpu_check.sh [--dry-run] [--plan]" in done.stderr
 
 
 @pytest.fixture(scope="module")
-def dry_run(image_folder, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_DATA": str(image_folder)}
-    env.pop("MASKSIAM_DEVICE", None)
-    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=2400)
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_PHOTO_ROOT": str(out / "no-debian-packages-here")}
+    for key in ("MASKSIAM_DEVICE", "GPU_CHECK_DATA", "GPU_CHECK_PYTHON", "GPU_CHECK_BUDGET_S"):
+        env.pop(key, None)
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=2400)
     return out, done
 
 
 @pytest.mark.slow
-def test_dry_run_completes_and_writes_its_files(dry_run):
+def test_dry_run_takes_every_step_of_the_plan_and_writes_its_files(dry_run):
     out, done = dry_run
     assert done.returncode == 0, done.stderr[-3000:]
-    names = {p.name for p in out.iterdir()}
-    assert names == FILES
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("[gpu_check] preflight: imports torch") and "does not import" in first
+    assert {p.name for p in out.iterdir()} == FILES
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["dry_run"] is True and summary["environment"]["torch"]
-    steps = {s["step"]: s for s in summary["steps"]}
-    expected = {"environment", "cuda-tests", "augment-eager", "augment-compiled-simclr", "model-siamese",
-                "model-simmim", "train", "syncs-simclr-mscn"}       # the dry run: one row per step
-    assert expected <= steps.keys()
-    for name in expected:
-        assert steps[name]["exit"] == "0", (name, steps[name])
-    for s in steps.values():                          # DALI / FFCV rows: run, or skipped saying why
-        assert s["exit"] == "0" or (s["exit"] == "skipped" and s["note"]), s
+    assert summary["dry_run"] is True and summary["budget_s"] == 1920 and summary["preflight"] == first
+    assert summary["environment"]["torch"] and summary["environment"]["imports"]["masksiam"] == "ok"
+    plan = _plan("--dry-run")
+    steps = summary["steps"]
+    assert [s["step"] for s in steps] == [k for k in plan if k not in ("summary", "budget")]
+    assert all(s["exit"] == "0" for s in steps), steps
+    assert all(int(s["limit"]) == plan[s["step"]] for s in steps)
+    # the photo packages hidden: convert.py photos failed and the synthetic JPEGs stood in
+    assert "synthetic JPEGs (convert.py photos failed: photo folder" in (out / "gpu_check.log").read_text()
 
 
 @pytest.mark.slow
 def test_dry_run_rows_per_mode(dry_run):
     out, _ = dry_run
     results = json.loads((out / "gpu_check.json").read_text())["results"]
-    assert [r["label"] for r in results["augment"]] == ["mscn", "simclr", "byol", "mixmask", "simmim",
-                                                        "simclr compiled"]
-    assert [r["views_per_image"] for r in results["augment"][:5]] == [3, 2, 2, 3, 1]
-    assert [r["label"] for r in results["model"]] == ["model-only simclr", "model-only simmim"]
-    labels = [r["label"] for r in results["train"]]
-    assert labels == ["end-to-end (torchvision)", "end-to-end (synthetic)", "model-only"]
+    augment = results["augment"]
+    assert [r["label"] for r in augment] == ["mscn compiled", "mscn", "simclr", "byol", "mixmask", "simmim_8px",
+                                             "simclr compiled"]
+    assert [r["views_per_image"] for r in augment] == [3, 3, 2, 2, 3, 1, 2]
+    assert [r["label"] for r in results["model"]] == ["model-only simmim"]
+    assert [r["label"] for r in results["train"]] == ["simclr: end-to-end (torchvision)", "simclr: model-only",
+                                                      "byol: end-to-end (torchvision)", "byol: model-only"]
+    assert [r["recipe"] for r in results["train"]] == ["mscn", "model-only-mscn", "byol", "model-only-byol"]
     assert all(r["device"] == "cpu" and r["images_per_s"] > 0 for m in ("model", "train") for r in results[m])
-    assert [r["ok"] for r in results["syncs"]] == [True]
+    assert [(r["label"], r["ok"]) for r in results["syncs"]] == [("simclr + mscn", True), ("byol + mixmask", True)]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# tools/gpu_check.sh --dry-run") and "## Host syncs in the step path" in md
     for mode in ("augment", "model", "train"):       # bench.py's own payload format
@@ -73,11 +117,110 @@ def test_readme_takes_the_gpu_check_folder(dry_run, tmp_path):
     readme.write_text(f"intro\n{bench.BEGIN}\nold\n{bench.END}\n")
     res = bench.main(["readme", "--results", f"{out},{out}", "--readme", str(readme)])
     assert res["written"] and res["block"].count("Measured by tools/gpu_check.sh --dry-run") == 2
-    assert "| augment: mscn batched vs per-sample |" in res["block"]
+    assert "| augment: mscn compiled batched vs per-sample |" in res["block"]
+    assert "| train: simclr: end-to-end (torchvision) |" in res["block"]
     assert "| train: model-only simmim |" in res["block"]
 
 
-def test_script_refuses_unknown_arguments():
-    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--bogus"], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2 and "usage: tools/gpu_check.sh [--dry-run]" in done.stderr
+def test_a_python_without_torch_still_gets_the_preflight_line_and_every_row(tmp_path):
+    """python -S: no site-packages, so no torch, numpy or PIL. Nothing can run; every step says why."""
+    bare = tmp_path / "python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_PYTHON": str(bare), "GPU_CHECK_DATA": str(tmp_path / "none")}
+    done = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("[gpu_check] preflight: imports ") and "torch (ModuleNotFoundError)" in first
+    summary = json.loads((out / "gpu_check.json").read_text())
+    plan = _plan()
+    assert [s["step"] for s in summary["steps"]] == [k for k in plan if k not in ("summary", "budget")]
+    env_row, *rest = summary["steps"]
+    assert env_row["exit"] == "0"
+    for s in rest:
+        assert s["exit"] == "skipped" and "does not import: ModuleNotFoundError" in s["note"], s
+    assert "bench.py does not import" in (out / "gpu_check.md").read_text()
+    assert {p.name for p in out.iterdir()} == {"gpu_check.md", "gpu_check.json", "gpu_check.log"}
+
+
+# ---- tools/gpu_check.py photos: the JPEG folder -----------------------------------------------------
+
+def _jpegs(folder: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(d.glob("*.jpg")) for d in sorted(folder.iterdir())}
+
+
+def test_photos_without_the_packages_are_synthetic_jpegs_of_varied_sizes(tmp_path, capsys):
+    tool = _tool()
+    out = tmp_path / "photos"
+    tool.main(["photos", "--out", str(out), "--preset", "dry", "--photo-root", str(tmp_path / "none"),
+               "--workers", "1"])
+    assert "synthetic JPEGs (convert.py photos failed: photo folder" in capsys.readouterr().out
+    preset = tool.PRESETS["dry"]
+    for split, n in (("train", preset["train_per_class"]), ("val", preset["val_per_class"])):
+        classes = _jpegs(out / split)
+        assert len(classes) == preset["classes"] and all(len(files) == n for files in classes.values())
+    sizes, means = set(), []
+    for path in (out / "train").rglob("*.jpg"):
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.mode == "RGB" and max(img.size) <= preset["max_res"]
+            sizes.add(img.size)
+            means.append(tuple(int(v) for v in img.resize((1, 1)).getpixel((0, 0))))
+    assert len(sizes) > 4 and len(set(means)) > 4                     # varied sizes and content
+    report = json.loads((out / ".complete").read_text())
+    assert report["dataset"] == "synthetic-jpeg" and report["images"] == 2 * (8 + 2)
+    tool.main(["photos", "--out", str(out), "--preset", "dry"])        # a second call finds it
+    assert "is there" in capsys.readouterr().out
+
+
+def test_photos_real_only_fails_in_one_line_without_the_packages(tmp_path, capsys):
+    tool = _tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["photos", "--out", str(tmp_path / "p"), "--preset", "dry", "--photo-root", str(tmp_path),
+                   "--real-only"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tools/gpu_check.py photos: error: ") and "opencv-doc" in err
+    assert "\n" not in err and not (tmp_path / "p").exists()
+
+
+def test_photos_take_the_real_photos_where_the_packages_are(tmp_path, capsys):
+    """The packages' folders under --photo-root: convert.py photos' own path, not the fallback."""
+    from skimage import data
+    mate = tmp_path / "root" / "usr" / "share" / "backgrounds" / "mate"
+    mate.mkdir(parents=True)
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(mate / f"{name}.jpg", quality=95)
+    tool = _tool()
+    out = tmp_path / "photos"
+    tool.main(["photos", "--out", str(out), "--preset", "dry", "--photo-root", str(tmp_path / "root"),
+               "--workers", "1", "--real-only"])
+    assert "real photos (convert.py photos)" in capsys.readouterr().out
+    report = json.loads((out / ".complete").read_text())
+    assert report["dataset"] == "photos" and report["images"] == 2 * (8 + 2)
+    assert all(str(mate) in source for source in report["class_sources"].values())
+
+
+def test_photos_refuse_a_folder_over_the_carry_limit(tmp_path, capsys):
+    tool = _tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["photos", "--out", str(tmp_path / "p"), "--preset", "dry", "--photo-root", str(tmp_path),
+                   "--max-mb", "0.001", "--workers", "1"])
+    assert exit_info.value.code == 1 and "over the --max-mb 0.001 that can be carried" in capsys.readouterr().err
+
+
+# ---- tools/gpu_check.py preflight -----------------------------------------------------------------
+
+def test_preflight_names_what_does_not_import_and_the_script_reads_it(tmp_path, capsys, monkeypatch):
+    tool = _tool()
+    monkeypatch.setattr(tool, "MODULES", ("shlex", "no_such_module_gpu_check", "torch"))
+    assert tool.preflight(tmp_path) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("[gpu_check] preflight: imports shlex, torch " + __import__("torch").__version__
+                     + "; does not import no_such_module_gpu_check (ModuleNotFoundError)")
+    have = subprocess.run(["bash", "-c", f"source {tmp_path / 'have.sh'} && echo $HAVE_shlex $HAVE_torch "
+                           "$HAVE_no_such_module_gpu_check \"$WHY_no_such_module_gpu_check\""],
+                          capture_output=True, text=True, timeout=30).stdout
+    assert have == "1 1 0 ModuleNotFoundError: No module named 'no_such_module_gpu_check'\n"
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["torch"] and env["imports"]["no_such_module_gpu_check"].startswith("ModuleNotFoundError")

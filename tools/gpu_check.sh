@@ -1,247 +1,233 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one call (issue 16 section 3), on any CUDA machine with its own torch:
+# The whole GPU measurement in one call of at most 8 minutes, on any CUDA machine with its own torch
+# (a bare one: no .venv, no network, no DALI / FFCV, no Debian photo packages is enough):
 #
-#   tools/gpu_check.sh              # ~8 minutes on one GPU; results in $OUT, else runs/gpu_check/
-#   tools/gpu_check.sh --dry-run    # every step at tiny sizes on the CPU, one row per step where the
-#                                   # GPU run has several (CI: tests/test_gpu_check.py)
+#   tools/gpu_check.sh              # results in $OUT if set, else runs/gpu_check/
+#   tools/gpu_check.sh --dry-run    # the same steps in the same order at tiny sizes on the CPU (CI:
+#                                   # tests/test_gpu_check.py), each limit x4
+#   tools/gpu_check.sh --plan       # the steps and their limits, nothing run (--dry-run --plan: the dry run's)
 #
-# Steps: the environment (GPU, driver, torch, CUDA, cuDNN); the CUDA tests (pytest -m gpu); bench.py
-# augment on the device for mscn, simclr, byol, mixmask, simmim at batch 256 x 224 bf16, eager and
-# compiled; bench.py model for ResNet-50 2 x 224 bf16 channels-last (simclr, byol, moco, simmim,
-# mixmae); bench.py train end to end with the torchvision loader on a JPEG folder (data/gpu_check_photos,
-# built by `convert.py photos` when missing; GPU_CHECK_DATA=DIR to use another) and with the
-# synthetic loader, against model-only; bench.py syncs (the step path under sync-debug "error").
-# DALI / FFCV rows run only where those libraries import (FFCV also needs DATA/train.beton); otherwise
-# the summary says they were skipped. Nothing is installed; the python is .venv/bin/python if there is
-# one, else python3 (the machine's torch).
+# The first line of output says which modules import and which do not (tools/gpu_check.py preflight);
+# a step whose modules do not import is skipped saying so, and the rest still run. The steps, by value:
+# the environment; bench.py augment --compile of the mscn recipe (a cold inductor compile of its
+# stencils takes minutes); bench.py train, end to end and model-only, ResNet-50 2 x 224 bf16 with the
+# configs of the SimCLR + MSCN and BYOL runs; bench.py syncs (the step path under sync-debug "error");
+# then pytest -m gpu on the test files that hold GPU tests, model-only MIM and MoCo rows (batch 128:
+# MixMAE's per-source BatchNorm needs the memory), the eager augment rows, and the other compiled
+# recipes as time allows. Every step has its own limit; the limits and the summary's add up to the
+# budget (480 s), so each step gets at least its own, plus what the steps before it left unused
+# (never what the steps after it are promised). A step with limit 0 runs only on such leftovers.
 #
-# Output (at most 8 files of at most 16 MB): gpu_check.md (summary: environment, steps, every table,
-# verdicts), gpu_check.json (all of it), gpu_check.log (every command's output), augment.json,
-# model.json, train.json (bench.py's format: `python bench.py readme --results runs/bench,DIR` puts
-# the GPU rows in the README table), augment.png, train.png.
-# Every step has a time limit inside the 8-minute budget; a step that fails or times out is recorded
-# and the rest still run. Exit status: 0 when every step that ran passed.
+# Data: data/gpu_check_photos (carry it to the machine; build it once where the Debian photo
+# packages are: `python tools/gpu_check.py photos --out data/gpu_check_photos --real-only`);
+# GPU_CHECK_DATA=DIR uses another ImageFolder. When it is missing, the photos step runs convert.py
+# photos and, where that fails (no packages), writes synthetic JPEGs with Pillow instead; the summary
+# says which. DALI rows run where nvidia.dali imports, FFCV's where ffcv imports and DATA/train.beton exists.
+#
+# Output (at most 8 files of at most 16 MB): gpu_check.md (preflight, environment, steps, every table),
+# gpu_check.json, gpu_check.log (every command's output), augment.json, model.json, train.json
+# (bench.py's format: `python bench.py readme --results runs/bench,DIR` puts the GPU rows in the README
+# table), augment.png, train.png. Nothing is installed; the python is $GPU_CHECK_PYTHON, else
+# .venv/bin/python if there is one, else python3; PYTHONPATH gets the repository (no install needed).
+# Exit status: 0 when every step that ran passed (a limit-0 step cut by the budget is no failure).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  "") ;;
-  *) echo "usage: tools/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
-esac
-PY=python3
-[[ -x .venv/bin/python ]] && PY=.venv/bin/python
+DRY=0; PLAN_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --plan) PLAN_ONLY=1 ;;
+    *) echo "usage: tools/gpu_check.sh [--dry-run] [--plan]" >&2; exit 2 ;;
+  esac
+done
+
+# ---- the plan: step:limit (seconds on a GPU) in the order the steps run, most valuable first -------
+PLAN=(environment:25 augment-compiled-mscn:180 photos:20 train-simclr:55 train-byol:35
+      syncs-simclr-mscn:25 syncs-byol-mixmask:25 cuda-tests:35 model-rest:40 augment-eager:25
+      augment-compiled-rest:0)
+SUMMARY_S=15                                   # the summary's own limit, the last of the budget
+BUDGET_S=480                                   # one 8-minute call
+SCALE=1; [[ $DRY == 1 ]] && SCALE=4            # the dry run: a shared CPU, every limit x4
+BUDGET=${GPU_CHECK_BUDGET_S:-$(( BUDGET_S * SCALE ))}
+SUMMARY_LIMIT=$(( SUMMARY_S * SCALE ))
+declare -A LIMIT
+NAMES=()
+for entry in "${PLAN[@]}"; do NAMES+=("${entry%%:*}"); LIMIT[${entry%%:*}]=$(( ${entry##*:} * SCALE )); done
+if [[ $PLAN_ONLY == 1 ]]; then
+  for name in "${NAMES[@]}"; do printf '%s\t%s\n' "$name" "${LIMIT[$name]}"; done
+  printf 'summary\t%s\nbudget\t%s\n' "$SUMMARY_LIMIT" "$BUDGET"
+  exit 0
+fi
+
+PY=${GPU_CHECK_PYTHON:-python3}
+[[ -z ${GPU_CHECK_PYTHON:-} && -x .venv/bin/python ]] && PY=.venv/bin/python
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 DEST=${OUT:-runs/gpu_check}
-mkdir -p "$DEST"
-DEST=$(cd "$DEST" && pwd)
+mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 LOG="$DEST/gpu_check.log"
-: > "$LOG"
-: > "$WORK/steps.tsv"
+: > "$LOG"; : > "$WORK/steps.tsv"
+printf '%s\n' "${NAMES[@]}" > "$WORK/order.txt"   # the summary orders each mode's rows by step
+mkdir -p "$WORK"/{augment,model,train,syncs,configs}
 T0=$(date +%s)
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+NEXT=0                                         # index in NAMES of the next step: steps run in plan order
 
-if [[ $DRY == 1 ]]; then
-  DEVICE=cpu; SCALE=4                      # step limits x4: a shared CPU, torch.compile on the CPU
-  AUG=(--batch-size 8 --size 32 --batches 1 --warmup 1 --dtype float32)
-  COMPILED_RECIPES=(simclr)
-  NET=(arch=resnet10 width=8 stem=small size=32 proj_hidden=32 proj_dim=16 precision=fp32)
-  MIM_NET=(arch=resnet10 width=8 stem=small size=32 precision=fp32); MIM_RECIPE=_8px   # 8 px patches
-  TRAIN_BATCH=8; MODEL_BATCH=8; WORKERS=2; STEPS=(--warmup 1 --batches 1)
-  # one row per step where the GPU run has several (each train.py run costs seconds here): the
-  # same code paths, and the suite stays short
-  SIAMESE=simclr; MIM=(simmim); SYNC_PAIRS=(simclr:mscn); OPTIONAL_LOADERS=0
-  TESTS=(tests/test_ddp.py tests/test_optim.py)
-  PHOTOS_ARGS=(--classes 2 --train-per-class 8 --val-per-class 2 --max-res 96)
-else
-  DEVICE=cuda; SCALE=1
-  AUG=(--batch-size 256 --size 224 --batches 20 --warmup 3 --dtype bfloat16)
-  COMPILED_RECIPES=(mscn simclr byol mixmask simmim)
-  NET=(arch=resnet50 size=224 precision=bf16 channels_last=true)
-  MIM_NET=("${NET[@]}"); MIM_RECIPE=
-  TRAIN_BATCH=256; MODEL_BATCH=256; WORKERS=$(nproc); STEPS=(--warmup 5 --batches 20)
-  SIAMESE=simclr,byol,moco; MIM=(simmim mixmae); SYNC_PAIRS=(simclr:mscn byol:mixmask); OPTIONAL_LOADERS=1
-  TESTS=(tests)
-  PHOTOS_ARGS=(--classes 20 --train-per-class 100 --val-per-class 5 --max-res 256)
-fi
-BUDGET=${GPU_CHECK_BUDGET_S:-$(( 480 * SCALE ))}    # 8 minutes on a GPU
-DATA=${GPU_CHECK_DATA:-$([[ $DRY == 1 ]] && echo "$WORK/photos" || echo "data/gpu_check_photos")}
-BENCH=("$PY" bench.py)
-RUNS="$WORK/runs"
-
-# step NAME LIMIT_S CMD...: run CMD with the smaller of LIMIT_S and the budget left, log its output,
-# record name / exit status / seconds (rc 124: timed out; "skipped": no budget left)
+# record NAME EXIT SECONDS NOTE: one row of the steps table
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${LIMIT[$1]}" "$4" >> "$WORK/steps.tsv"; }
+# take NAME: the step must be the plan's next one (the dry run and the GPU run keep one order)
+take() {
+  if [[ ${NAMES[$NEXT]:-} != "$1" ]]; then
+    echo "tools/gpu_check.sh: step $1 is out of the plan's order (expected ${NAMES[$NEXT]:-none})" >&2; exit 3
+  fi
+  NEXT=$(( NEXT + 1 ))
+}
+# note NAME WHY: the step is skipped, saying why
+note() { take "$1"; record "$1" skipped 0 "$2"; echo "[gpu_check] $1: skipped ($2)" >&2; }
+# missing MODULE...: the first module the preflight found not to import, with its error ("" when none;
+# a module it did not get to counts as importing: the step then fails or passes on its own)
+missing() {
+  local m v w
+  for m in "$@"; do
+    v=HAVE_${m//./_} w=WHY_${m//./_}
+    if [[ ${!v:-1} == 0 ]]; then echo "$m does not import: ${!w}"; return; fi
+  done
+}
+# step NAME "MODULES" CMD...: run CMD when MODULES import, with the time this step may use: the budget
+# left after the summary's and the later steps' limits. Logs its output; records exit status and seconds
+# (124: timed out).
 step() {
-  local name=$1 limit=$(( $2 * SCALE )); shift 2
-  local left=$(( BUDGET - ($(date +%s) - T0) ))
-  if (( left < 10 )); then
-    printf '%s\tskipped\t0\tthe %s s budget was spent\n' "$name" "$BUDGET" >> "$WORK/steps.tsv"
+  local name=$1 needs=$2; shift 2
+  local why; why=$(missing $needs)
+  if [[ -n $why ]]; then note "$name" "$why"; return 0; fi
+  take "$name"
+  local later=0 i
+  for (( i = NEXT; i < ${#NAMES[@]}; i++ )); do later=$(( later + ${LIMIT[${NAMES[$i]}]} )); done
+  local limit=$(( BUDGET - SUMMARY_LIMIT - later - ($(date +%s) - T0) ))
+  if (( limit < 10 )); then
+    record "$name" skipped 0 "the ${BUDGET} s budget was spent"; echo "[gpu_check] $name: skipped (no time left)" >&2
     return 0
   fi
-  (( limit > left )) && limit=$left
   local t=$(date +%s)
   echo "=== $name (limit ${limit} s): $*" >> "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  printf '%s\t%s\t%s\t\n' "$name" "$rc" "$(( $(date +%s) - t ))" >> "$WORK/steps.tsv"
-  echo "[gpu_check] $name: exit $rc after $(( $(date +%s) - t )) s" >&2
-  return 0
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$? took=$(( $(date +%s) - t )) why=""
+  if [[ $rc == 124 || $rc == 137 ]]; then
+    why="stopped at its ${limit} s"
+    (( ${LIMIT[$name]} == 0 )) && { why="$why: it runs on time left over, and none was left"; rc=cut; }
+  fi
+  record "$name" "$rc" "$took" "$why"
+  echo "[gpu_check] $name: exit $rc after $took s" >&2
 }
-note() { printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$WORK/steps.tsv"; echo "[gpu_check] $1: skipped ($2)" >&2; }
 
-# ---- 1. the environment -------------------------------------------------------------------------
-step environment 60 "$PY" - "$WORK/env.json" <<'EOF'
-import json, os, platform, shutil, subprocess, sys
-sys.path.insert(0, ".")
-import torch
-import masksiam  # noqa: F401  (torchvision importable on a CPU-only torch)
-env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-       "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-       "cpus": len(os.sched_getaffinity(0)), "cuda_available": torch.cuda.is_available()}
-try:
-    import torchvision
-    env["torchvision"] = torchvision.__version__
-except Exception as err:
-    env["torchvision"] = f"does not import: {err}"
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    env.update(gpu=p.name, gpus=torch.cuda.device_count(), gpu_memory_gb=round(p.total_memory / 2**30, 1),
-               capability=f"{p.major}.{p.minor}", bf16=torch.cuda.is_bf16_supported())
-if shutil.which("nvidia-smi"):
-    q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
-                       capture_output=True, text=True)
-    env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
-for name in ("nvidia.dali", "ffcv"):
-    try:
-        __import__(name)
-        env[name] = "installed"
-    except Exception as err:
-        env[name] = f"not installed ({type(err).__name__})"
-json.dump(env, open(sys.argv[1], "w"), indent=2)
-print(json.dumps(env, indent=2))
-EOF
-
-# ---- 2. the CUDA tests (skipped cleanly without CUDA) -------------------------------------------
-step cuda-tests 90 env MASKSIAM_DEVICE= "$PY" -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}"
-
-# ---- 3. the augment stage on the device, eager (compiled: step 7) --------------------------------
-step augment-eager 90 "${BENCH[@]}" augment --device "$DEVICE" --recipe mscn,simclr,byol,mixmask,simmim \
-  "${AUG[@]}" --reference-images 0 --json "$WORK/augment/eager.json"
-# ---- 4. model-only: ResNet-50 2 x 224 bf16 channels-last, synthetic batches on the device ---------
-step model-siamese 120 "${BENCH[@]}" model --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" \
-  --json "$WORK/model/siamese.json" --sweep method=$SIAMESE \
-  --set data="$DATA" "${NET[@]}" batch_size=$MODEL_BATCH views=2 recipe=simclr
-for method in "${MIM[@]}"; do
-  step "model-$method" 60 "${BENCH[@]}" model --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" \
-    --json "$WORK/model/$method.json" --set data="$DATA" "${MIM_NET[@]}" batch_size=$MODEL_BATCH views=1 \
-    method=$method recipe=$method$MIM_RECIPE
-done
-
-# ---- 5. end to end: the torchvision loader on JPEGs, the synthetic loader, vs model-only ---------
-if [[ ! -d "$DATA/train" ]]; then
-  step photos 240 "$PY" convert.py photos --out "$DATA" "${PHOTOS_ARGS[@]}" --workers "$WORKERS"
-fi
-LOADERS=torchvision,synthetic
-if [[ $OPTIONAL_LOADERS == 0 ]]; then note dali-ffcv-rows "the dry run measures the torchvision and synthetic loaders only"
+# ---- sizes: the GPU run and the dry run take the same steps -----------------------------------------
+DATA=${GPU_CHECK_DATA:-$([[ $DRY == 1 ]] && echo "$WORK/photos" || echo "data/gpu_check_photos")}
+if [[ $DRY == 1 ]]; then
+  DEVICE=cpu; WORKERS=2; PRESET=dry
+  AUG=(--batch-size 8 --size 32 --batches 1 --warmup 1 --dtype float32)
+  # one row per step where the GPU run has several (each train.py run costs seconds here)
+  EAGER_RECIPES=mscn,simclr,byol,mixmask,simmim_8px; REST_RECIPES=simclr; REST_MODELS=(simmim)
+  LOADERS=torchvision
+  # one network shape for every config: 32 px, a narrow ResNet-10, fp32 (no bf16 autocast on the CPU)
+  NET=(arch=resnet10 width=8 stem=small size=32 proj_hidden=32 proj_dim=16 pred_hidden=32 precision=fp32)
+  TRAIN=(batch_size=8 workers=$WORKERS); REST_BATCH=8; SYNC_BATCH=4; MIM_8PX=_8px
+  STEPS=(--warmup 1 --batches 1)
+  # the dry run checks the script, not the compiler: inductor on a shared CPU takes minutes per recipe
+  COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
 else
-  if "$PY" -c "import nvidia.dali" 2>/dev/null; then LOADERS+=,dali; else note dali-rows "nvidia.dali is not installed"; fi
-  if "$PY" -c "import ffcv" 2>/dev/null && [[ -f "$DATA/train.beton" ]]; then LOADERS+=,ffcv
-  else note ffcv-rows "ffcv is not installed or $DATA/train.beton is missing"; fi
+  DEVICE=cuda; WORKERS=$(nproc); PRESET=gpu
+  AUG=(--batch-size 256 --size 224 --batches 20 --warmup 3 --dtype bfloat16)
+  EAGER_RECIPES=mscn,simclr,byol,mixmask,simmim; REST_RECIPES=simclr,byol,mixmask,simmim
+  REST_MODELS=(simmim mixmae moco); LOADERS=torchvision,synthetic
+  NET=(arch=resnet50 size=224 precision=bf16 channels_last=true)      # the configs' own heads
+  TRAIN=(batch_size=256 workers=$WORKERS); REST_BATCH=128; SYNC_BATCH=64; MIM_8PX=
+  STEPS=(--warmup 5 --batches 20)
+  COMPILE_ENV=()
 fi
-step train 150 "${BENCH[@]}" train --device "$DEVICE" "${STEPS[@]}" --out-dir "$RUNS" --compare "$LOADERS" \
-  --json "$WORK/train/train.json" --set data="$DATA" "${NET[@]}" batch_size=$TRAIN_BATCH views=2 \
-  recipe=mscn method=simclr workers=$WORKERS
+BENCH=(env "${COMPILE_ENV[@]}" "$PY" bench.py)
+BENCH_NEEDS="torch masksiam torchvision numpy yaml tqdm psutil"
+RUNS="$WORK/runs"
+COMMON=(--out-dir "$RUNS" --device "$DEVICE")
 
-# ---- 6. the step path free of host syncs (CUDA: sync-debug "error") -----------------------------
-for pair in "${SYNC_PAIRS[@]}"; do
-  step "syncs-${pair%%:*}-${pair##*:}" 60 "${BENCH[@]}" syncs --device "$DEVICE" --steps 3 --skip 2 \
-    --out-dir "$RUNS" --json "$WORK/syncs/${pair%%:*}.json" --set data="$DATA" loader=synthetic \
-    "${NET[@]}" batch_size=$((MODEL_BATCH / 4 > 4 ? MODEL_BATCH / 4 : 4)) views=2 method=${pair%%:*} recipe=${pair##*:}
+# ---- 1. the environment: which modules import (the first line of output), the machine -------------
+take environment
+t=$(date +%s)
+if command -v "$PY" > /dev/null; then
+  timeout --kill-after=5 "${LIMIT[environment]}" "$PY" tools/gpu_check.py preflight "$WORK" > "$WORK/preflight.out" 2>> "$LOG"
+  rc=$?
+else
+  rc=127; echo "$PY: not found" > "$WORK/preflight.out"
+fi
+# preflight.txt is written after each import: it says what was found even if an import hung or killed it
+if [[ ! -s "$WORK/preflight.txt" ]]; then
+  echo "[gpu_check] preflight: $PY could not check any import (exit $rc): $(head -c 300 "$WORK/preflight.out" | tr '\n' ' ')" > "$WORK/preflight.txt"
+elif [[ $rc != 0 ]]; then
+  sed -i "1s/\$/ (the preflight ended with exit $rc)/" "$WORK/preflight.txt"
+fi
+cat "$WORK/preflight.txt"
+{ echo "=== environment: $PY tools/gpu_check.py preflight"; cat "$WORK/preflight.out"; } >> "$LOG"
+[[ -f "$WORK/have.sh" ]] && source "$WORK/have.sh"
+record environment "$rc" $(( $(date +%s) - t )) ""
+
+# ---- 2. the compiled augment stage of mscn: its cold compile is the longest step -------------------
+step augment-compiled-mscn "$BENCH_NEEDS" "${BENCH[@]}" augment --device "$DEVICE" --recipe mscn --compile \
+  "${AUG[@]}" --reference-images 0 --json "$WORK/augment/augment-compiled-mscn.json"
+
+# ---- 3. the JPEG folder: carried, else convert.py photos, else synthetic JPEGs ----------------------
+if [[ -d "$DATA/train" ]]; then note photos "$DATA is there"
+else
+  step photos "numpy PIL torch masksiam" "$PY" tools/gpu_check.py photos --out "$DATA" --preset "$PRESET" \
+    --photo-root "${GPU_CHECK_PHOTO_ROOT:-/}" --real-timeout-s $(( LIMIT[photos] / 2 )) --workers "$WORKERS"
+fi
+
+# ---- 4. end to end per loader and model-only: the configs of the SimCLR + MSCN and BYOL runs -------
+[[ ${HAVE_nvidia_dali:-0} == 1 && $DRY == 0 ]] && LOADERS+=,dali
+[[ ${HAVE_ffcv:-0} == 1 && $DRY == 0 && -f "$DATA/train.beton" ]] && LOADERS+=,ffcv
+step train-simclr "$BENCH_NEEDS PIL" "${BENCH[@]}" train "${COMMON[@]}" "${STEPS[@]}" --compare "$LOADERS" \
+  --config configs/mscn_simclr_rn50_in1k.yaml --json "$WORK/train/train-simclr.json" \
+  --set data="$DATA" "${NET[@]}" "${TRAIN[@]}"
+step train-byol "$BENCH_NEEDS PIL" "${BENCH[@]}" train "${COMMON[@]}" "${STEPS[@]}" --compare torchvision \
+  --config configs/byol_rn50_in1k.yaml --json "$WORK/train/train-byol.json" \
+  --set data="$DATA" "${NET[@]}" "${TRAIN[@]}"
+
+# ---- 5. the step path free of host syncs (CUDA: sync-debug "error") --------------------------------
+step syncs-simclr-mscn "$BENCH_NEEDS" "${BENCH[@]}" syncs "${COMMON[@]}" --steps 3 --skip 2 \
+  --config configs/mscn_simclr_rn50_in1k.yaml --json "$WORK/syncs/syncs-simclr-mscn.json" \
+  --set data="$DATA" loader=synthetic "${NET[@]}" batch_size=$SYNC_BATCH
+step syncs-byol-mixmask "$BENCH_NEEDS" "${BENCH[@]}" syncs "${COMMON[@]}" --steps 3 --skip 2 \
+  --config configs/byol_rn50_in1k.yaml --json "$WORK/syncs/syncs-byol-mixmask.json" \
+  --set data="$DATA" loader=synthetic "${NET[@]}" batch_size=$SYNC_BATCH recipe=mixmask
+
+# ---- 6. the CUDA tests: the files that hold GPU tests (the dry run: the first, collected and skipped)
+mapfile -t GPU_TESTS < <(grep -lE 'mark\.gpu' tests/test_*.py)
+[[ $DRY == 1 ]] && GPU_TESTS=("${GPU_TESTS[0]}")
+# unset: on a machine without DALI / FFCV their tests skip instead of failing collection (conftest.py)
+step cuda-tests "$BENCH_NEEDS pytest skimage" env -u CI -u MASKSIAM_REQUIRE_LOADERS -u MASKSIAM_DEVICE \
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
+
+# ---- 7. model-only SimMIM, MixMAE and MoCo v2 (their configs, ResNet-50, batch 128) ----------------
+CONFIGS=(); declare -A BASE=([simmim]=simmim_rn50_in1k [mixmae]=mixmae_rn50x3_in1k [moco]=mocov2_rn50_in1k)
+for name in "${REST_MODELS[@]}"; do           # WORK/configs/NAME.yaml: the row's label is "model-only NAME"
+  { echo "base: $ROOT/configs/${BASE[$name]}.yaml"
+    [[ $name == simmim || $name == mixmae ]] && echo "recipe: $name$MIM_8PX"; } > "$WORK/configs/$name.yaml"
+  CONFIGS+=("$WORK/configs/$name.yaml")
 done
+step model-rest "$BENCH_NEEDS" "${BENCH[@]}" model "${COMMON[@]}" "${STEPS[@]}" --config "$(IFS=,; echo "${CONFIGS[*]}")" \
+  --json "$WORK/model/model-rest.json" --set data="$DATA" "${NET[@]}" batch_size=$REST_BATCH
 
-# ---- 7. the compiled augment stage: last, it gets what the budget has left (compiles take minutes) --
-# the dry run takes the --compile path with torch.compile disabled: inductor on a shared CPU takes
-# minutes per recipe, and the dry run checks the script, not the compiler
-COMPILE_ENV=(); [[ $DRY == 1 ]] && COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
-for recipe in "${COMPILED_RECIPES[@]}"; do
-  step "augment-compiled-$recipe" 60 env "${COMPILE_ENV[@]}" "${BENCH[@]}" augment --device "$DEVICE" --recipe "$recipe" --compile \
-    "${AUG[@]}" --reference-images 0 --json "$WORK/augment/compiled-$recipe.json"
-done
+# ---- 8. the augment stage eager, every recipe; then the other recipes compiled, as time allows ------
+step augment-eager "$BENCH_NEEDS" "${BENCH[@]}" augment --device "$DEVICE" --recipe "$EAGER_RECIPES" \
+  "${AUG[@]}" --reference-images 0 --json "$WORK/augment/augment-eager.json"
+step augment-compiled-rest "$BENCH_NEEDS" "${BENCH[@]}" augment --device "$DEVICE" --recipe "$REST_RECIPES" \
+  --compile "${AUG[@]}" --reference-images 0 --json "$WORK/augment/augment-compiled-rest.json"
 
-# ---- 8. the summary: at most 8 files in DEST ---------------------------------------------------
-"$PY" - "$WORK" "$DEST" "$DRY" "$BUDGET" "$(( $(date +%s) - T0 ))" <<'EOF' >> "$LOG" 2>&1
-import json, sys
-from pathlib import Path
-sys.path.insert(0, ".")
-import bench
-
-work, dest, dry, budget, took = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], sys.argv[5]
-env = json.loads((work / "env.json").read_text()) if (work / "env.json").exists() else {}
-steps = [dict(zip(("step", "exit", "seconds", "note"), line.split("\t"))) for line in
-         (work / "steps.tsv").read_text().splitlines()]
-payloads = {}
-for mode in ("augment", "model", "train", "syncs"):
-    files = sorted((work / mode).glob("*.json"), key=lambda p: p.stat().st_mtime) if (work / mode).is_dir() else []
-    parts = [json.loads(p.read_text()) for p in files]              # in the order the steps ran
-    for p in parts:   # the method of a model row set with --set, not swept
-        method = next((s.split("=", 1)[1] for s in p["args"].get("set", []) if s.startswith("method=")), "")
-        for r in p["results"]:
-            r.setdefault("method", method)
-            if mode == "model":
-                r["label"] = f"model-only {r['method']}"
-            if mode == "augment":
-                r["label"] = f"{r['recipe']}{' compiled' if r.get('compile') else ''}"
-            if mode == "syncs":
-                recipe = next((s.split("=", 1)[1] for s in p["args"].get("set", []) if s.startswith("recipe=")), "")
-                r["label"] = f"{method} + {recipe}"
-    if parts:   # one payload per mode, rows of every part (eager then compiled, methods in order)
-        payloads[mode] = {**parts[0], "results": [r for p in parts for r in p["results"]]}
-md = [f"# tools/gpu_check.sh{' --dry-run (CPU, tiny sizes: not a measurement)' if dry else ''}", "",
-      f"{took} s of a {budget} s budget." + (" The compiled augment rows ran with torch.compile disabled "
-                                            "(TORCHDYNAMO_DISABLE=1)." if dry else ""), "", "## Environment", "", "```", json.dumps(env, indent=1), "```", "",
-      "## Steps", "", "| step | exit | seconds | note |", "|---|---|---|---|"]
-md += [f"| {s['step']} | {s['exit']} | {s['seconds']} | {s.get('note', '')} |" for s in steps]
-for mode in ("augment", "model", "train"):
-    if mode not in payloads:
-        md += ["", f"## {mode}", "", "no results (see the steps above and gpu_check.log)"]
-        continue
-    rows = payloads[mode]["results"]
-    rate = "views_per_s" if mode == "augment" else "images_per_s"
-    for r in rows:
-        r["ratio"] = r[rate] / rows[0][rate]
-    columns = {"augment": ["label", "views_per_image", "views_per_s", "ratio", "mb_per_view", "s_per_batch_p50", "startup_s",
-                           "augment_gpu_mb_per_image", "peak_gpu_mb", "peak_gpu_device_mb"],
-               "model": ["label", "method", "arch", "batch_size", "images_per_s", "ratio", "s_per_batch_p50",
-                         "startup_s", "peak_gpu_mb", "peak_gpu_device_mb"],
-               "train": ["label", "recipe", "images_per_s", "ratio", "efficiency", "data_wait", "s_per_batch_p50",
-                         "startup_s", "cpu_percent", "peak_gpu_mb", "peak_gpu_device_mb"]}[mode]
-    table = bench._print_table(rows, [c for c in columns if any(c in r for r in rows)])
-    payloads[mode]["table"] = table
-    md += ["", f"## {mode}", "", table]
-    (dest / f"{mode}.json").write_text(json.dumps(payloads[mode], indent=2) + "\n")
-    if mode == "augment":
-        bench._chart([(r["label"], r["views_per_s"], f"x{r['ratio']:.2f}", bench.BLUE) for r in rows],
-                     dest / "augment.png", "gpu_check: augment stage", "views / s")
-    if mode == "train":
-        bars = [(r["label"], r["images_per_s"], f"{r['efficiency']:.2f} of model-only" if "efficiency" in r else "",
-                 bench.GREY if r.get("loader") == "synthetic" and "model-only" in r["label"] else bench.BLUE)
-                for r in rows + payloads.get("model", {}).get("results", [])]
-        bench._chart(bars, dest / "train.png", "gpu_check: end to end and model-only", "images / s")
-md += ["", "## Host syncs in the step path", ""]
-for r in payloads.get("syncs", {}).get("results", []):
-    md.append(f"- {r['label']}, {r['device']} ({r['guard']}): " + ("none" if r["ok"] else f"FOUND: {r['error']} at "
-              + " <- ".join(reversed(r["where"]))) + f" ({r['guarded_calls']})")
-summary = {"dry_run": dry, "seconds": int(took), "budget_s": int(budget), "environment": env, "steps": steps,
-           "results": {m: p["results"] for m, p in payloads.items()}}
-(dest / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-(dest / "gpu_check.md").write_text("\n".join(md) + "\n")
-print("\n".join(md))
-EOF
+# ---- 9. the summary: at most 8 files in DEST ----------------------------------------------------------
+timeout --kill-after=5 "$SUMMARY_LIMIT" "$PY" tools/gpu_check.py summary "$WORK" "$DEST" "$DRY" "$BUDGET" \
+  "$(( $(date +%s) - T0 ))" >> "$LOG" 2>&1 || echo "[gpu_check] summary: failed (gpu_check.log)" >&2
 # the log is the eighth file; keep it under 16 MB
 if [[ $(stat -c %s "$LOG") -gt 16000000 ]]; then tail -c 15000000 "$LOG" > "$WORK/log" && mv "$WORK/log" "$LOG"; fi
 cat "$DEST/gpu_check.md" 2>/dev/null
 echo "[gpu_check] wrote $(ls "$DEST" | tr '\n' ' ')in $DEST" >&2
-! awk -F'\t' '$2 != "0" && $2 != "skipped"' "$WORK/steps.tsv" | grep -q .
+! awk -F'\t' '$2 != "0" && $2 != "skipped" && $2 != "cut"' "$WORK/steps.tsv" | grep -q .
