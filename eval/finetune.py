@@ -43,6 +43,7 @@ from torch import nn
 
 import masksiam  # noqa: F401
 from masksiam import dist
+from masksiam.config import parse_overrides
 from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write_text
 from eval.common import EvalError, progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
@@ -312,6 +313,9 @@ def main(argv=None) -> dict:
     p.add_argument("--save", action="store_true",
                    help="write the fine-tuned network to <out>/<name>.pt (torchvision keys, fc included)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the run's config keys as train.py takes them (masksiam/config.py), e.g. "
+                        "val_split=test eval_size=64")
     args = p.parse_args(argv)
     if args.scratch:
         if args.full or args.subset or args.fraction not in (None, 1.0):
@@ -323,7 +327,8 @@ def main(argv=None) -> dict:
     from eval.common import eval_transform, open_checkpoint, write_results
     from eval.data import eval_loader, materialise_subset, sample_names
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
-                                                               "workers": args.workers}, args.random_init)
+                                                               "workers": args.workers,
+                                                               **parse_overrides(args.overrides)}, args.random_init)
     if args.scratch:
         preset = SCRATCH_PRESET
     elif args.full:

@@ -26,7 +26,7 @@ import masksiam  # noqa: F401
 from masksiam import dist
 from masksiam.errors import ArgumentParser, command
 from masksiam.io import atomic_write_text
-from masksiam.config import Config
+from masksiam.config import Config, parse_overrides
 
 
 @torch.no_grad()
@@ -194,11 +194,15 @@ def main(argv=None) -> dict:
                    help="result name (default knn; knn_random_init with --random-init, so it does not "
                         "replace the trained network's result)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the run's config keys as train.py takes them (masksiam/config.py), e.g. "
+                        "val_split=test eval_size=64")
     args = p.parse_args(argv)
 
     from eval.common import open_checkpoint, write_results
     overrides = {"data": args.data, "loader": args.loader, "knn_k": args.k, "knn_t": args.t,
-                 "knn_max_train": args.max_train, "knn_max_val": args.max_val, "workers": args.workers}
+                 "knn_max_train": args.max_train, "knn_max_val": args.max_val, "workers": args.workers,
+                 **parse_overrides(args.overrides)}
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, overrides, args.random_init)
     top1 = knn_accuracy_from_config(cfg, info, backbone, progress=not args.no_progress)
     result = {"checkpoint": args.checkpoint, "random_init": args.random_init, "arch": cfg.arch,

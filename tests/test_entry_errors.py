@@ -124,6 +124,11 @@ CASES = [
     ("knn-bad-flag", "module", "eval.knn", ["--checkpoint", "{siamese}", "--k", "many"], 2, ["--k", "many"]),
     ("knn-missing-data", "module", "eval.knn", ["--checkpoint", "{siamese}", "--data", "{nowhere}"], 1,
      ["{nowhere}"]),
+    ("knn-unknown-key", "module", "eval.knn", ["--checkpoint", "{siamese}", "knn_kk=3"], 2,
+     ["unknown config key 'knn_kk' in command line", "'knn_k'"]),
+    ("knn-bad-value", "module", "eval.knn", ["--checkpoint", "{siamese}", "knn_k=many"], 2, ["'knn_k'", "many"]),
+    ("finetune-unknown-key", "module", "eval.finetune", ["--checkpoint", "{siamese}", "val_spilt=test"], 2,
+     ["unknown config key 'val_spilt' in command line", "'val_split'"]),
     ("linear-truncated", "module", "eval.linear", ["--checkpoint", "{truncated}"], 1, ["{truncated}"]),
     ("linear-unknown-preset", "module", "eval.linear", ["--checkpoint", "{siamese}", "--preset", "best"], 2,
      ["--preset", "best"]),
@@ -224,3 +229,12 @@ def test_os_errors_without_a_file_keep_their_traceback():
         raise OSError("no file named")
     with pytest.raises(OSError, match="no file named"):
         exit_on_user_error("prog", broken)
+
+
+def test_eval_takes_config_overrides_as_train_does(inputs, tmp_path):
+    """key=value after the flags: the run's config keys, parsed by train.py's parser (yaml values)."""
+    from eval import knn
+    res = knn.main(["--checkpoint", str(inputs["siamese"]), "--out", str(tmp_path), "--no-progress",
+                    "knn_k=3", "knn_t=0.5", "eval_size=16", "workers=0"])
+    assert (res["k"], res["t"]) == (3, 0.5) and 0 <= res["knn_top1"] <= 1
+    assert json.loads((tmp_path / "knn.json").read_text())["settings"]["k"] == 3
