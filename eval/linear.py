@@ -39,6 +39,7 @@ from torch import nn
 import masksiam  # noqa: F401
 from masksiam import dist
 from masksiam.checkpoint import save_atomic
+from masksiam.config import parse_overrides
 from masksiam.errors import ArgumentParser, command
 from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
 
@@ -214,12 +215,16 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default=None,
                    help="result name: <out>/<name>.json/.md/.png and its report column (default linear)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the run's config keys as train.py takes them (masksiam/config.py), e.g. "
+                        "val_split=test eval_size=64")
     args = p.parse_args(argv)
 
     from eval.common import eval_transform, open_checkpoint, recipe_highpasses, write_results
     from eval.data import eval_loader
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
-                                                               "workers": args.workers}, args.random_init)
+                                                               "workers": args.workers,
+                                                               **parse_overrides(args.overrides)}, args.random_init)
     preset_name = args.preset or ("mscn" if recipe_highpasses(cfg) else "mixmask")
     preset = PRESETS[preset_name]
     preset = dataclasses.replace(preset, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr))
