@@ -139,6 +139,58 @@ class MaskTokenEncoder(nn.Module):
 
 # ---- masked dense / mixed partial convolution ------------------------------------------------------
 
+class SourceBatchNorm(torch.autograd.Function):
+    """BatchNorm in train mode with statistics per source, saving for backward only its input.
+
+    x (N, C, H, W); ind (S, N, 1, H, W) float 0/1, the source of each position (the encoder's cached
+    indicator, shared by every layer of that size); weight, bias (C,). Per source s, over its
+    positions P_s (count M_s): mean_s, biased var_s, r_s = rsqrt(var_s + eps);
+        y = w (x - mean_s) r_s + b        at positions of source s, 0 at positions of no source.
+    Backward, with xhat = (x - mean_s) r_s (recomputed from x):
+        dx = w r_s (dy - mean_Ps(dy) - xhat mean_Ps(dy xhat)),  dw = sum dy xhat,  db = sum dy.
+    Autograd through the elementwise forward would keep ~6 full-size fp32 tensors per layer (the
+    (S, N, C, H, W) centred input and its square, the per-position scale and shift, the fp32
+    input); this keeps x and (S, C) statistics. Returns y (x's dtype) and the (S, C) mean and
+    biased var, for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, x, ind, weight, bias, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))                  # bf16 / fp16 -> fp32
+        count = ind.sum((1, 3, 4)).clamp_min(1.0)                               # (S, 1)
+        mean = (xf[None] * ind).sum((1, 3, 4)) / count                           # (S, C)
+        var = (((xf[None] - mean[:, None, :, None, None]) ** 2) * ind).sum((1, 3, 4)) / count
+        rstd = torch.rsqrt(var + eps)
+        scale = weight.to(xf.dtype) * rstd                                        # (S, C)
+        shift = bias.to(xf.dtype) - mean * scale
+        # per position: its source's scale and shift (0 where no source)
+        pos_scale = (ind * scale[:, None, :, None, None]).sum(0)                  # (N, C, H, W)
+        pos_shift = (ind * shift[:, None, :, None, None]).sum(0)
+        y = torch.addcmul(pos_shift, xf, pos_scale).to(x.dtype)
+        ctx.save_for_backward(x, ind, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, ind, weight, mean, rstd = ctx.saved_tensors
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        dyf = dy.to(xf.dtype)
+        count = ind.sum((1, 3, 4)).clamp_min(1.0)                               # (S, 1)
+
+        def per_position(v):                                                     # (S, C) -> (N, C, H, W)
+            return (ind * v[:, None, :, None, None]).sum(0)
+
+        pos_rstd = per_position(rstd)                                             # 0 where no source
+        xhat = (xf - per_position(mean)) * pos_rstd
+        sum_dy = (dyf[None] * ind).sum((1, 3, 4))                                 # (S, C)
+        sum_dy_xhat = ((dyf * xhat)[None] * ind).sum((1, 3, 4))
+        dx = (pos_rstd * weight.to(xf.dtype)[None, :, None, None]) * (
+            dyf - per_position(sum_dy / count) - xhat * per_position(sum_dy_xhat / count))
+        dw, db = sum_dy_xhat.sum(0), sum_dy.sum(0)
+        return dx.to(x.dtype), None, dw.to(weight.dtype), db.to(weight.dtype), None
+
+
+
 class SourceEncoder:
     """A ResNet forward in which each position computes from positions of its own source only.
 
@@ -232,19 +284,11 @@ class SourceEncoder:
             return self._present(y)
         if m.momentum is None:
             raise ValueError("SourceEncoder: BatchNorm with momentum=None (cumulative average) is not supported")
-        xf = x.float()
         ind = self.indicator(x.shape[2], x.shape[3], torch.float32)              # (S, N, 1, H, W)
         count = ind.sum((1, 3, 4))                                               # (S, 1)
-        mean = (xf[None] * ind).sum((1, 3, 4)) / count.clamp_min(1.0)            # (S, C)
-        var = (((xf[None] - mean[:, None, :, None, None]) ** 2) * ind).sum((1, 3, 4)) / count.clamp_min(1.0)
-        weight = m.weight.float() if m.weight is not None else torch.ones_like(mean[0])
-        bias = m.bias.float() if m.bias is not None else torch.zeros_like(mean[0])
-        scale = weight * torch.rsqrt(var + m.eps)                                 # (S, C)
-        shift = bias - mean * scale
-        # per position: its source's scale and shift (0 where no source)
-        pos_scale = (ind * scale[:, None, :, None, None]).sum(0)                  # (N, C, H, W)
-        pos_shift = (ind * shift[:, None, :, None, None]).sum(0)
-        y = torch.addcmul(pos_shift, xf, pos_scale).to(x.dtype)
+        weight = m.weight if m.weight is not None else torch.ones(x.shape[1], device=x.device)
+        bias = m.bias if m.bias is not None else torch.zeros(x.shape[1], device=x.device)
+        y, mean, var = SourceBatchNorm.apply(x, ind, weight, bias, m.eps)
         if m.training and m.track_running_stats:
             with torch.no_grad():
                 total = count.sum()
