@@ -198,3 +198,52 @@ def test_augment_ahead_gives_the_same_outputs_and_the_state_to_resume_from(devic
     resumed.load_state_dict(states[1])
     for x, y in zip(expect[2].views, resumed(batches[2].views).views):
         assert torch.equal(x, y)
+
+
+# ---- constant op shapes off the CPU (cudnn.benchmark autotunes each new conv shape) --------------
+
+class ConvShapes(TorchDispatchMode):
+    """The input shape of every convolution that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (aten.convolution, aten.mkldnn_convolution, aten._convolution):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_constant_shapes_give_one_conv_shape_per_chunk_and_the_same_views():
+    # the GPU's default (constant_shapes on), on the CPU: chunks inline and in order; blur subsets of
+    # a random size each call (simclr: p = 0.5), 3 chunks (4, 4, 2 rows)
+    name = "simclr"
+    with one_thread():
+        dense = build_augmenter(name, 32, seed=0, chunk=4, constant_shapes=True)
+        subset = build_augmenter(name, 32, seed=0, chunk=4)
+    assert not subset.constant_shapes                          # the CPU's default: subsets
+    per_call = {True: [], False: []}
+    for call in range(4):
+        views = photo_views(10, 32, 2, seed=call)
+        for aug, key in ((dense, True), (subset, False)):
+            with ConvShapes() as rec:
+                out = aug(views)
+            per_call[key].append(tuple(rec.shapes))
+            if key:
+                expect = out
+        for x, y in zip(expect.views, out.views):            # the same draws, the same views
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    # whole chunks: the conv shapes come from the chunk sizes (4 and 2 rows x 3 channels) only
+    shapes = {s for call in per_call[True] for s in call}
+    assert {s[1] for s in shapes} <= {4 * 3, 2 * 3} and len(shapes) <= 4
+    assert len(set(map(tuple, per_call[False]))) > 1         # subsets: shapes that change call to call
+
+
+def test_constant_shapes_read_nothing_back():
+    with one_thread():
+        aug = build_augmenter("byol", 32, seed=0, chunk=3, constant_shapes=True)
+    views = photo_views(7, 32, 2)
+    plan = aug._plan(7)
+    with NoHostSync():
+        aug._run(views, plan)

@@ -35,8 +35,12 @@ same rank, same device and batch shape: same output; state_dict() / load_state_d
 
 An op "with probability p" (and "masked with probability p") touches a random subset of the batch
 whose size is p * N, stochastically rounded: each sample's chance is exactly p, and the count per
-batch does not vary as with independent coin flips. Expensive ops run on that subset only. The
-choices inside a mask (grid or focal, channel-wise or shared) are independent per sample.
+batch does not vary as with independent coin flips. Expensive ops run on that subset only, except
+the blur off the CPU (`constant_shapes`): there it runs on whole chunks and selects the blurred rows,
+so that its conv keeps one shape per chunk size, which cudnn.benchmark autotunes once (a subset's
+size changes every call). The choices inside a mask (grid or focal, channel-wise or shared) are
+independent per sample. GPUs are launch-bound on the eager ops (thousands of small kernels per
+batch): compile=True (fused.py) is their fast path; eager stays for the CPU and for debugging.
 
 No host-device sync per call on GPUs: subsets are drawn on the host, and all of a call's index
 tensors (whole-batch and per-chunk) reach the device in one pinned, non-blocking copy; nothing reads
@@ -258,9 +262,11 @@ class Augmenter:
 
     def __init__(self, recipe: Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
-                 chunk: Optional[int] = None, compile: bool = False):
+                 chunk: Optional[int] = None, compile: bool = False, constant_shapes: Optional[bool] = None):
         self.recipe, self.dtype = recipe, dtype
         self.device = torch.device(device)
+        # eager blur over whole chunks (default off the CPU, see `_base_view`); the CPU blurs the subset only
+        self.constant_shapes = self.device.type != "cpu" if constant_shapes is None else constant_shapes
         self.sources = recipe.sources
         if isinstance(size, int):
             sizes = [size] * self.sources
@@ -425,7 +431,14 @@ class Augmenter:
         if b.blur:
             k = self.blur_kernel[bi]
             with _stage("blur"):
-                A.apply_to(x, q["blur"], lambda im, s: A.gaussian_blur(im, s, k), d.blur_sigma[c0:c1])
+                if self.constant_shapes and q["blur"] is not None:
+                    # every row of the chunk through the conv, the blurred ones selected: one conv
+                    # shape per chunk size, where the subset's shape would change call to call
+                    # (and cudnn.benchmark autotune each new one)
+                    on = A.subset_mask(c1 - c0, q["blur"], x.device).view(-1, 1, 1, 1)     # (c, 1, 1, 1)
+                    x = torch.where(on, A.gaussian_blur(x, d.blur_sigma[c0:c1], k), x)
+                else:
+                    A.apply_to(x, q["blur"], lambda im, s: A.gaussian_blur(im, s, k), d.blur_sigma[c0:c1])
         if b.solarize:
             t = b.solarize.threshold
             with _stage("solarize"):
@@ -678,7 +691,8 @@ class Augmenter:
 
 def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int = 0, rank: int = 0,
-                    mix: Optional[str] = None, chunk: Optional[int] = None, compile: bool = False) -> Augmenter:
+                    mix: Optional[str] = None, chunk: Optional[int] = None, compile: bool = False,
+                    constant_shapes: Optional[bool] = None) -> Augmenter:
     """The Augmenter of a recipe (a name in pipelines/augment/recipes/, a yaml path, or a Recipe).
 
     size: the loader views' side in px, one int for all or one per view (multi-crop, crop order).
@@ -686,6 +700,9 @@ def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], devi
     None or "none" keeps the recipe's own. chunk: rows per chunk (default `default_chunk`).
     compile: each branch as one torch.compile'd function (fused.py: a few fused loops from uint8 to the
     output dtype; tens of seconds of compile per branch and chunk size on first use, cached on disk by
-    inductor; the outputs equal the eager ones to float rounding)."""
+    inductor; the outputs equal the eager ones to float rounding). constant_shapes: the eager blur
+    runs on every row of a chunk and selects the blurred ones, so that its conv has one shape per
+    chunk size (default: on GPUs, where cudnn.benchmark autotunes every new shape; the CPU blurs the
+    drawn subset only, which is cheaper there)."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return Augmenter(with_mix(r, mix), size, device, dtype, seed, rank, chunk, compile)
+    return Augmenter(with_mix(r, mix), size, device, dtype, seed, rank, chunk, compile, constant_shapes)
