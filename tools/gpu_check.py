@@ -45,12 +45,12 @@ def _io():
 
 # ---- preflight ------------------------------------------------------------------------------------
 
-# What every step needs first (a preflight cut short by its limit has checked those), the optional
-# loader libraries last. masksiam before torchvision and timm: masksiam.compat makes a CUDA-built
-# torchvision importable beside a CPU torch.
-MODULES = ("torch", "masksiam", "torchvision", "numpy", "PIL", "yaml", "tqdm", "psutil", "pytest", "skimage",
-           "matplotlib", "safetensors", "timm", "nvidia.dali", "ffcv", "numba", "cv2")
-
+# What every step needs first (a preflight cut short by its limit has checked those, and written the
+# environment), the optional loader libraries (FFCV needs numba and cv2) last. masksiam before
+# torchvision: masksiam.compat makes a CUDA-built torchvision importable beside a CPU torch.
+CORE = ("torch", "masksiam", "torchvision")
+MODULES = CORE + ("numpy", "PIL", "yaml", "tqdm", "psutil", "pytest", "skimage", "matplotlib", "nvidia.dali",
+                  "ffcv", "numba", "cv2")
 
 def shell_name(module: str) -> str:
     """HAVE_<name> in have.sh: nvidia.dali -> nvidia_dali."""
@@ -112,6 +112,15 @@ def _environment(found: dict[str, str | None]) -> dict:
     return env
 
 
+def _write_environment(work: Path, found: dict[str, str | None]) -> None:
+    try:
+        env = _environment(found)
+    except Exception as err:                            # the machine's details are best effort
+        env = {"python": platform.python_version(), "environment_error": _reason(err),
+               "imports": {k: v or "ok" for k, v in found.items()}}
+    _io().atomic_write_text(work / "env.json", json.dumps(env, indent=2) + "\n")
+
+
 def preflight(work: Path) -> int:
     """Import every module of MODULES (each failure caught and named), print the line saying which
     import and which do not (WORK/preflight.txt), then write WORK/env.json (the machine, torch, CUDA,
@@ -127,14 +136,10 @@ def preflight(work: Path) -> int:
         except (Exception, SystemExit) as err:          # a module may exit or raise anything while importing
             found[name] = _reason(err)
         _write_progress(work, found, versions)
+        if name == CORE[-1] or name == MODULES[-1]:     # the machine as soon as torch is known, then again
+            _write_environment(work, found)
     print((work / "preflight.txt").read_text(), end="", flush=True)
-    try:
-        env = _environment(found)
-    except Exception as err:                            # the machine's details are best effort
-        env = {"python": platform.python_version(), "environment_error": _reason(err),
-               "imports": {k: v or "ok" for k, v in found.items()}}
-    _io().atomic_write_text(work / "env.json", json.dumps(env, indent=2) + "\n")
-    print(json.dumps(env, indent=2))
+    print((work / "env.json").read_text(), end="")
     return 0
 
 
