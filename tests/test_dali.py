@@ -137,6 +137,48 @@ def test_fixed_window_crop_matches_pil():
         assert np.abs(ours - ref).mean() < 1.0
 
 
+@needs_dali
+@pytest.mark.parametrize("crop_in_dali", [False, True])
+def test_batches_stay_valid_after_the_next(image_folder, crop_in_dali):
+    """A Batch handed out owns its memory: kept across the rest of the epoch and the next one (more
+    batches than DALI's prefetch queue and the planner hold), its views, labels and indices are
+    unchanged; the views DALI produced were copied into torch's memory (a resizable storage), not
+    DLPack views of DALI's buffers."""
+    from pipelines.loaders.dali_loader import DaliLoader
+    from pipelines.loaders.samples import open_split
+    from pipelines.loaders.spec import loader_spec
+    cfg = Config(data=str(image_folder), loader="dali", batch_size=3, views=2, size=32, workers=2, prefetch=2)
+    spec = loader_spec(cfg, DistInfo(0, 1, 0, torch.device("cpu")), True)
+    ld = DaliLoader(open_split(image_folder / "train"), spec, decoder="cpu", crop_in_dali=crop_in_dali)
+    kept, copies = [], []
+    for e in (0, 1):
+        ld.set_epoch(e)
+        for b in ld:
+            kept.append(b)
+            copies.append([t.clone() for t in (*b.views, b.labels, b.indices)])
+    assert len(kept) == 2 * 8
+    for b, c in zip(kept, copies):
+        for t, ref in zip((*b.views, b.labels, b.indices), c):
+            assert torch.equal(t, ref)
+        if crop_in_dali:
+            assert all(v.untyped_storage().resizable() for v in (*b.views, b.labels, b.indices))
+    assert len({tuple(b.indices.tolist()) for b in kept}) == len(kept)
+
+
+@needs_dali
+def test_headers_are_parsed_once_per_loader(image_folder, monkeypatch):
+    """The (H, W) header of each image is read on its first epoch only; later epochs reuse it."""
+    from pipelines.loaders import dali_loader
+    calls = []
+    real = dali_loader.image_size
+    monkeypatch.setattr(dali_loader, "image_size", lambda data: calls.append(1) or real(data))
+    ld = loader(image_folder, batch_size=4)
+    first = epoch(ld, 0)
+    assert len(calls) == 24
+    second = epoch(ld, 1)
+    assert len(calls) == 24 and len(second) == len(first)
+
+
 # ---- order, sharding, reproducibility --------------------------------------------------------------
 
 @needs_dali
@@ -384,6 +426,33 @@ def test_bad_images_skip_replaces_names_and_resumes(tmp_path, name):
 
 
 @needs_dali
+def test_corrupt_validation_image_is_named_and_counted(tmp_path, capsys):
+    """A truncated JPEG in val (DALI's decoder fails on it, "Premature end of JPEG data", naming no
+    file): the loader names the file on a printed line, counts it in loader.bad_images, and each
+    evaluation pass says how many images it leaves out (the stand-in is a duplicate the kNN counts
+    once); same indices as the torchvision loader. A second pass says it again."""
+    photo = skimage_photos()[1][:120, :160]
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / split / cls / f"{i}.jpg").write_bytes(jpeg_bytes(np.roll(photo, 9 * i, 1)))
+    good = jpeg_bytes(photo)
+    (tmp_path / "val" / "b" / "1.jpg").write_bytes(good[:len(good) // 2])
+    ld = loader(tmp_path, split="val", train=False)
+    indices = [b.indices.tolist() for b in epoch(ld)]
+    out = capsys.readouterr().out
+    assert indices == [[0, 1, 2, 3], [5, 5]]                      # b/1.jpg replaced by b/2.jpg
+    assert len(ld.bad_images) == 1 and "b/1.jpg" in ld.bad_images[0] and "truncated" in ld.bad_images[0]
+    assert "val/b/1.jpg" in out and "replaced by the next image" in out
+    assert "1 of 6 evaluation images" in out and "left out of this evaluation" in out
+    ref = loader(tmp_path, backend="torchvision", split="val", train=False)
+    assert [b.indices.tolist() for b in epoch(ref)] == indices
+    assert [b.indices.tolist() for b in epoch(ld)] == indices    # known bad now: replaced on the host
+    assert "1 of 6 evaluation images" in capsys.readouterr().out and len(ld.bad_images) == 1
+
+
+@needs_dali
 def test_bad_images_past_the_limit_stop_the_run(tmp_path):
     """More than max_bad_images distinct bad images (one the host finds, one DALI's decoder rejects)
     raise a DataError naming them."""
@@ -526,6 +595,33 @@ def test_dali_webdataset_reader_reads_our_index(tmp_path, image_folder):
 
 
 # ---- GPU (nvJPEG) ----------------------------------------------------------------------------------
+
+@needs_dali
+@pytest.mark.gpu
+def test_gpu_batches_are_torch_memory_on_the_consumer_stream(image_folder):
+    """nvJPEG + DALI's crop, asked for from a side stream: the views are copies in torch's memory
+    (record_stream works on them), made on that stream; DALI's outputs are released at the epoch's
+    end; the batches kept stay equal to copies taken when they were handed out."""
+    from pipelines.loaders.dali_loader import DaliLoader
+    from pipelines.loaders.samples import open_split
+    from pipelines.loaders.spec import loader_spec
+    cfg = Config(data=str(image_folder), loader="dali", batch_size=3, views=2, size=48, workers=2, prefetch=2)
+    spec = loader_spec(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), True)
+    ld = DaliLoader(open_split(image_folder / "train"), spec, decoder="mixed")
+    side = torch.cuda.Stream()
+    kept = []
+    with torch.cuda.stream(side):
+        ld.set_epoch(0)
+        for b in ld:
+            kept.append((b, [v.clone() for v in b.views]))
+            for v in b.views:
+                assert v.untyped_storage().resizable() and v.device.type == "cuda"
+                v.record_stream(side)
+    assert not ld._held
+    torch.cuda.synchronize()
+    for b, copies in kept:
+        assert all(torch.equal(v, c) for v, c in zip(b.views, copies))
+
 
 @needs_dali
 @pytest.mark.gpu
