@@ -22,8 +22,8 @@ class UserError(Exception):
     exit_code = 1
 
 
-class UsageError(UserError):
-    """The command line is wrong: an unknown flag, a missing argument, a value argparse refuses."""
+class UsageError(UserError, ValueError):
+    """The command line is wrong: an unknown flag, a missing argument, a value out of its range."""
     exit_code = 2
 
 

@@ -35,6 +35,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from masksiam.errors import UsageError
 from masksiam.io import atomic_write, atomic_write_text
 from pipelines.loaders.common import DataError
 from pipelines.loaders.samples import FORMAT, INDEX, FolderSamples, is_webdataset
@@ -148,7 +149,7 @@ def convert(src: str | Path, out: str | Path, shard_size: int, workers: int = 4,
     into webdataset shards under `out`, built in a temporary folder and renamed into place."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be positive, got {shard_size}")
+        raise UsageError(f"--shard-size must be positive, got {shard_size}")
     if out.exists() and any(out.iterdir()) and not force:
         raise DataError(f"{out} exists and is not empty; pass --force to replace it")
     splits = find_splits(src)
