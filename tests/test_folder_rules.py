@@ -285,3 +285,19 @@ def test_a_png_keeps_its_stored_orientation(tmp_path):
     assert image_size(buf.getvalue()) == (40, 64)
     with Image.open(tmp_path / "p.png") as img:              # Pillow alone would turn it
         assert ImageOps.exif_transpose(img).size == (40, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
+@pytest.mark.parametrize("train", [False, True])
+def test_exif_orientation_on_the_gpu_decoder(rotated, train):
+    """nvJPEG's region decode (dali_device=gpu) turns EXIF-tagged JPEGs as the CPU decoder does:
+    the same crops as the torchvision loader, within JPEG decoder rounding."""
+    from eval.data import eval_loader
+    cuda = DistInfo(0, 1, 0, torch.device("cuda", 0))
+    views = {}
+    for loader, extra in (("torchvision", {}), ("dali", {"dali_device": "gpu"})):
+        ld = eval_loader(_cfg(rotated, loader=loader, batch_size=8, size=32, **extra), cuda, "train", train=train)
+        ld.set_epoch(0)
+        views[loader] = torch.cat([b.views[0].cpu() for b in ld]).float()
+    assert (views["dali"] - views["torchvision"]).abs().mean() < 3
