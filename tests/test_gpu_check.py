@@ -224,3 +224,74 @@ def test_preflight_names_what_does_not_import_and_the_script_reads_it(tmp_path, 
     assert have == "1 1 0 ModuleNotFoundError: No module named 'no_such_module_gpu_check'\n"
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["torch"] and env["imports"]["no_such_module_gpu_check"].startswith("ModuleNotFoundError")
+
+
+# ---- the GPU run's commands, checked on the CPU without running them --------------------------------
+
+def test_the_gpu_runs_commands_parse_and_their_configs_load(tmp_path):
+    """The script in GPU mode with a python that only records its arguments: every bench.py command
+    parses with bench.py's own parser, at the GPU sizes, and its configs, overrides and recipes load."""
+    from masksiam.config import load_config
+    from pipelines.augment.recipes import load_recipe
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    recorder = tmp_path / "python"
+    recorder.write_text(f"""#!/bin/sh
+for a in "$@"; do   # the configs the check writes in its temporary folder, kept for the checks below
+  case "$a" in *.yaml*) echo "$a" | tr ',' '\\n' | while read -r f; do [ -f "$f" ] && cp "$f" {keep}/; done ;; esac
+done
+exec {sys.executable} -S -c 'import json, sys; print(json.dumps(sys.argv[2:]), file=open(sys.argv[1], "a"))' \\
+  {keep}/argv.jsonl "$@"
+""")
+    recorder.chmod(0o755)
+    data = tmp_path / "photos"
+    (data / "train").mkdir(parents=True)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_PYTHON": str(recorder), "GPU_CHECK_DATA": str(data)}
+    done = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    commands = [json.loads(line) for line in (keep / "argv.jsonl").read_text().splitlines()]
+    assert commands[0][:2] == ["tools/gpu_check.py", "preflight"] and commands[-1][1] == "summary"
+    runs = {}
+    for argv in commands[1:-1]:
+        if argv[:2] == ["-m", "pytest"]:
+            runs["pytest"] = argv
+            continue
+        assert argv[0] == "bench.py", argv
+        name = Path(argv[argv.index("--json") + 1]).stem
+        runs[name] = argv
+    assert list(runs) == ["augment-compiled-mscn", "train-simclr", "train-byol", "syncs-simclr-mscn",
+                          "syncs-byol-mixmask", "pytest", "model-rest", "augment-eager", "augment-compiled-rest"]
+    tests = runs.pop("pytest")
+    assert tests[2:6] == ["-q", "-m", "gpu", "-p"] and len(tests[7:]) >= 5
+    assert all("mark.gpu" in (ROOT / f).read_text() for f in tests[7:])
+
+    parsed = {}
+    for name, argv in runs.items():                 # bench.py's parser; the command is recorded, not run
+        with pytest.MonkeyPatch.context() as mp:
+            for mode in ("augment", "model", "train", "syncs"):
+                mp.setattr(bench, f"cmd_{mode}", lambda args: args)
+            parsed[name] = bench.main(argv[1:])
+    for name in ("augment-compiled-mscn", "augment-eager", "augment-compiled-rest"):
+        a = parsed[name]
+        assert (a.device, a.batch_size, a.size, a.dtype, a.compile) == ("cuda", 256, 224, "bfloat16", "compiled" in name)
+        for recipe in a.recipe.split(","):
+            load_recipe(recipe)
+    assert parsed["augment-compiled-mscn"].recipe == "mscn"
+    assert parsed["augment-eager"].recipe.split(",") == ["mscn", "simclr", "byol", "mixmask", "simmim"]
+    for name, methods, batch in (("train-simclr", ["simclr"], 256), ("train-byol", ["byol"], 256),
+                                 ("syncs-simclr-mscn", ["simclr"], 64), ("syncs-byol-mixmask", ["byol"], 64),
+                                 ("model-rest", ["simmim", "mixmae", "moco"], 128)):
+        a = parsed[name]
+        assert a.device == "cuda" and f"data={data}" in a.set
+        configs = [keep / Path(c).name if not (ROOT / c).exists() else ROOT / c for c in a.config.split(",")]
+        cfgs = [load_config(c, a.set) for c in configs]
+        assert [c.method for c in cfgs] == methods
+        for c in cfgs:
+            assert (c.arch, c.size, c.precision, c.batch_size, c.channels_last) == ("resnet50", 224, "bf16", batch, True)
+            bench.model_only_recipe(c.recipe, c.mix)            # the recipe (and its twin) load
+        if name.startswith("train"):
+            assert (a.warmup, a.batches) == (5, 20) and cfgs[0].workers == len(os.sched_getaffinity(0))
+    assert parsed["train-simclr"].compare.split(",")[:2] == ["torchvision", "synthetic"]
+    assert [load_config(ROOT / parsed[n].config, parsed[n].set).recipe for n in runs if n.startswith("syncs")] \
+        == ["mscn", "mixmask"]
+    assert [load_config(keep / f"{m}.yaml").recipe for m in ("simmim", "mixmae")] == ["simmim", "mixmae"]
