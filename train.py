@@ -13,8 +13,9 @@ returns its loss; a non-finite loss skips the update on the device (no sync); th
 per-step hook (EMA target, queue). The loop never names a method-specific thing. The only host
 syncs are at log intervals, checkpoints and evaluation.
 
-Nothing is written before every check has passed (config, data, method, checkpoint compatibility):
-a refused start leaves the run directory as it was. User errors exit with one line and code 2
+Nothing is written before every check has passed (config, data, method, checkpoint compatibility,
+what a resume may change: masksiam.config.RESUME_MAY_CHANGE): a refused start leaves the run
+directory as it was. User errors exit with one line and code 2
 (config) or 1 (data, checkpoint, a stopped run); see masksiam/errors.py.
 """
 from __future__ import annotations
