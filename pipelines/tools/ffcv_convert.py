@@ -244,7 +244,8 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
     if not src.is_dir():
         raise DataError(f"--src {src} is not a folder")
     if is_dataset_root(src):
-        raise DataError(f"--src {src} holds splits (train/, val/): convert one split, e.g. --src {src / 'train'}")
+        raise DataError(f"--src {src} is a dataset root (it holds train/ and val/, or one of them): convert one "
+                        f"split, e.g. --src {src / 'train'}")
     images = scan_image_folder(src, max_images)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     t0 = time.perf_counter()
