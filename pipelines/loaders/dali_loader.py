@@ -11,20 +11,26 @@ One batch, start to finish:
           each taking one contiguous run of the batch's samples)
         order       spec.shard(n, epoch): the same images per rank and epoch as every loader
         read        the encoded bytes: one file, or one pread from an open webdataset shard
-        plan        (H, W) from the header; the V boxes + flips of spec.boxes(epoch, index, H, W),
-                    the crops every loader draws: same crops, resumable
+        plan        (H, W) from the header (parsed on an image's first epoch, then kept); the V
+                    boxes + flips of spec.boxes(epoch, index, H, W) for the whole batch in one
+                    vectorised call (crop_draws.batch_boxes, the same numbers): the crops every
+                    loader draws, resumable
         window      the union of the V boxes, for the whole batch at once in numpy: the only
                     region that gets decoded (train=False: the whole image, one view =
                     torchvision_loader.eval_transform as a fractional box)
-    DALI (fn.external_source -> spec.workers threads, spec.prefetch batches ahead)
+    DALI (fn.external_source -> spec.workers threads, spec.prefetch batches ahead; on the GPU
+          its outputs are bound to the consumer's current CUDA stream, no host sync)
         decode      decoders.image_slice(window), once per image whatever the number of views:
                     "mixed" = nvJPEG with the hardware JPEG decoder where the GPU has one, "cpu" =
                     libjpeg-turbo; both skip what lies outside it
         crop        training on a GPU: fn.resize per view on the GPU, ROI = the box inside the
                     window (given right-to-left for a flip), antialiased bilinear to S_v x S_v
     torch
-        GPU         V x (N, S_v, S_v, 3) DALI buffers -> torch through DLPack, no copy; NHWC
-                    permuted to NCHW is channels-last for free
+        GPU         V x (N, S_v, S_v, 3) DALI buffers -> torch through DLPack, copied into torch's
+                    memory on the consumer's stream (DALI's own buffers are outside torch's caching
+                    allocator: record_stream cannot keep them from reuse while another stream reads
+                    them), DALI's outputs held until a CUDA event after the copies; NHWC permuted
+                    to NCHW is channels-last for free
         CPU         the pool resizes each box of the decoded windows (a view, no copy; flipped
                     first) straight into its row of the (N, S_v, S_v, 3) batch (crop_resize)
 
@@ -34,17 +40,22 @@ than V region decodes, which each redo the entropy decoding; on the GPU it feeds
 decode. Why torch crops on the CPU: measured on this machine (CPU time per 224 px antialiased view
 from photos of at most 256 px, one thread) DALI's CPU fn.resize takes ~0.4 ms, torch's uint8
 channels-last kernel writing into the batch ~0.05-0.09 ms; per image the resizes are about as much
-work as the decode. On the GPU DALI's resize is the fast one. What stays in Python per image (the
-read, the header, the crop draws, two calls per view) is ~0.1 ms; the kernels release the
-interpreter lock.
+work as the decode. On the GPU DALI's resize is the fast one. What stays in Python per image is
+the read and two calls per view; the kernels release the interpreter lock.
+
+A Batch owns its memory (the contract: it stays valid after the next one): the views are new
+tensors, labels and indices come from arrays the plan made for that batch alone.
 
 Bad images (bad_images, pipelines/loaders/spec.py): a file that cannot be read or whose header is
 unusable is found on the host; one that DALI's decoder rejects makes the pipeline fail, and the
 batches in flight are re-checked with pipelines.tools.validate (PIL + DALI's header rules) to name
 it, not only "sample #3". Under bad_images=skip it is replaced by common.replacement (the next image
 of its class folder or shard, as every loader does), named once in loader.bad_images, and the
-batches not yet yielded are planned again on a new pipeline; under bad_images=stop a DataError names
-it. `python convert.py validate DIR` finds all of them before a run.
+batches not yet yielded are planned again on a new pipeline, and a printed line names the file next
+to DALI's own message, which names none; under bad_images=stop a DataError names it. An evaluation
+pass (train=False) ends with a line naming and counting the images it left out (their stand-ins are
+duplicates that kNN and the linear features count once). `python convert.py validate DIR` finds all
+of them before a run.
 
 DALI is imported only here, when a loader is built.
 """
