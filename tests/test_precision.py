@@ -172,3 +172,25 @@ def test_gradients_are_unchanged_by_the_fences():
     g1, = torch.autograd.grad(full_precision(plain)(z), z)
     g2, = torch.autograd.grad(plain(z), z)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_gradients_on_cuda_are_float32_not_tf32():
+    # TF32 keeps 10 mantissa bits (~1e-3 relative): a backward in TF32 misses a float64 reference
+    # by ~1e-3, one in float32 by ~1e-6
+    g = torch.Generator().manual_seed(0)
+    za, zb = (torch.randn(256, 2048, generator=g, dtype=torch.float64) for _ in range(2))
+    hp = dict(METHODS["barlow"].DEFAULTS)
+
+    def grads(dtype, device):
+        a, b = (z.to(device, dtype).requires_grad_() for z in (za, zb))
+        loss, _ = METHODS["barlow"].loss(Embeddings(z=[a, b]), **hp)
+        loss.backward()
+        return a.grad.double().cpu()
+
+    ref = grads(torch.float64, "cpu")
+    got = grads(torch.float32, "cuda")
+    assert tf32()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 1e-4, f"relative gradient error {err:.2e}: the backward ran in TF32"
