@@ -5,8 +5,8 @@ lists compared before a run and an evaluation, and EXIF orientation applied alik
 """
 from __future__ import annotations
 
+import functools
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -36,8 +36,13 @@ NESTED = {"cats": ["a.jpg", "b.JPEG", "indoor/c.jpg", "indoor/sofa/d.png", "outd
 DEBRIS = ["._a.jpg", ".DS_Store", "indoor/._c.jpg", ".thumbnails/a.jpg", "park/.picasa/h.jpg"]
 
 
+@functools.lru_cache(maxsize=1)
+def _photos() -> list[np.ndarray]:
+    return skimage_photos()
+
+
 def _photo(i: int, size=(48, 40)) -> Image.Image:
-    photos = skimage_photos()
+    photos = _photos()
     return Image.fromarray(photos[i % len(photos)]).resize(size, Image.BILINEAR)
 
 

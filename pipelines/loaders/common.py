@@ -213,8 +213,9 @@ def compare_classes(train: list[str], val: list[str], train_name: str, val_name:
     class missing from one shifts every label after it. Raises DataError naming the classes."""
     if train == val:
         return
-    missing = [c for c in train if c not in set(val)]
-    extra = [c for c in val if c not in set(train)]
+    in_train, in_val = set(train), set(val)
+    missing = [c for c in train if c not in in_val]
+    extra = [c for c in val if c not in in_train]
     parts = ([f"{val_name} lacks {len(missing)} of the classes of {train_name}: {_some(missing)}"] if missing else []) \
         + ([f"{val_name} has {len(extra)} classes that {train_name} lacks: {_some(extra)}"] if extra else [])
     if not parts:
