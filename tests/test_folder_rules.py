@@ -145,8 +145,8 @@ def _empty_class(root: Path) -> Path:
     return root
 
 
-def test_an_empty_class_folder_is_refused_everywhere_naming_it(tmp_path):
-    root = _empty_class(tmp_path / "data")
+def _refusals(root: Path, tmp_path: Path) -> dict:
+    """Every reader of a folder split, each reading `root` (a dataset root)."""
     refusals = {
         "scan": lambda: scan_image_folder(root / "train"),
         "torchvision loader": lambda: build_loader(_cfg(root), INFO),
@@ -158,20 +158,25 @@ def test_an_empty_class_folder_is_refused_everywhere_naming_it(tmp_path):
     if HAVE_FFCV:
         from pipelines.tools.ffcv_convert import convert as convert_beton
         refusals["ffcv"] = lambda: convert_beton(root / "train", tmp_path / "t.beton", workers=1, progress=False)
-    for what, refuse in refusals.items():
+    return refusals
+
+
+def test_an_empty_class_folder_is_refused_everywhere_naming_it(tmp_path):
+    root = _empty_class(tmp_path / "data")
+    for what, refuse in _refusals(root, tmp_path).items():
         with pytest.raises(DataError, match=r"class folder zebras holds no images") as err:
             refuse()
         assert str(root / "train") in str(err.value), what
     assert not (tmp_path / "wds").exists() and not (tmp_path / "t.beton").exists()
 
 
-def test_images_beside_class_folders_are_refused(tmp_path):
+def test_images_beside_class_folders_are_refused_everywhere(tmp_path):
     root = make_image_folder(tmp_path / "data", classes=2, per_class=4)
     shutil.copy(next((root / "train" / "class_00").glob("*.jpg")), root / "train" / "stray.jpg")
-    with pytest.raises(DataError, match=r"holds 1 images beside class folders \(class_00, class_01\)"):
-        build_loader(_cfg(root), INFO)
-    with pytest.raises(DataError, match="beside class folders"):
-        validate.validate(root, verbose=False)
+    for what, refuse in _refusals(root, tmp_path).items():
+        with pytest.raises(DataError, match=r"holds 1 images beside class folders \(class_00, class_01\)") as err:
+            refuse()
+        assert str(root / "train") in str(err.value), what
 
 
 # ---- train and val class lists --------------------------------------------------------------------
