@@ -214,8 +214,8 @@ def compare_classes(train: list[str], val: list[str], train_name: str, val_name:
     if train == val:
         return
     in_train, in_val = set(train), set(val)
-    missing = [c for c in train if c not in in_val]
-    extra = [c for c in val if c not in in_train]
+    missing = [c or "(a flat folder's images)" for c in train if c not in in_val]
+    extra = [c or "(a flat folder's images)" for c in val if c not in in_train]
     parts = ([f"{val_name} lacks {len(missing)} of the classes of {train_name}: {_some(missing)}"] if missing else []) \
         + ([f"{val_name} has {len(extra)} classes that {train_name} lacks: {_some(extra)}"] if extra else [])
     if not parts:
