@@ -30,6 +30,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -71,7 +72,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, wrap: dict | None = None) -> dict:
+    """wrap: {name: wrapper} for "build_loader", "build_augmenter", "build_method" and "train_step",
+    wrapper(original) -> the replacement this call uses (bench.py's stage delays and sync guards)."""
+    pieces = {"build_loader": build_loader, "build_augmenter": build_augmenter, "build_method": build_method,
+              "train_step": train_step}
+    pieces = SimpleNamespace(**{**pieces, **{name: w(pieces[name]) for name, w in (wrap or {}).items()}})
     # ---- 1. config and run directory (checked, not yet written) ---------------------------------
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -87,9 +93,10 @@ def main(argv=None) -> dict:
 
     # ---- 3. data and augmentation --------------------------------------------------------------
     cfg = _check_eval_data(cfg)                     # unlabelled data: no probe, no kNN
-    loader = build_loader(cfg, info)
-    augment = build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device, dtype=perf.aug_dtype,
-                              seed=cfg.seed, rank=info.rank, mix=cfg.mix, compile=cfg.compile)
+    loader = pieces.build_loader(cfg, info)
+    augment = pieces.build_augmenter(cfg.recipe, size=loader.spec.view_sizes, device=info.device,
+                                     dtype=perf.aug_dtype, seed=cfg.seed, rank=info.rank, mix=cfg.mix,
+                                     compile=cfg.compile)
     ahead = AugmentAhead(augment, enabled=cfg.augment_ahead)   # batch k+1 augmented while k trains
     if augment.sources != loader.spec.views:
         raise ConfigError(f"recipe {cfg.recipe!r} takes {augment.sources} crops per image but the loader makes "
@@ -101,7 +108,7 @@ def main(argv=None) -> dict:
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
 
     # ---- 4. the method: backbone, heads, EMA target, queue: one module ---------------------------
-    method = build_method(cfg, build_backbone_from_config(cfg), mixes=augment.recipe.mix is not None)
+    method = pieces.build_method(cfg, build_backbone_from_config(cfg), mixes=augment.recipe.mix is not None)
     if cfg.sync_bn and info.world_size > 1:        # BN statistics over the global batch
         method = convert_sync_batchnorm(method)
     method = method.to(info.device, memory_format=perf.memory_format)
@@ -142,8 +149,8 @@ def main(argv=None) -> dict:
                 since_log.data += time.perf_counter() - t_wait
                 lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.min_lr_ratio)
                 set_lr(optimizer, lr)
-                loss, logs, nonfinite = train_step(model, optimizer, perf.scaler, perf.autocast, out, cfg.grad_clip,
-                                                   probe, batch.labels)
+                loss, logs, nonfinite = pieces.train_step(model, optimizer, perf.scaler, perf.autocast, out,
+                                                          cfg.grad_clip, probe, batch.labels)
                 method.after_step(step, total_steps)   # EMA target, queue: every method's own hook
                 bad_in_row = (bad_in_row + 1) * nonfinite
                 bad_total += nonfinite
