@@ -16,9 +16,9 @@ import masksiam  # noqa: F401
 from losses import Embeddings, get_method, hparams
 from masksiam import dist as mdist
 from masksiam.config import Config, ConfigError
+from masksiam.syncs import HostRead, no_host_reads, sync_free
 from models.heads import SiameseNet, build_heads
 from models.resnet import build_backbone
-from bench import HostRead, no_host_reads, sync_free
 from models.syncbn import GlobalBatchNorm, convert_sync_batchnorm, global_batch_norm
 
 N_GLOBAL = 8
