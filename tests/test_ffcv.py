@@ -237,7 +237,8 @@ def test_refuses_to_overwrite_and_names_the_problem(data, tmp_path):
         convert_beton(data / "train", data / "train.beton", progress=False)
     with pytest.raises(DataError, match="train/ and val/"):
         convert_beton(data, tmp_path / "x.beton", progress=False)
-    assert convert.main(["ffcv", "--src", str(data / "nope"), "--out", str(tmp_path / "y.beton")]) == 2
+    with pytest.raises(DataError, match="nope"):      # the command line ends it in one line, exit 1
+        convert.main(["ffcv", "--src", str(data / "nope"), "--out", str(tmp_path / "y.beton")])
 
 
 # ---- the loader ---------------------------------------------------------------------------------
