@@ -1,15 +1,20 @@
 """LUT's broader-context term (seed 003, Kim et al.), a piece that SimMIM and MixMAE add to their loss.
 
-An EMA teacher (backbone + projection head) sees a second, unmasked view of each image; the
-student's pooled features of the masked view go through a projection head and a predictor, and
-regress the teacher's projection:
+Two crops of each image, both masked with disjoint visible cells (recipes simmim_lut, mixmae_lut:
+`simmim: {disjoint: true}`); the second gets LUT's colour augmentation. An EMA teacher (backbone +
+projection head) sees each crop unmasked; the student's features of each masked crop, pooled over its
+visible positions, go through a projection head and a predictor and regress the teacher's projection
+of the other crop. The two cross-view terms are averaged:
 
-    L_BC = mean_n (2 - 2 cos(predictor(projector(h_n)), projector_t(backbone_t(v_n))))
+    L_BC = 1/2 [ mean_n d(pred(proj(h0_n)), proj_t(backbone_t(v1_n)))
+               + mean_n d(pred(proj(h1_n)), proj_t(backbone_t(v0_n))) ],   d(p, z) = 2 - 2 cos(p, z)
 
-added with weight `lut_weight` (0.25, seed 003 B.2 / Table A). The teacher gets no gradient; after
+added with weight `lut_weight` (0.25, seed 003 B.2 / Table A). With one masked crop and one unmasked
+(a recipe with `simmim: {branches: [0]}`) only the first term. The teacher gets no gradient and runs
+in eval mode (BatchNorm on its running statistics, which follow the student's by the EMA); after
 each optimizer step it moves towards the student (models/ema.py), momentum `lut_momentum` (0.996)
-raised to 1 on BYOL's cosine schedule (`ema_schedule`). It runs in train mode (batch statistics),
-as BYOL's target does. Per sample, no gather: each rank's loss is the mean over its own samples.
+raised to 1 on BYOL's cosine schedule (`ema_schedule`). Per sample, no gather: each rank's loss is
+the mean over its own samples.
 """
 from __future__ import annotations
 
@@ -49,15 +54,21 @@ class BroaderContext(nn.Module):
         self.predictor = mlp(hp["proj_dim"], hp["pred_hidden"], hp["proj_dim"], 2, bn=True)
         self.teacher = SiameseNet(make_target(backbone), make_target(self.projector))
 
-    def forward(self, pooled: torch.Tensor, view: torch.Tensor, partner: bool = False) -> torch.Tensor:
-        """pooled (N, F) student features of the masked view, or (2N, F) when rows N.. are the features
-        of each image's partner (MixMAE: the reversed batch); view (N, 3, H, W) the unmasked view."""
-        p = self.predictor(self.projector(pooled))
+    def forward(self, pooled: dict[int, torch.Tensor], views: list[torch.Tensor], partner: bool = False) -> torch.Tensor:
+        """pooled: view index -> (N, F) student features of that masked view, pooled over its visible
+        positions, or (2N, F) when rows N.. are the features of each image's partner in the mix
+        (MixMAE: the reversed batch); views: the unmasked views, (N, 3, H, W) each."""
+        targets = cross_view_targets(list(pooled), len(views))
+        # eval mode: running statistics, so the teacher's projection of an image depends on it alone
+        self.teacher.train(False)
         with torch.no_grad():
-            _, zt, _ = self.teacher(view)
-        if partner:
-            zt = torch.cat([zt, zt.flip(0)])
-        return context_loss(p, zt)
+            zt = {j: self.teacher(views[j])[1] for j in sorted(set(targets.values()))}
+        terms = []
+        for k, j in targets.items():
+            p = self.predictor(self.projector(pooled[k]))
+            z = torch.cat([zt[j], zt[j].flip(0)]) if partner else zt[j]
+            terms.append(context_loss(p, z))
+        return torch.stack(terms).mean()
 
     def after_step(self, backbone: nn.Module, step: int, total_steps: int) -> None:
         m = momentum_at(step, total_steps, self.hp["lut_momentum"], self.hp["ema_schedule"])
@@ -65,10 +76,10 @@ class BroaderContext(nn.Module):
         ema_update(self.teacher.projector, self.projector, m)
 
 
-def total_loss(lut: BroaderContext | None, weight: float, mim: torch.Tensor, pooled: torch.Tensor, out,
-               method: str, partner: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def total_loss(lut: BroaderContext | None, weight: float, mim: torch.Tensor, pooled: dict[int, torch.Tensor],
+               out, method: str, partner: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A MIM method's loss: its reconstruction loss `mim`, plus weight x the broader-context term when
-    LUT is on (lut not None); and the logs of each part."""
+    LUT is on (lut not None); and the logs of each part. pooled: masked view -> its pooled features."""
     logs = {"mim_loss": mim.detach()}
     loss = mim
     if lut is not None:
@@ -79,9 +90,23 @@ def total_loss(lut: BroaderContext | None, weight: float, mim: torch.Tensor, poo
     return loss, logs
 
 
-def check_views(out, method: str) -> torch.Tensor:
-    """The unmasked second view LUT's teacher needs, or a ConfigError naming the recipe to use."""
-    if len(out.views) < 2 or (out.mim_masks is not None and out.mim_masks[1] is not None):
-        raise ConfigError(f"method {method!r} with lut_weight > 0 needs a recipe with a second, unmasked view "
-                          f"(config key 'recipe', e.g. simmim_lut: two branches, `simmim: {{branches: [0]}}`)")
-    return out.views[1]
+def cross_view_targets(masked: list[int], views: int) -> dict[int, int]:
+    """masked view k -> the view whose teacher projection it predicts: the other of two masked views,
+    or the one unmasked view (the single-direction form)."""
+    if views < 2:
+        raise ValueError("LUT's term needs two views")
+    if len(masked) == 2 and views == 2:
+        return {masked[0]: masked[1], masked[1]: masked[0]}
+    if masked == [0]:
+        return {0: 1}
+    raise ValueError(f"LUT's term: masked views {masked} of {views}; expected both of two, or view 0 only")
+
+
+def check_views(out, method: str) -> list[torch.Tensor]:
+    """The two views LUT needs (view 0 masked; view 1 masked with disjoint visible cells, or
+    unmasked), or a ConfigError naming the recipe to use."""
+    if len(out.views) != 2 or out.mim_masks is None or out.mim_masks[0] is None:
+        raise ConfigError(f"method {method!r} with lut_weight > 0 needs a recipe with two crops, masked with "
+                          f"disjoint visible cells (config key 'recipe', e.g. simmim_lut or mixmae_lut: "
+                          f"two branches, `simmim: {{disjoint: true}}`)")
+    return list(out.views)

@@ -14,7 +14,8 @@ stride 32 a position is one 32 px patch of one source. The decoder (PixelDecoder
 partner's positions replaced by its mask token, and for the partner with the image's positions
 replaced. Dual reconstruction: each decode is scored on the pixels its image hid, l2 on per-patch
 normalised pixels (MixMIM's norm-pix loss; `norm_pix_loss`), averaged over the hidden pixels of both.
-With `lut_weight` > 0, LUT's broader-context term for each image's pooled features (losses/lut.py).
+With `lut_weight` > 0, LUT's broader-context term for each image's pooled features (losses/lut.py;
+recipe mixmae_lut: two crops, each mixed, their own cells complementary; both reconstructed).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from losses import lut as lut_term
-from losses.simmim import check_patch, masked_pixel_loss, mim_masks, patch_normalize
+from losses.simmim import check_patch, masked_pixel_loss, masked_views, mim_masks, patch_normalize
 from models.mim import PixelDecoder, SourceEncoder, encoder_stride, expand_mask
 
 DEFAULTS = {"decoder_depth": 2, "decoder_dim": 512, "norm_pix_loss": True, **lut_term.DEFAULTS}
@@ -47,12 +48,13 @@ class MixMAE(nn.Module):
         self.decoder = PixelDecoder(backbone.num_features, self.stride, hp["decoder_depth"], hp["decoder_dim"])
         self.lut = lut_term.BroaderContext(backbone, hp) if hp["lut_weight"] > 0 else None
 
-    def reconstruct(self, out) -> dict[str, Any]:
+    def reconstruct(self, out, view: int = 0) -> dict[str, Any]:
         """input x (N, 3, H, W); partner x.flip(0); mask (N, 1, H, W) bool, True = from the partner;
         mixed (N, 3, H, W); pred (2N, 3, H, W): rows :N the images, N: the partners; hidden
-        (2N, 1, H, W): the pixels each row is scored on; pooled (2N, F); patch (px)."""
-        x = out.views[0]
-        cells = mim_masks(out, self.name)
+        (2N, 1, H, W): the pixels each row is scored on; pooled (2N, F), each image's own positions;
+        patch (px); of view `view`."""
+        x = out.views[view]
+        cells = mim_masks(out, self.name, view)
         patch = x.shape[2] // cells.shape[1]
         check_patch(patch, self.stride, self.name, "the encoder's stride: one feature position, one source")
         mask = expand_mask(cells, x.shape[2], x.shape[3])[:, None]
@@ -68,12 +70,17 @@ class MixMAE(nn.Module):
                 "hidden": torch.cat([mask, ~mask]), "pooled": pooled.flatten(0, 1), "patch": patch}
 
     def forward(self, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r = self.reconstruct(out)
-        target = torch.cat([r["input"], r["partner"]])
-        if self.hp["norm_pix_loss"]:
-            target = patch_normalize(target, r["patch"])
-        mim = masked_pixel_loss(r["pred"], target, r["hidden"], "l2")
-        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, r["pooled"], out, self.name, partner=True)
+        # every masked view mixed and reconstructed (LUT: both crops), its own forward; losses averaged
+        losses, pooled = [], {}
+        for k in masked_views(out):
+            r = self.reconstruct(out, k)
+            target = torch.cat([r["input"], r["partner"]])
+            if self.hp["norm_pix_loss"]:
+                target = patch_normalize(target, r["patch"])
+            losses.append(masked_pixel_loss(r["pred"], target, r["hidden"], "l2"))
+            pooled[k] = r["pooled"]
+        mim = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, pooled, out, self.name, partner=True)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.lut is not None:

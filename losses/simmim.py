@@ -13,8 +13,9 @@ The head: `decoder_depth` 0 is the seed's linear head, a 1x1 conv from the strid
 32*32*3 values, pixel-shuffled to the image (stride^2 * 3 in general); more adds 3x3 conv blocks.
 The loss: l1 between the prediction and the normalised input (per-patch normalised with
 `norm_pix_loss`) on masked pixels only, averaged over masked pixels and channels (SimMIM's code:
-sum(|pred - x| m) / sum(m) / 3). With `lut_weight` > 0, LUT's broader-context term on a second,
-unmasked view (losses/lut.py; recipe simmim_lut).
+sum(|pred - x| m) / sum(m) / 3). With `lut_weight` > 0, LUT's broader-context term (losses/lut.py;
+recipe simmim_lut: two crops masked with disjoint visible cells, both reconstructed, the loss their
+mean).
 
 Distributed: the recipe masks exactly ceil(ratio * cells) cells of every image, so every rank holds
 the same number of masked pixels and its local mean is its share of the global one.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from losses import lut as lut_term
@@ -60,12 +62,29 @@ def patch_normalize(x: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Ten
     return ((b - mean) / (var + eps).sqrt()).reshape(n, c, h, w)
 
 
-def mim_masks(out, method: str) -> torch.Tensor:
-    """The first view's patch mask, or a ConfigError naming the recipe key."""
-    if out.mim_masks is None or out.mim_masks[0] is None:
+def mim_masks(out, method: str, view: int = 0) -> torch.Tensor:
+    """A view's patch mask (the first by default), or a ConfigError naming the recipe key."""
+    if out.mim_masks is None or out.mim_masks[view] is None:
         raise ConfigError(f"method {method!r} needs patch masks on the first view: use a recipe with a "
                           f"`simmim:` section (config key 'recipe', e.g. simmim, mixmae, simmim_lut)")
-    return out.mim_masks[0]
+    return out.mim_masks[view]
+
+
+def masked_views(out) -> list[int]:
+    """The views that carry a patch mask (each is reconstructed; LUT: both of its two crops)."""
+    return [k for k, m in enumerate(out.mim_masks or []) if m is not None] or [0]
+
+
+def visible_mean(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f (N, F, h, w) pooled over the visible part of each image -> (N, F); mask (N, h', w') True =
+    masked, at any resolution: each feature position weighs by the visible fraction of its area."""
+    vis = (~mask)[:, None].to(f.dtype)
+    if vis.shape[2:] != f.shape[2:]:
+        if vis.shape[2] % f.shape[2] == 0:                                  # finer mask: area fraction
+            vis = F.adaptive_avg_pool2d(vis, f.shape[2:])
+        else:                                                               # coarser mask: each cell a block
+            vis = expand_mask(~mask, f.shape[2], f.shape[3])[:, None].to(f.dtype)
+    return (f * vis).sum((2, 3)) / vis.sum((2, 3)).clamp_min(1e-6)
 
 
 def check_patch(patch: int, multiple: int, method: str, what: str) -> None:
@@ -96,11 +115,11 @@ class SimMIM(nn.Module):
                                     mask_token=self.sparse)
         self.lut = lut_term.BroaderContext(backbone, hp) if hp["lut_weight"] > 0 else None
 
-    def reconstruct(self, out) -> dict[str, Any]:
+    def reconstruct(self, out, view: int = 0) -> dict[str, Any]:
         """input (N, 3, H, W), mask (N, 1, H, W) bool (True = scored), pred (N, 3, H, W),
-        pooled (N, F) features, patch (px)."""
-        x = out.views[0]
-        mask = mim_masks(out, self.name)
+        pooled (N, F) features over the visible positions, patch (px); of view `view`."""
+        x = out.views[view]
+        mask = mim_masks(out, self.name, view)
         patch = x.shape[2] // mask.shape[1]
         if self.sparse:
             check_patch(patch, self.stride, self.name, "the sparse encoder's stride")
@@ -112,16 +131,21 @@ class SimMIM(nn.Module):
             check_patch(patch, stem_stride(self.backbone), self.name, "the stem's stride, where the token goes")
             f = self.tokens(self.backbone, x, mask)
             hide = None                                   # the encoder holds the token already
-            pooled = f.mean((2, 3))
+            pooled = visible_mean(f, mask)
         pred = self.decoder(f, hide)
         return {"input": x, "mask": expand_mask(mask, x.shape[2], x.shape[3])[:, None], "pred": pred,
                 "pooled": pooled, "patch": patch}
 
     def forward(self, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r = self.reconstruct(out)
-        target = patch_normalize(r["input"], r["patch"]) if self.hp["norm_pix_loss"] else r["input"]
-        mim = masked_pixel_loss(r["pred"], target, r["mask"], "l1")
-        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, r["pooled"], out, self.name)
+        # every masked view reconstructed (LUT: both crops), its own forward; the losses averaged
+        losses, pooled = [], {}
+        for k in masked_views(out):
+            r = self.reconstruct(out, k)
+            target = patch_normalize(r["input"], r["patch"]) if self.hp["norm_pix_loss"] else r["input"]
+            losses.append(masked_pixel_loss(r["pred"], target, r["mask"], "l1"))
+            pooled[k] = r["pooled"]
+        mim = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        return lut_term.total_loss(self.lut, self.hp["lut_weight"], mim, pooled, out, self.name)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.lut is not None:

@@ -194,3 +194,122 @@ def test_mixed_encoder_saves_less_for_backward(monkeypatch):
     monkeypatch.setattr(SourceEncoder, "batchnorm", _reference_source_bn)
     old, _ = saved_bytes(lambda: SourceEncoder.mixed(mask)(net, x))
     assert new < 0.6 * old, (new, old)
+
+
+# ---- LUT as seed 003 runs it -------------------------------------------------------------------------------
+
+SMALL_HEADS = {"decoder_dim": 16, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+
+
+def _hp(cls, **kw):
+    return {**cls.DEFAULTS, **SMALL_HEADS, **kw}
+
+
+def _smooth(n, seed, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
+
+
+def _two_views(n=6, ratio=0.6, seed=0):
+    from types import SimpleNamespace
+    from pipelines.augment.masks import disjoint_simmim_masks
+    m0, m1 = disjoint_simmim_masks(n, 4, 4, ratio, 2, torch.Generator().manual_seed(seed), "cpu")
+    return SimpleNamespace(views=[_smooth(n, seed + 1), _smooth(n, seed + 2)], mim_masks=[m0, m1])
+
+
+def test_disjoint_masks_each_a_simmim_mask_with_disjoint_visible_cells():
+    from pipelines.augment.masks import disjoint_simmim_masks
+    g = torch.Generator().manual_seed(0)
+    for ratio, rows in ((0.6, 4), (0.5, 4), (0.6, 7), (0.75, 2)):
+        masks = disjoint_simmim_masks(64, rows, rows, ratio, 2, g, "cpu")
+        hidden = -(-int(ratio * 1000) * rows * rows // 1000)                    # ceil(ratio * cells)
+        for m in masks:
+            assert (m.flatten(1).sum(1) == hidden).all()
+        assert not (~masks[0] & ~masks[1]).any()                                # visible cells disjoint
+        if ratio == 0.5:
+            assert torch.equal(masks[0], ~masks[1])                             # MixMAE: complementary
+        # each cell visible in view 0 about (1 - ratio) of the time: uniform over cells
+        freq = (~masks[0]).float().mean(0)
+        assert freq.min() > 0.25 * (1 - ratio) and freq.max() < 2.5 * (1 - ratio)
+    with pytest.raises(ValueError, match="ratio"):
+        disjoint_simmim_masks(4, 4, 4, 0.4, 2, g, "cpu")
+
+
+@pytest.mark.parametrize("recipe", ["simmim_lut_8px", "mixmae_lut_8px"])
+def test_lut_recipes_mask_both_views_disjointly(recipe):
+    from pipelines.augment.engine import build_augmenter
+    aug = build_augmenter(recipe, 32, seed=0)
+    views = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8) for _ in range(2)]
+    out = aug(views)
+    m0, m1 = out.mim_masks
+    assert m0.shape == m1.shape == (8, 4, 4)
+    assert not (~m0 & ~m1).any()
+    assert aug.recipe.branches[1].color is not None and aug.recipe.branches[0].color is None
+
+
+def _np_context(p, z):
+    import numpy as np
+    p, z = p.detach().double().numpy(), z.detach().double().numpy()
+    cos = (p * z).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(z, axis=1))
+    return float((2 - 2 * cos).mean())
+
+
+@pytest.mark.parametrize("name", ["simmim", "mixmae"])
+def test_lut_term_is_the_mean_of_the_two_cross_view_terms(name):
+    """The method's lut_loss against a numpy reference built from its pieces: student features pooled
+    over visible positions (numpy), projector + predictor, the eval-mode teacher on the other view."""
+    from losses import MixMAE, SimMIM
+    cls = SimMIM if name == "simmim" else MixMAE
+    torch.manual_seed(0)
+    method = cls(_net(small_stem=True), _hp(cls, lut_weight=0.25, decoder_depth=1))
+    out = _two_views(ratio=0.6 if name == "simmim" else 0.5)
+    ref = copy.deepcopy(method)
+    _, logs = method(out)
+    assert not method.lut.teacher.training                                 # the teacher ran in eval mode
+    p, zt = {}, {}
+    for k in (0, 1):
+        r = ref.reconstruct(out, k)
+        if name == "simmim":                                               # pooled: visible positions only
+            f = ref.tokens(ref.backbone, out.views[k], out.mim_masks[k]).detach().numpy()
+            vis = (~out.mim_masks[k]).numpy()[:, None]
+            pooled = (f * vis).sum((2, 3)) / vis.sum((2, 3))
+            torch.testing.assert_close(r["pooled"], torch.from_numpy(pooled).float(), rtol=1e-5, atol=1e-6)
+        p[k] = ref.lut.predictor(ref.lut.projector(r["pooled"]))
+        with torch.no_grad():
+            ref.lut.teacher.eval()
+            z = ref.lut.teacher(out.views[k])[1]
+            zt[k] = torch.cat([z, z.flip(0)]) if name == "mixmae" else z
+    expected = 0.5 * (_np_context(p[0], zt[1]) + _np_context(p[1], zt[0]))
+    assert abs(float(logs["lut_loss"]) - expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["simmim", "mixmae"])
+def test_lut_loss_is_symmetric_in_the_two_views(name):
+    from types import SimpleNamespace
+    from losses import MixMAE, SimMIM
+    cls = SimMIM if name == "simmim" else MixMAE
+    torch.manual_seed(0)
+    method = cls(_net(small_stem=True), _hp(cls, lut_weight=0.25, decoder_depth=1))
+    out = _two_views(ratio=0.6 if name == "simmim" else 0.5)
+    swapped = SimpleNamespace(views=out.views[::-1], mim_masks=out.mim_masks[::-1])
+    twin = copy.deepcopy(method)
+    _, a = method(out)
+    _, b = twin(swapped)
+    for key in ("loss", "mim_loss", "lut_loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0), key
+
+
+def test_lut_teacher_projection_of_an_image_depends_on_it_alone():
+    """Eval mode: changing the other images of the batch leaves image 0's teacher target unchanged."""
+    from losses import SimMIM
+    torch.manual_seed(0)
+    method = SimMIM(_net(small_stem=True), _hp(SimMIM, lut_weight=0.25))
+    out = _two_views()
+    got = []
+    method.lut.teacher.register_forward_hook(lambda _m, _i, o: got.append(o[1].detach()))
+    method(out)
+    out.views[1] = torch.cat([out.views[1][:1], torch.randn_like(out.views[1][1:])])
+    out.views[0] = torch.cat([out.views[0][:1], torch.randn_like(out.views[0][1:])])
+    method(out)
+    torch.testing.assert_close(got[0][0], got[2][0])                       # the teacher on view 0: twice
+    torch.testing.assert_close(got[1][0], got[3][0])

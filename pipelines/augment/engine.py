@@ -661,6 +661,12 @@ class Augmenter:
     def _draw_simmim(self, n: int) -> list[Optional[torch.Tensor]]:
         s = self.recipe.simmim
         chosen = set(range(len(self.recipe.branches)) if s.branches is None else s.branches)
+        if s.disjoint:                   # LUT: the masked views' visible cells disjoint (recipes.SimMIMSpec)
+            views = [v for v, bi in enumerate(self.view_branch) if bi in chosen]
+            cells = self.view_size[views[0]] // s.patch
+            drawn = dict(zip(views, M.disjoint_simmim_masks(n, cells, cells, s.ratio, len(views), self.gen,
+                                                            self.device)))
+            return [drawn.get(v) for v in range(len(self.view_branch))]
         return [M.simmim_masks(n, size // s.patch, size // s.patch, s.ratio, self.gen, self.device)
                 if bi in chosen else None for bi, size in zip(self.view_branch, self.view_size)]
 

@@ -148,6 +148,19 @@ def simmim_masks(n: int, rows: int, cols: int, ratio: float, gen: torch.Generato
     return _exact_count(scores, total).view(n, rows, cols)
 
 
+def disjoint_simmim_masks(n: int, rows: int, cols: int, ratio: float, views: int, gen: torch.Generator,
+                          device) -> list[torch.Tensor]:
+    """`views` SimMIM masks per sample whose visible cells are disjoint (LUT, seed 003): one random
+    order of the cells per sample; view k sees the k-th run of v = cells - ceil(ratio * cells) cells
+    of it, so each view alone is a uniform SimMIM mask. -> `views` x (N, rows, cols) bool, True = masked."""
+    cells = rows * cols
+    visible = cells - math.ceil(ratio * cells)
+    if views * visible > cells:
+        raise ValueError(f"{views} views with disjoint visible cells need ratio >= {1 - 1 / views:.2f}, got {ratio}")
+    rank = torch.rand(n, cells, generator=gen, device=device).argsort(1).argsort(1)   # (N, cells)
+    return [~((rank >= k * visible) & (rank < (k + 1) * visible)).view(n, rows, cols) for k in range(views)]
+
+
 def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, h, w) patch mask -> (N, h * factor, w * factor), e.g. 32-px patches to the stride-4 feature
     map of a ResNet stem (factor 8), where the model puts its mask token; or factor = patch to pixels."""

@@ -24,7 +24,7 @@ A yaml recipe:
     pairs: cross                  # all pairs of views from different branches, or [[i, j], ...],
                                   # or multicrop: each global view with every other view
     mix: {kind: mixmask, branch: 0, grid: 8, ratio: 0.5}  # or {kind: unmix, mixup_p: 0.5, beta: 1}
-    simmim: {patch: 32, ratio: 0.6}
+    simmim: {patch: 32, ratio: 0.6}  # + branches: [0] (which are masked), disjoint: true (LUT)
 
 Multi-crop (SwAV / DINO: 2 global + 6 local crops from the loader, e.g. 2 x 224 and 6 x 96 px): a
 branch marked `local: true` works on a local crop; `repeat: k` stands for k such branches on k
@@ -135,6 +135,7 @@ class SimMIMSpec:
     patch: int = 32                  # mask patch side in pixels (the image side must be a multiple)
     ratio: float = 0.6               # exactly ceil(ratio * patches) masked per sample
     branches: Optional[tuple[int, ...]] = None   # branches whose views get masks (None = all)
+    disjoint: bool = False           # LUT: the masked views' visible cells disjoint (one size, ratio >= 1 - 1/views)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,14 @@ def _validate(recipe: Recipe, where: str) -> None:
         for b in recipe.simmim.branches or ():
             if not 0 <= b < len(recipe.branches):
                 raise RecipeError(f"{where}: simmim.branches names branch {b}, which does not exist")
+        if recipe.simmim.disjoint:
+            chosen = range(len(recipe.branches)) if recipe.simmim.branches is None else recipe.simmim.branches
+            views = sum(recipe.branches[b].copies for b in chosen)
+            if views * (1 - recipe.simmim.ratio) > 1 + 1e-9:
+                raise RecipeError(f"{where}: simmim.disjoint with {views} masked views needs simmim.ratio >= "
+                                  f"{1 - 1 / views:.2f} (disjoint visible cells), got {recipe.simmim.ratio}")
+            if any(recipe.branches[b].local for b in chosen):
+                raise RecipeError(f"{where}: simmim.disjoint needs masked views of one size (no local branch)")
 
 
 def _recipe_path(name_or_path: str | Path, child: Path | None = None) -> Path:
