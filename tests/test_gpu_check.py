@@ -87,6 +87,8 @@ def test_dry_run_takes_every_step_of_the_plan_and_writes_its_files(dry_run):
     assert all(int(s["limit"]) == plan[s["step"]] for s in steps)
     # the photo packages hidden: convert.py photos failed and the synthetic JPEGs stood in
     assert "synthetic JPEGs (convert.py photos failed: photo folder" in (out / "gpu_check.log").read_text()
+    md = (out / "gpu_check.md").read_text().splitlines()        # and the summary says so
+    assert md[2] == first and md[4].startswith("Data: ") and ": synthetic JPEGs (convert.py photos failed" in md[4]
 
 
 @pytest.mark.slow

@@ -232,7 +232,7 @@ def photos(args) -> int:
     try:
         report = build_real(out, preset, Path(args.photo_root), args.real_timeout_s, workers)
         kind = "real photos (convert.py photos)"
-    except (Exception, _Timeout) as err:
+    except Exception as err:
         from pipelines.loaders.common import DataError
         if not isinstance(err, (DataError, _Timeout)):
             raise
@@ -291,6 +291,18 @@ def _payloads(work: Path) -> dict[str, dict]:
     return payloads
 
 
+def _data_line(work: Path) -> str:
+    """What the end-to-end rows read: the JPEG folder, real photos or the synthetic stand-in (its report)."""
+    data = Path((work / "data.txt").read_text().strip()) if (work / "data.txt").exists() else None
+    if data is None:
+        return "Data: unknown."
+    report = json.loads((data / ".complete").read_text()) if (data / ".complete").exists() else {}
+    kind = {"photos": "real photos (convert.py photos)",
+            "synthetic-jpeg": f"synthetic JPEGs ({report.get('why', '')})"}.get(report.get("dataset"), "an ImageFolder")
+    size = f", {report['images']} images, {report['bytes'] / 2**20:.1f} MiB" if "images" in report and "bytes" in report else ""
+    return f"Data: {data}: {kind}{size}."
+
+
 def summary(work: Path, dest: Path, dry: bool, budget: int, took: int) -> int:
     """DEST/gpu_check.md and .json, and per mode bench.py's payload (augment/model/train.json, what
     `bench.py readme` reads) and a chart: at most 8 files with gpu_check.log."""
@@ -307,7 +319,7 @@ def summary(work: Path, dest: Path, dry: bool, budget: int, took: int) -> int:
     else:
         payloads = _payloads(work)
     md = [f"# tools/gpu_check.sh{' --dry-run (CPU, tiny sizes: not a measurement)' if dry else ''}", "", first, "",
-          f"{took} s of a {budget} s budget." + (" The compiled augment rows ran with torch.compile disabled "
+          _data_line(work), "", f"{took} s of a {budget} s budget." + (" The compiled augment rows ran with torch.compile disabled "
                                                 "(TORCHDYNAMO_DISABLE=1)." if dry else ""),
           "", "## Environment", "", "```", json.dumps(env, indent=1), "```", "",
           "## Steps", "", "| step | exit | seconds | limit | note |", "|---|---|---|---|---|"]

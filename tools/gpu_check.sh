@@ -182,6 +182,7 @@ else
     --photo-root "${GPU_CHECK_PHOTO_ROOT:-/}" --real-timeout-s $(( LIMIT[photos] / 2 )) --workers "$WORKERS"
 fi
 
+echo "$DATA" > "$WORK/data.txt"                # the summary says what the end-to-end rows read
 # ---- 4. end to end per loader and model-only: the configs of the SimCLR + MSCN and BYOL runs -------
 [[ ${HAVE_nvidia_dali:-0} == 1 && $DRY == 0 ]] && LOADERS+=,dali
 [[ ${HAVE_ffcv:-0} == 1 && $DRY == 0 && -f "$DATA/train.beton" ]] && LOADERS+=,ffcv
