@@ -12,9 +12,9 @@ setup(
                 "batched GPU augmentation and masking, SimCLR/MoCo/BYOL/SimSiam/Barlow/VICReg/MIM",
     python_requires=">=3.10",
     packages=["masksiam", "pipelines", "pipelines.loaders", "pipelines.augment", "pipelines.tools",
-              "models", "losses", "eval"],
+              "models", "losses", "eval", "bench"],
     package_data={"pipelines.augment": ["recipes/*.yaml"]},
-    py_modules=["train", "bench", "convert"],
+    py_modules=["train", "convert"],      # bench.py: the script of package bench (same name: not a module)
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

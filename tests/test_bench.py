@@ -4,6 +4,7 @@ product of rows; `readme` rewrites only the marked block. Speed is never asserte
 too short and the machines too noisy for that, the numbers only have to be measured consistently."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import os
@@ -15,6 +16,8 @@ import torch
 from PIL import Image
 
 import bench
+from bench import loader as loader_mode
+from bench.loop import bench_loop
 
 from conftest import have_loader_library
 
@@ -140,15 +143,14 @@ def test_train_rows_run_on_the_rows_device(monkeypatch, tmp_path):
     from masksiam.dist import DEVICE_ENV, choose_device
     seen = []
 
-    def fake_main(argv):
+    def fake_main(argv, wrap=None):
         seen.append((os.environ.get(DEVICE_ENV), choose_device()))
         raise RuntimeError("stop here")
     monkeypatch.setattr(train, "main", fake_main)
     monkeypatch.setenv(DEVICE_ENV, "auto")
-    args = bench.main.__globals__["argparse"].Namespace(out_dir=str(tmp_path), config=None, set=[], warmup=1,
-                                                        batches=1, mode="train")
+    args = argparse.Namespace(out_dir=str(tmp_path), config=None, set=[], warmup=1, batches=1, mode="train")
     with pytest.raises(RuntimeError, match="stop here"):
-        bench.bench_loop("row", [], args, torch.device("cpu"))
+        bench_loop("row", [], args, torch.device("cpu"))
     assert seen == [("cpu", "cpu")] and os.environ[DEVICE_ENV] == "auto"
 
 
@@ -228,12 +230,12 @@ def test_torchvision_v2_views():
     from PIL import Image
     from torchvision.transforms import v2
     photo = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    views = bench._Views([(32, (0.2, 1.0))] * 2 + [(16, (0.05, 0.2))], ratio=(0.75, 4 / 3),
+    views = loader_mode._Views([(32, (0.2, 1.0))] * 2 + [(16, (0.05, 0.2))], ratio=(0.75, 4 / 3),
                          flip_prob=0.5)(Image.fromarray(photo))
     assert [v.shape for v in views] == [(3, 32, 32), (3, 32, 32), (3, 16, 16)]
     assert all(v.dtype == torch.uint8 for v in views) and not torch.equal(views[0], views[1])
     # the whole image at its own aspect ratio, always flipped: the flipped antialiased resize of it
-    whole = bench._Views([(32, (1.0, 1.0))], ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
+    whole = loader_mode._Views([(32, (1.0, 1.0))], ratio=(1.5, 1.5), flip_prob=1.0)(Image.fromarray(photo))[0]
     x = torch.from_numpy(photo).permute(2, 0, 1)
     assert torch.equal(whole, v2.functional.horizontal_flip(v2.functional.resize(x, [32, 32], antialias=True)))
 
@@ -249,13 +251,13 @@ def test_ffcv_decode_is_timed_on_what_the_beton_stores(image_folder, tmp_path, m
     assert convert.main(["ffcv", "--src", str(image_folder / "train"), "--out", str(beton), "--max-res", "40",
                          "--workers", "1", "--no-progress"]) == 0
     decoded = []                                       # the images of each decode timing, in order
-    timed = bench._decode_ms
+    timed = loader_mode._decode_ms
 
     def spy(payloads):
         decoded.append([Image.open(io.BytesIO(p)).size for p in payloads if p is not None])
         return timed(payloads)
-    monkeypatch.setattr(bench, "_decode_ms", spy)
-    bench._beton_decode_ms.cache_clear()
+    monkeypatch.setattr(loader_mode, "_decode_ms", spy)
+    loader_mode._beton_decode_ms.cache_clear()
     out = tmp_path / "loader.json"
     bench.main(["loader", "--compare", "torchvision,ffcv", "--data", str(image_folder), "--ffcv-path", str(beton),
                 *TINY_LOADER, "--workers", "1", "--json", str(out)])
@@ -296,7 +298,7 @@ def test_loader_compare_torchvision_dali(image_folder, tmp_path):
 
 
 def test_dali_decode_threads_are_found():
-    """bench._dali_thread_cpu reads the CPU time of threads named like DALI's workers, and only those."""
+    """loader_mode._dali_thread_cpu reads the CPU time of threads named like DALI's workers, and only those."""
     import ctypes
     import threading
     libc = ctypes.CDLL(None)
@@ -311,7 +313,7 @@ def test_dali_decode_threads_are_found():
         busy.set()
         stop.wait()                                    # alive while measured: /proc lists live threads
 
-    before = bench._dali_thread_cpu()
+    before = loader_mode._dali_thread_cpu()
     done = []
     for name in (b"[DALI][TP0]Exec", b"other-thread"):
         named, busy = threading.Event(), threading.Event()
@@ -319,7 +321,7 @@ def test_dali_decode_threads_are_found():
         assert named.wait(10)
         done.append(busy)
     assert all(busy.wait(30) for busy in done)
-    spent = bench._dali_thread_cpu() - before
+    spent = loader_mode._dali_thread_cpu() - before
     stop.set()
     assert 0.12 <= spent < 0.22                        # the DALI-named thread's 150 ms, not the other's
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import bench
+from bench.explain import EXPLAIN_STAGES, PIPELINE, explain_verdict
 
 TINY = ["arch=resnet10", "width=8", "size=24", "stem=small", "batch_size=8", "workers=0", "views=2",
         "proj_hidden=32", "proj_dim=16", "recipe=simclr", "seed=0"]
@@ -29,18 +30,18 @@ def plain(image_folder, tmp_path_factory):
 def test_stage_table_is_consistent(plain):
     out, payload = plain
     stages = {s["stage"]: s for s in payload["stages"]}
-    assert list(stages) == list(bench.EXPLAIN_STAGES)
+    assert list(stages) == list(EXPLAIN_STAGES)
     assert stages["host-to-device"]["images_per_s"] is None            # a CPU run copies nothing
     for name in ("read", "decode", "loader", "augment", "model", "end-to-end"):
         assert stages[name]["images_per_s"] > 0, name
         assert stages[name]["share"] == pytest.approx(stages["end-to-end"]["images_per_s"]
                                                       / stages[name]["images_per_s"])
-    slowest = min(stages[n]["images_per_s"] for n in bench.PIPELINE if stages[n]["images_per_s"])
+    slowest = min(stages[n]["images_per_s"] for n in PIPELINE if stages[n]["images_per_s"])
     # end to end runs every stage: never faster than the slowest alone, beyond the noise of runs of
     # 3 batches on a shared machine
     assert stages["end-to-end"]["images_per_s"] <= 2.0 * slowest
     assert stages["loader"]["cores"] >= 0 and stages["read"]["bytes_per_image"] > 0
-    assert payload["bound"] in bench.PIPELINE and f"{payload['bound']} bounds this run" in payload["verdict"]
+    assert payload["bound"] in PIPELINE and f"{payload['bound']} bounds this run" in payload["verdict"]
     assert "loader cores" in payload["verdict"]
 
 
@@ -49,7 +50,7 @@ def test_files(plain):
     assert json.loads(out.read_text())["verdict"] == payload["verdict"]
     md = out.with_suffix(".md").read_text()
     assert md.startswith("| stage | images_per_s | cores | share | note |") and payload["verdict"] in md
-    assert len([line for line in md.splitlines() if line.startswith("| ")]) == len(bench.EXPLAIN_STAGES) + 1
+    assert len([line for line in md.splitlines() if line.startswith("| ")]) == len(EXPLAIN_STAGES) + 1
     with Image.open(out.with_suffix(".png")) as img:
         img.verify()
 
@@ -70,12 +71,12 @@ def test_verdict_words():
               {"stage": "loader", "images_per_s": 1500.0, "cores": 2.0},
               {"stage": "host-to-device", "images_per_s": None}, {"stage": "augment", "images_per_s": 9000.0},
               {"stage": "model", "images_per_s": 680.0}, {"stage": "end-to-end", "images_per_s": 600.0}]
-    bound, words = bench.explain_verdict(stages, 2)
+    bound, words = explain_verdict(stages, 2)
     assert bound == "model"
     assert words.startswith("the loader gives 1,500 images/s on 2.0 cores, the model takes 680: the model bounds")
     assert "needs 0.91 loader cores at this loader's 750 images/s per core" in words
     stages[2]["images_per_s"] = 300.0                                    # a slow loader: it bounds
-    bound, words = bench.explain_verdict(stages, 2)
+    bound, words = explain_verdict(stages, 2)
     assert bound == "loader" and "the loader bounds this run" in words
     assert "decoding alone takes 19% of the loader's CPU time per image" in words
     assert "needs 4.5 loader cores" in words
