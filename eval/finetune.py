@@ -173,21 +173,33 @@ def balanced_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:
 def read_subset_file(path: str | Path, names: list[str]) -> np.ndarray:
     """Positions in `names` ('<class>/<file>' paths) of the files a subset list names, one per line
     (SimCLR's 1percent.txt: 'n01440764_10026.JPEG'; '<class>/<file>' lines match the whole path).
-    File names are compared without extension too: webdataset shards store '<stem>.jpg'."""
+
+    A line matches exactly first: the whole path, else the file name. Only a line that matches
+    nothing exactly is compared without its extension (webdataset shards store '<stem>.jpg'), and
+    those matches are reported on stderr, with an example, so a list for another copy of the data
+    is not taken silently. A line matching several files (exactly, or by stem) is an error."""
+    import sys
+    from pipelines.tools.webdataset import _key as shard_key
     path = Path(path)
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     except OSError as err:
         raise EvalError(f"subset file {path} cannot be read: {err}") from err
-    by_name: dict[str, list[int]] = {}
+    exact: dict[str, list[int]] = {}
+    stems: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         base = n.rsplit("/", 1)[-1]
-        for key in {n, base, base.rsplit(".", 1)[0]}:
-            by_name.setdefault(key, []).append(i)
-    out, missing, ambiguous = [], [], []
+        for key in {n, base}:
+            exact.setdefault(key, []).append(i)
+        for key in {n.rsplit(".", 1)[0], base.rsplit(".", 1)[0]}:
+            stems.setdefault(key, []).append(i)
+    out, missing, ambiguous, fuzzy = [], [], [], []
     for ln in lines:
-        hits = by_name.get(ln) or by_name.get(ln.rsplit(".", 1)[0].replace(".", "_")) or \
-            by_name.get(ln.rsplit(".", 1)[0])
+        hits = exact.get(ln)
+        if not hits:       # the stem as written, or as a webdataset key (dots and spaces -> '_')
+            hits = stems.get(ln.rsplit(".", 1)[0]) or stems.get(shard_key(ln)[0])
+            if hits and len(set(hits)) == 1:
+                fuzzy.append((ln, names[hits[0]]))
         if not hits:
             missing.append(ln)
         elif len(set(hits)) > 1:
@@ -198,6 +210,9 @@ def read_subset_file(path: str | Path, names: list[str]) -> np.ndarray:
         raise EvalError(f"subset file {path}: {len(missing)} of {len(lines)} names are not in the split "
                         f"(e.g. {missing[:3]}), {len(ambiguous)} match several files (e.g. {ambiguous[:3]}; "
                         f"write them as <class>/<file>)")
+    if fuzzy:
+        print(f"eval.finetune: subset file {path}: {len(fuzzy)} of {len(lines)} names match a file with another "
+              f"extension only (e.g. {fuzzy[0][0]} -> {fuzzy[0][1]})", file=sys.stderr)
     return np.unique(np.asarray(out, np.int64))
 
 
@@ -209,13 +224,6 @@ def write_subset_file(path: str | Path, names: list[str], indices: np.ndarray) -
 
 
 # ---- training -----------------------------------------------------------------------------------
-
-def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    if dist.world_size() == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, transform, device) -> tuple[float, float]:
@@ -248,7 +256,7 @@ def finetune(model: Classifier, train_loader, val_loader, transform, preset: Fin
     if contiguous:
         model.to(memory_format=torch.contiguous_format)
     opt = build_optimizer(model, preset, preset.batch_size)
-    net = _ddp(model.train().requires_grad_(True), device)
+    net = dist.wrap_ddp(model.train().requires_grad_(True), device)
     steps = len(train_loader)
     if steps == 0:
         raise EvalError("the training subset yields no batch; lower --batch-size")

@@ -1,23 +1,33 @@
 """Linear probe: a linear classifier on the frozen backbone's pooled features.
 
-    python -m eval.linear --checkpoint runs/x/checkpoint.pt --data DIR [--preset mscn|mixmask]
-                          [--epochs N] [--out DIR] [--fast] [--bn]
+    python -m eval.linear --checkpoint runs/x/checkpoint.pt --data DIR [--preset mixmask|mscn]
+                          [--epochs N] [--out DIR] [--fast] [--bn] [--crop-scale LO HI]
     torchrun --nproc_per_node=8 -m eval.linear ...                 # classifier under DDP
 
 Presets are the seeds' protocols (the preset's epochs, batch and base lr per 256 images; --epochs
 shortens a run and moves step milestones to the same fractions of it):
 
-    mscn     seed 001 A.2: SGD momentum 0.9, base lr 1.0, cosine, 100 epochs, weight decay 1e-6,
-             batch 256; train: random resized crop + flip + high-pass; test: resize 256, center 224
-             (size/0.875 then size) + high-pass
     mixmask  seed 000 Table 2 (MoCo's protocol): SGD momentum 0.9, lr 30, x0.1 at epochs 60 and 80,
-             100 epochs, no weight decay, batch 256; the run's own eval transform (high-pass only
-             for MSCN recipes)
+             100 epochs, no weight decay, batch 256
+    mscn     seed 001 A.2: SGD momentum 0.9, base lr 1.0, cosine, 100 epochs, weight decay 1e-6,
+             batch 256
 
-Default preset: mscn for runs whose recipe high-passes, else mixmask. --fast computes the features
-once (eval crop: resize + center crop, no augmentation) and trains the classifier on them: minutes
-instead of a full protocol, for comparisons between runs, not for paper numbers. --bn puts an
-affine-free BatchNorm on the features (MAE's probe), which makes one lr fit most backbones.
+Both read the images as the run trained on them: train random resized crop (--crop-scale, default
+0.08-1) + flip, test resize to size/0.875 + center crop, each through the run's eval transform
+(high-passed for MSCN recipes, as seed 001 A.2 evaluates them; cfg.highpass_eval overrides).
+
+One protocol per comparison: the default preset is mixmask for every run, whatever its recipe, so
+runs compared in one table share the optimiser; --preset picks another for all of them. The result
+records the preset and every number of it.
+
+--bn puts an affine-free BatchNorm on the features (MAE's probe), which makes one lr fit features of
+any scale, with its own base lr (bn_lr, 0.1 per 256 images, MAE's BN probe): lr 30 on standardised
+features overfits (the weights grow without bound). --lr overrides either. --fast computes the
+features once (eval crop, no augmentation) and trains the classifier on them: minutes instead of
+a full protocol, for comparisons between runs, not for paper numbers.
+
+The reported top-1 / top-5 are those of the last epoch; the best epoch on val is not a result (it
+selects on the test set) and is not reported (the val_top1 curve holds every epoch).
 
 The backbone is frozen: eval mode (BatchNorm statistics untouched), no gradients. Writes
 <out>/linear.json, linear.md, linear.png (train loss, val top-1 / top-5, lr per epoch; --name renames).
@@ -30,7 +40,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +51,7 @@ from masksiam import dist
 from masksiam.checkpoint import save_atomic
 from masksiam.config import parse_overrides
 from masksiam.errors import ArgumentParser, command
+from masksiam.optim import set_lr
 from eval.common import progress, scale_milestones, scheduled_lr, topk_correct, trained_result, unique_mean
 
 
@@ -54,16 +65,28 @@ class LinearPreset:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     momentum: float = 0.9
-    highpass: Optional[bool] = None  # eval / train inputs high-passed (None: as the run's recipe)
+    bn_lr: float = 0.1              # base lr with --bn (standardised features): MAE's BN probe
     source: str = ""
 
 
 PRESETS = {
     "mscn": LinearPreset(epochs=100, lr=1.0, weight_decay=1e-6, batch_size=256, schedule="cosine",
-                         highpass=True, source="seed 001 (MSCN) supplement A.2"),
+                         source="seed 001 (MSCN) supplement A.2"),
     "mixmask": LinearPreset(epochs=100, lr=30.0, weight_decay=0.0, batch_size=256, schedule="step",
                             milestones=(60, 80), gamma=0.1, source="seed 000 (MixMask) Table 2, MoCo's protocol"),
 }
+
+
+DEFAULT_PRESET = "mixmask"          # for every recipe: one optimiser per comparison
+
+
+def preset_for(name: str, *, bn: bool = False, lr: float | None = None,
+               batch_size: int | None = None) -> LinearPreset:
+    """The preset a probe runs: PRESETS[name] with its lr for the head (bn_lr with --bn), or the
+    command line's --lr / --batch-size."""
+    preset = PRESETS[name]
+    chosen = lr if lr is not None else (preset.bn_lr if bn else preset.lr)
+    return dataclasses.replace(preset, lr=chosen, batch_size=batch_size or preset.batch_size)
 
 
 class LinearHead(nn.Module):
@@ -89,18 +112,6 @@ def _sgd(module: nn.Module, preset: LinearPreset, batch: int) -> tuple[torch.opt
     lr = preset.lr * batch / 256
     return torch.optim.SGD(module.parameters(), lr=lr, momentum=preset.momentum,
                            weight_decay=preset.weight_decay), lr
-
-
-def _set_lr(opt, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-def _ddp(head: nn.Module, device: torch.device) -> nn.Module:
-    if dist.world_size() == 1:
-        return head
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(head, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 @torch.no_grad()
@@ -137,7 +148,7 @@ def train_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val
         perm = torch.randperm(n, generator=g).to(device)
         loss_sum = torch.zeros((), device=device)
         for s in range(steps):
-            _set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
+            set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
             idx = perm[s * b:(s + 1) * b]
             loss = F.cross_entropy(head(train_feats[idx].float()), train_labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -163,7 +174,7 @@ def train_probe(backbone: nn.Module, train_loader, val_loader, transform, num_cl
     backbone.eval().requires_grad_(False)
     n_epochs, milestones = _epoch_plan(preset, epochs)
     head = LinearHead(backbone.num_features, num_classes, bn).to(device)
-    model = _ddp(head, device)
+    model = dist.wrap_ddp(head, device)
     opt, base = _sgd(head, preset, preset.batch_size)
     steps = len(train_loader)
     if steps == 0:
@@ -174,7 +185,7 @@ def train_probe(backbone: nn.Module, train_loader, val_loader, transform, num_cl
         train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         for s, batch in enumerate(progress(train_loader, f"linear epoch {epoch + 1}/{n_epochs}", steps, show)):
-            _set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
+            set_lr(opt, scheduled_lr(base, epoch + s / steps, n_epochs, preset.schedule, milestones, preset.gamma))
             with torch.no_grad(), amp:
                 h = backbone(transform(batch.views[0])).float()
             loss = F.cross_entropy(model(h), batch.labels)
@@ -199,13 +210,17 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
     p.add_argument("--data", default=None, help="data root (default: the run's): folder, .beton files or shards")
     p.add_argument("--loader", default=None, choices=["torchvision", "dali", "ffcv"])
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="default: mscn for high-passing recipes, else mixmask")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"the protocol, the same for every recipe (default {DEFAULT_PRESET})")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch (lr scales with it)")
-    p.add_argument("--lr", type=float, default=None, help="override the preset's base lr (per 256 images)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="override the preset's base lr (per 256 images; with --bn its bn_lr)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("LO", "HI"),
+                   help="RandomResizedCrop area range of the training crops (default 0.08 1; small images: 0.2 1)")
     p.add_argument("--fast", action="store_true", help="cache center-crop features once, train on them")
-    p.add_argument("--bn", action="store_true", help="affine-free BatchNorm on the features")
+    p.add_argument("--bn", action="store_true",
+                   help="affine-free BatchNorm on the features, with the preset's bn_lr (0.1)")
     p.add_argument("--out", default=None, help="result folder (default: <checkpoint folder>/eval)")
     p.add_argument("--max-train", type=int, default=0, help="use only N training images (0 = all)")
     p.add_argument("--max-val", type=int, default=0)
@@ -225,15 +240,14 @@ def main(argv=None) -> dict:
     cfg, info, backbone, _ = open_checkpoint(args.checkpoint, {"data": args.data, "loader": args.loader,
                                                                "workers": args.workers,
                                                                **parse_overrides(args.overrides)}, args.random_init)
-    preset_name = args.preset or ("mscn" if recipe_highpasses(cfg) else "mixmask")
-    preset = PRESETS[preset_name]
-    preset = dataclasses.replace(preset, **{k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr))
-                                            if v is not None})
+    preset_name = args.preset
+    preset = preset_for(preset_name, bn=args.bn, lr=args.lr, batch_size=args.batch_size)
     size = cfg.eval_size or cfg.size
-    # the probe's own crops: standard RandomResizedCrop (0.08-1) + flip at the eval size
-    cfg = dataclasses.replace(cfg, size=size, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
-                              drop_last=True)
-    transform = eval_transform(cfg, info.device, highpass=preset.highpass)
+    # the probe's own crops: RandomResizedCrop (--crop-scale) + flip at the eval size
+    cfg = dataclasses.replace(cfg, size=size, crop_scale=tuple(args.crop_scale), crop_ratio=(3 / 4, 4 / 3),
+                              flip_prob=0.5, drop_last=True)
+    transform = eval_transform(cfg, info.device)       # the run's: high-passed as its recipe trains
+    highpass = recipe_highpasses(cfg) if cfg.highpass_eval is None else cfg.highpass_eval
     show = not args.no_progress
     out = Path(args.out or Path(args.checkpoint).parent / "eval")
 
@@ -264,14 +278,15 @@ def main(argv=None) -> dict:
     name = args.name or "linear"
     result = trained_result("linear", label, args.checkpoint, history,
                             {"preset": preset_name, **dataclasses.asdict(preset), "epochs": len(history),
-                             "fast": args.fast, "bn": args.bn, "loader": cfg.loader, "data": cfg.data,
+                             "fast": args.fast, "bn": args.bn, "crop_scale": list(args.crop_scale),
+                             "highpass": highpass, "loader": cfg.loader, "data": cfg.data,
                              "random_init": args.random_init, "world_size": info.world_size,
                              "seconds": round(time.perf_counter() - t0, 1)})
     if info.is_main:
         paths = write_results(out, name, result)
         if args.save_head:
             save_atomic({k: v.cpu() for k, v in head.state_dict().items()}, out / f"{name}_head.pt")
-        print(f"linear probe ({preset_name}): top-1 {100 * final['val_top1']:.2f}%  top-5 "
+        print(f"linear probe ({preset_name}, last epoch): top-1 {100 * final['val_top1']:.2f}%  top-5 "
               f"{100 * final['val_top5']:.2f}%  -> {paths['json']}", flush=True)
     dist.cleanup()
     return result

@@ -41,8 +41,8 @@ def test_separable_features_reach_100_percent_and_shuffled_labels_do_not(preset,
 
 def test_presets_carry_the_seeds_numbers():
     m = linear.PRESETS["mscn"]          # seed 001 A.2
-    assert (m.epochs, m.lr, m.weight_decay, m.batch_size, m.schedule, m.momentum, m.highpass) == \
-        (100, 1.0, 1e-6, 256, "cosine", 0.9, True)
+    assert (m.epochs, m.lr, m.weight_decay, m.batch_size, m.schedule, m.momentum) == \
+        (100, 1.0, 1e-6, 256, "cosine", 0.9)
     k = linear.PRESETS["mixmask"]       # seed 000 Table 2 (linear probing column)
     assert (k.epochs, k.lr, k.weight_decay, k.batch_size, k.schedule, k.milestones, k.momentum) == \
         (100, 30.0, 0.0, 256, "step", (60, 80), 0.9)
@@ -92,7 +92,7 @@ def test_command_writes_json_markdown_and_png(image_folder, tmp_path):
     out = tmp_path / "out"
     res = linear.main(["--checkpoint", str(ckpt), "--epochs", "3", "--batch-size", "8", "--fast", "--bn",
                        "--out", str(out), "--no-progress", "--save-head"])
-    assert res["settings"]["preset"] == "mixmask"                     # simclr recipe: no high-pass
+    assert res["settings"]["preset"] == "mixmask" and not res["settings"]["highpass"]   # simclr: no high-pass
     saved = json.loads((out / "linear.json").read_text())
     assert saved["metrics"]["top1"] == res["metrics"]["top1"] and len(saved["curves"]["val_top1"]) == 3
     md = (out / "linear.md").read_text()
@@ -100,7 +100,7 @@ def test_command_writes_json_markdown_and_png(image_folder, tmp_path):
     assert (out / "linear.png").stat().st_size > 1000 and (out / "linear_head.pt").exists()
     res = linear.main(["--checkpoint", str(ckpt), "--epochs", "1", "--batch-size", "8", "--preset", "mscn",
                        "--out", str(out), "--no-progress"])
-    assert res["settings"]["lr"] == 1.0 and res["settings"]["highpass"] is True and not res["settings"]["fast"]
+    assert res["settings"]["lr"] == 1.0 and res["settings"]["highpass"] is False and not res["settings"]["fast"]
 
 
 @pytest.mark.slow

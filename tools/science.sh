@@ -6,9 +6,10 @@
 # of configs/demo_fmnist.yaml and configs/fmnist_*.yaml, once per seed in SEEDS (default "0 1").
 # Each pretrained backbone is evaluated three ways, always on the same MAX_VAL validation images:
 #   knn      train.py's final kNN (k=200, t=0.1; bank of MAX_TRAIN training images)
-#   linear   eval.linear --fast --bn: classifier on cached center-crop features of MAX_TRAIN images,
-#            LIN_EPOCHS epochs, the preset the run's recipe calls for (mscn for MSCN, else MoCo's),
-#            BatchNorm on the features so that one lr serves contrastive, BYOL and MIM features alike
+#   linear   eval.linear --fast --bn --preset $LIN_PRESET: classifier on cached center-crop features of
+#            MAX_TRAIN images, LIN_EPOCHS epochs, ONE preset for every row (default mixmask, MoCo's
+#            protocol; the inputs high-passed only for MSCN runs, as they train), BatchNorm on the
+#            features at the preset's bn_lr (0.1) so that one lr serves contrastive, BYOL and MIM features
 #   ft10     eval.finetune --fraction 0.1: 10 % of the labels (class-balanced, seeded), FT_EPOCHS
 #            epochs of the semi-supervised protocol (milestones moved to the same fractions)
 # against two baselines per seed, on the same network:
@@ -27,7 +28,8 @@
 # SPREAD (default: every method) names the methods run with every seed in SEEDS; the others run with the
 # first seed only (a shorter table that still gives the run-to-run spread of the comparisons it names).
 # BASELINES=0 skips the random-init and supervised baselines (a second call that adds methods to a table).
-# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, SPREAD, BASELINES, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN, MAX_VAL override.
+# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, SPREAD, BASELINES, LIN_PRESET, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN,
+# MAX_VAL override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -37,6 +39,7 @@ OUT=${OUT:-runs/science}
 EPOCHS=${EPOCHS:-1}
 SEEDS=${SEEDS:-0 1}
 LIN_EPOCHS=${LIN_EPOCHS:-30}
+LIN_PRESET=${LIN_PRESET:-mixmask}
 FT_EPOCHS=${FT_EPOCHS:-5}
 MAX_TRAIN=${MAX_TRAIN:-10000}
 MAX_VAL=${MAX_VAL:-2000}
@@ -68,13 +71,13 @@ config_of() {
 }
 
 train_extra=(knn_max_train="$MAX_TRAIN" knn_max_val="$MAX_VAL")
-lin_extra=(--epochs "$LIN_EPOCHS" --max-train "$MAX_TRAIN")
+lin_extra=(--preset "$LIN_PRESET" --epochs "$LIN_EPOCHS" --max-train "$MAX_TRAIN")
 ft_extra=(--epochs "$FT_EPOCHS")
 sup_extra=(--epochs "$EPOCHS")
 if [ "$SMOKE" = 1 ]; then
     MAX_VAL=32
     train_extra=(max_steps=2 batch_size=32 workers=0 knn_max_train=64 knn_max_val=$MAX_VAL)
-    lin_extra=(--epochs 1 --max-train 64 --batch-size 32)
+    lin_extra=(--preset "$LIN_PRESET" --epochs 1 --max-train 64 --batch-size 32)
     ft_extra=(--epochs 1 --max-train 32 --batch-size 16)
     sup_extra=(--epochs 1 --max-train 32 --batch-size 16)
 fi
@@ -106,7 +109,7 @@ for seed in $SEEDS; do
     base=$OUT/simclr-seed$seed/checkpoint.pt
     [ -f "$base" ] || base=$(ls "$OUT"/*-seed"$seed"/checkpoint.pt | head -1)
     echo "== random init / supervised, seed $seed ($((SECONDS - start)) s)"
-    "$PY" -m eval.knn --checkpoint "$base" --random-init --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
+    "$PY" -m eval.knn --checkpoint "$base" --random-init --name knn --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
         --max-val "$MAX_VAL" --max-train "$knn_train" --no-progress
     evaluate "$base" "$OUT/random-seed$seed/eval" "$seed" --random-init
     "$PY" -m eval.finetune --checkpoint "$base" --scratch \
