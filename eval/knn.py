@@ -191,8 +191,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None,
                    help="result folder for <name>.json / .md / .png (default: <checkpoint folder>/eval)")
     p.add_argument("--name", default=None,
-                   help="result name (default knn; knn_random_init with --random-init, so it does not "
-                        "replace the trained network's result)")
+                   help="result name: <out>/<name>.json and its report column (default knn; knn_random_init "
+                        "with --random-init, so it does not replace the trained network's result)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="the run's config keys as train.py takes them (masksiam/config.py), e.g. "

@@ -159,3 +159,47 @@ def test_owned_drops_repeats_in_one_process():
     from eval.knn import owned
     idx = torch.tensor([4, 1, 0, 3, 3, 2, 1])
     assert owned(idx).tolist() == [True, True, True, True, False, True, False]
+
+
+# ---- the command and train.py's kNN ---------------------------------------------------------------
+
+def _checkpoint(image_folder, tmp_path):
+    import dataclasses
+    from masksiam.config import Config, to_dict
+    from models.resnet import build_backbone_from_config
+    cfg = dataclasses.replace(Config(), data=str(image_folder), arch="resnet10", width=8, size=32, batch_size=8,
+                              workers=0, recipe="simclr", zero_init_residual=False, knn_k=5)
+    torch.manual_seed(0)
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    torch.save({"config": to_dict(cfg), "backbone": build_backbone_from_config(cfg).state_dict()}, path)
+    return cfg, path
+
+
+def test_command_writes_its_result_into_the_runs_eval_folder_without_out(image_folder, tmp_path):
+    """README: every eval command writes <run>/eval/<name>.json; --random-init does not replace it."""
+    import json
+    _, ckpt = _checkpoint(image_folder, tmp_path)
+    res = knn_mod.main(["--checkpoint", str(ckpt), "--no-progress"])
+    saved = json.loads((ckpt.parent / "eval" / "knn.json").read_text())
+    assert saved["metrics"]["knn_top1"] == res["knn_top1"] and saved["eval"] == "knn"
+    assert (ckpt.parent / "eval" / "knn.md").is_file() and (ckpt.parent / "eval" / "knn.png").is_file()
+    knn_mod.main(["--checkpoint", str(ckpt), "--no-progress", "--random-init"])
+    assert json.loads((ckpt.parent / "eval" / "knn.json").read_text()) == saved
+    assert json.loads((ckpt.parent / "eval" / "knn_random_init.json").read_text())["settings"]["random_init"]
+    knn_mod.main(["--checkpoint", str(ckpt), "--no-progress", "--out", str(tmp_path / "o"), "--name", "k5"])
+    assert (tmp_path / "o" / "k5.json").is_file()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_train_pys_knn_shows_progress_as_the_config_says(image_folder, tmp_path, capsys, progress):
+    """train.py calls knn_accuracy_from_config(cfg, info, backbone): the bars follow cfg.progress."""
+    import dataclasses
+    from eval.common import load_backbone
+    from masksiam.dist import DistInfo
+    cfg, _ = _checkpoint(image_folder, tmp_path)
+    cfg = dataclasses.replace(cfg, progress=progress)
+    cpu = torch.device("cpu")
+    knn_mod.knn_accuracy_from_config(cfg, DistInfo(0, 1, 0, cpu), load_backbone(cfg, None, cpu))
+    err = capsys.readouterr().err
+    assert ("kNN bank" in err and "kNN queries" in err) == progress
