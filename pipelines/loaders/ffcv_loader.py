@@ -40,10 +40,11 @@ process by their constants (views, size, crop ranges, cache mode, threads), so l
 the same pipeline compile only FFCV's thin stage wrapper. `compile_seconds` is the numba compile
 time measured during the first batch (printed once on rank 0).
 
-Buffers. FFCV fills a ring of batches_ahead + 2 preallocated (pinned, under CUDA) host batches. On
-CUDA each batch is copied on a side stream and FFCV may refill its slot only after that copy ends;
-on a CPU device the yielded tensors are views of the ring, valid until the next batch is requested
-(clone them to keep them longer).
+Buffers. FFCV fills a ring of batches_ahead + 2 preallocated (pinned, under CUDA) host batches and
+refills a slot as soon as the batch after it is taken. Every Batch owns its tensors (the contract in
+common.py): on CUDA each batch is copied into fresh device memory on a side stream, and FFCV may
+refill its slot only after that copy ends; on a CPU device the views, labels and indices are copied
+out of the ring (a memcpy per batch; the consumers, e.g. the kNN bank, keep them past the next batch).
 """
 from __future__ import annotations
 
@@ -616,6 +617,10 @@ class FFCVLoader:
             for t in moved:
                 t.record_stream(current)
             host = moved
+        else:
+            # on a CPU device the arrays are FFCV's ring, which its thread refills once the next batch
+            # is asked for: copy them out, so the Batch stays valid (common.py's contract)
+            host = [t.clone() for t in host]
         views = [v.permute(0, 3, 1, 2) for v in host[:-2]]
         return Batch(views, host[-2], host[-1]), copied
 
