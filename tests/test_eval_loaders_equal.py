@@ -82,15 +82,16 @@ def _snapshot(batch):
     return [v.clone() for v in batch.views], batch.labels.clone(), batch.indices.clone()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["torchvision", "dali", "dali-webdataset", "ffcv"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_a_batch_stays_valid_after_the_next_ones(sources, name, train):
+def test_a_batch_stays_valid_after_the_next_ones(sources, name, train, device):
     """Every batch of an epoch, kept (list(loader)), equals what it held when it was handed out."""
     if name not in sources:
         pytest.skip(f"{name} is not installed")
     loader_name, data = sources[name]
     split = "train" if train else "val"
-    loader = build_loader(_cfg(loader_name, data), INFO, split, train)
+    loader = build_loader(_cfg(loader_name, data), DistInfo(0, 1, 0, torch.device(device)), split, train)
     loader.set_epoch(1)
     kept, seen = [], []
     for batch in loader:
@@ -101,6 +102,7 @@ def test_a_batch_stays_valid_after_the_next_ones(sources, name, train):
     for batch, (views, labels, indices) in zip(kept, seen):
         assert torch.equal(batch.indices, indices) and torch.equal(batch.labels, labels)
         assert batch.labels.tolist() == [images.labels[i] for i in batch.indices.tolist()]
+        assert all(v.device.type == device for v in (*batch.views, batch.labels, batch.indices))
         assert all(torch.equal(a, b) for a, b in zip(batch.views, views, strict=True))
     assert sorted(torch.cat([b.indices for b in kept]).tolist()) == list(range(len(images)))
 
