@@ -72,6 +72,18 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device, *, broadcast_buffers: bool = True) -> torch.nn.Module:
+    """`module` under DistributedDataParallel at world size > 1 (gradients averaged over ranks in the
+    backward), else `module` itself. Gradients stay in DDP's all-reduce buckets (gradient_as_bucket_view:
+    .grad views them, no copy, no second buffer). broadcast_buffers=False where every rank's buffers
+    are equal anyway (train.py's sync_bn: GlobalBatchNorm's statistics are the global batch's)."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=broadcast_buffers, gradient_as_bucket_view=True)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

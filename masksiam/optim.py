@@ -185,5 +185,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group at `lr` (the schedule's value for this step; train.py, eval.linear)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -14,6 +14,7 @@ import torch
 import masksiam  # noqa: F401
 import train
 from masksiam import checkpoint as ckpt_io
+from masksiam import run_checkpoint
 from masksiam.config import RESUME_MAY_CHANGE, ConfigError, valid_keys
 
 from test_train import _args, _losses, _metrics
@@ -139,8 +140,8 @@ def test_a_resume_on_another_world_size_is_refused(image_folder, cut_run, tmp_pa
     """Each rank has its own augment stream and sample share: the checkpoint's world size must stay."""
     run = _copy(cut_run, tmp_path)
     before = _digest(run)
-    real = train._resume_record
-    monkeypatch.setattr(train, "_resume_record", lambda loader, info: {**real(loader, info), "world_size": 2})
+    real = run_checkpoint.resume_record
+    monkeypatch.setattr(run_checkpoint, "resume_record", lambda loader, info: {**real(loader, info), "world_size": 2})
     with pytest.raises(ckpt_io.CheckpointError, match=r"world_size=1 \(this run: 2\)"):
         train.main(_args(image_folder, tmp_path, "run", *COMMON, "resume=true"))
     assert _digest(run) == before

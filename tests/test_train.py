@@ -20,6 +20,7 @@ import masksiam  # noqa: F401
 import train
 from losses.simclr import SimCLR
 from masksiam import checkpoint as ckpt_io
+from masksiam import metrics_log
 from masksiam.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def test_training_lowers_the_loss_and_writes_the_run(image_folder, tmp_path):
     info = json.loads((run / "run_info.json").read_text())
     assert info["packages"]["torch"] and "sha" in info["git"]
     # curves.png: every panel by step; the final kNN a point at the last step, beside the probe's top-1
-    curves = train._curves(_metrics(run))
+    curves = metrics_log.curves(_metrics(run))
     assert curves["top-1"]["kNN"] == [(21, res["knn_top1"])]
     assert [len(curves[t][k]) for t, k in [("pretraining loss", "loss"), ("top-1", "online probe"),
                                             ("learning rate", "lr"), ("images/s", "images/s")]] == [21] * 4
@@ -153,6 +154,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(image_folder, tmp_path):
     assert "stopped by SIGTERM" in result["exit"]
     state = ckpt_io.load(tmp_path / "term" / "checkpoint.pt")
     assert state["step"] == result["step"] >= 5
+    # a stopped run is not finished: its weights are in the checkpoint, nothing is exported
+    assert not (tmp_path / "term" / "backbone.pt").exists() and not (tmp_path / "term" / "curves.png").exists()
 
 
 @pytest.mark.slow
@@ -263,6 +266,21 @@ def test_steps_after_the_last_log_every_boundary_are_logged(image_folder, tmp_pa
                            "log_every=10", "final_eval=false"))
     rows = _metrics(Path(res["run_dir"]))
     assert [r["step"] for r in rows] == [5] and rows[0]["loss"] > 0 and "probe_top1" in rows[0]
+
+
+def test_a_run_without_final_eval_still_exports_the_backbone_and_the_curves(image_folder, tmp_path):
+    """final_eval=false skips the kNN only: backbone.pt (the last checkpoint's backbone, bitwise) and
+    curves.png are written as after a kNN, and nothing reports a kNN."""
+    res = train.main(_args(image_folder, tmp_path, "noeval", "epochs=1", "max_steps=2", "final_eval=false"))
+    run = Path(res["run_dir"])
+    assert res["exit"] == "reached max_steps=2" and "knn_top1" not in res
+    assert not any("knn_top1" in r for r in _metrics(run))
+    exported = torch.load(run / "backbone.pt", weights_only=True)
+    saved = ckpt_io.load(run / "checkpoint.pt")
+    assert saved["step"] == 2 and exported.keys() == saved["backbone"].keys()
+    assert all(torch.equal(exported[k], saved["backbone"][k]) for k in exported)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "knn_top1" not in json.loads((run / "result.json").read_text())
 
 
 def test_help_names_only_configs_that_exist(capsys):
