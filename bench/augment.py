@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bench.meter import Meter, combos, pick_device, print_table, report, row_label, sync
 
+
 class _PerSampleReference:
     """A recipe done image by image on the CPU, the way a torchvision pipeline does it: the baseline
     the batched stage is measured against. Colour jitter, grayscale, blur, solarize and normalise are

@@ -32,6 +32,7 @@ from bench.explain import EXPLAIN_DELAYS
 from bench.loader import LOADER_BACKENDS, LOADER_SWEEPS
 from bench.readme import BEGIN, END
 
+
 # what each mode measures: `bench.py MODE --help`
 DESCRIPTIONS = {
     "loader": """Images/s of a loader backend alone (or of several side by side, --compare): decode,
@@ -57,6 +58,7 @@ none. --strict exits 1 when one is found.""",
     "readme": f"""Rewrite the {BEGIN} ... {END} block of README.md from a bench run's JSON files
 (loader, augment, train, model): only that block changes.""",
 }
+
 
 def _run_args(p, config_help: str = "a train.py config (configs/*.yaml)") -> None:
     """The arguments of the modes that run train.py's own pieces on a config: --config, --set,

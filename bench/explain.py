@@ -19,6 +19,7 @@ from bench.augment import bench_images
 from bench.loop import WrappedAugmenter, bench_loop, model_only_overrides
 from bench.meter import BLUE, GREY, Meter, machine, pick_device, sync
 
+
 EXPLAIN_STAGES = ("read", "decode", "loader", "host-to-device", "augment", "model", "end-to-end")
 PIPELINE = ("loader", "host-to-device", "augment", "model")   # what one batch goes through, in order
 EXPLAIN_DELAYS = ("loader", "augment", "model")
@@ -217,7 +218,7 @@ def cmd_explain(args) -> dict:
     table = "\n".join(lines)
     print(table)
     print(f"\nverdict: {verdict}")
-    payload = {"mode": "explain", "machine": machine(), "args": dict(vars(args)),
+    payload = {"mode": "explain", "machine": machine(), "args": vars(args),
                "config": {k: getattr(cfg, k) for k in ("data", "loader", "workers", "recipe", "method", "arch",
                                                         "batch_size", "size", "views")},
                "delays": delays, "stages": stages, "bound": bound, "verdict": verdict, "table": table}

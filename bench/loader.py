@@ -20,6 +20,7 @@ from masksiam.dist import DistInfo
 from masksiam.errors import UsageError
 from bench.meter import GPU_COLUMNS, Meter, combos, pick_device, report, row_label, sync
 
+
 # loader-mode backend names -> config; ffcv-perview is FFCV's own way (one decode per view), the
 # baseline of masksiam's fused multi-view decoder; torchvision-v2 is no masksiam loader but the
 # pipeline a user would write instead (_TorchvisionV2), the baseline every loader is also divided by

@@ -19,6 +19,7 @@ from masksiam.errors import UsageError
 from masksiam.io import atomic_write_text
 from bench.meter import GPU_COLUMNS, Meter, combos, pick_device, report, row_label
 
+
 def _overrides(args) -> list[str]:
     """The train.py overrides of a bench run: its own out_dir, no checkpoints, no final kNN."""
     return [f"out_dir={args.out_dir}", "run_name=bench", f"max_steps={args.warmup + args.batches}",

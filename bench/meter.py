@@ -17,6 +17,7 @@ import torch
 from masksiam.errors import UsageError
 from masksiam.io import atomic_write, atomic_write_text
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,8 +183,7 @@ def report(mode: str, rows: list[dict], args, columns: list[str], rate: str = "i
     for r in rows:
         r["ratio"] = r[rate] / rows[0][rate]
     table = print_table(rows, columns)
-    settings = dict(vars(args))
-    payload = {"mode": mode, "machine": machine(), "args": settings, "results": rows, "table": table}
+    payload = {"mode": mode, "machine": machine(), "args": vars(args), "results": rows, "table": table}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(payload, indent=2) + "\n")

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent      # the repository: `where` nam
 # frames not worth naming: bench's own and the guard's raise
 GUARD_FILES = (str(Path(__file__).resolve().parent), str(ROOT / "masksiam" / "syncs.py"))
 
+
 def sync_check(argv: list[str], device: torch.device, skip: int = 2) -> dict:
     """train.py `argv` with the per-step path sync-free after `skip` warm-up calls (cudnn autotuning,
     lazy inits): on CUDA the augment stage, the train step (forward, backward, optimizer) and the
@@ -82,8 +83,7 @@ def cmd_syncs(args) -> dict:
     print(line, flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = dict(vars(args))
-    atomic_write_text(out, json.dumps({"mode": "syncs", "machine": machine(), "args": settings,
+    atomic_write_text(out, json.dumps({"mode": "syncs", "machine": machine(), "args": vars(args),
                                        "results": [res], "table": line}, indent=2) + "\n")
     if not res["ok"] and args.strict:
         raise UserError(f"syncs: {line}")
