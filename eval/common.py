@@ -8,7 +8,6 @@ Result files: <out>/<name>.json holds {"eval": kind, "checkpoint", "metrics": {n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -63,13 +62,46 @@ def open_checkpoint(path: str, overrides: dict[str, Any], random_init: bool = Fa
     return cfg, info, load_backbone(cfg, None if random_init else state, info.device), state
 
 
-def eval_transform(cfg: Config, device: torch.device, highpass: bool | None = None):
-    """uint8 (N, 3, H, W) -> normalised float32 through the run's recipe (MSCN: high-passed);
-    `highpass` overrides cfg.highpass_eval."""
-    from pipelines.augment.engine import build_augmenter
-    augmenter = build_augmenter(cfg.recipe, size=cfg.eval_size or cfg.size, device=device,
-                                dtype=torch.float32, seed=cfg.seed)
-    return functools.partial(augmenter.eval_transform, highpass=cfg.highpass_eval if highpass is None else highpass)
+class EvalTransform:
+    """Deterministic eval input: uint8 (N, 3, H, W) -> normalised float (`dtype`, channels-last),
+    through the recipe's high-pass filter when it has one (MSCN evaluates on high-passed images, seed
+    001 A.2; a sigma range uses its midpoint). `highpass` forces the filter on or off. Chunks of rows
+    run on the augment stage's CPU workers (pipelines.augment.engine.run_chunks)."""
+
+    def __init__(self, recipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 highpass: bool | None = None):
+        from pipelines.augment.engine import chunk_pool
+        from pipelines.augment.recipes import Recipe, load_recipe
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        self.dtype, self.pool = dtype, chunk_pool(device)
+        self.spec = next((b.highpass for b in self.recipe.branches if b.highpass), None)
+        self.highpass = self.spec is not None if highpass is None else highpass
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from pipelines.augment import ops as A
+        from pipelines.augment.engine import default_chunk, run_chunks
+        r = self.recipe
+        sigma = (sum(self.spec.sigma) / 2 if self.spec else 5.0) * x.shape[-1] / r.ref_size
+        out = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=A.CL)
+        kernel = A.highpass_kernel_size(sigma, min(x.shape[-2:]))
+
+        def chunk(ci: int, c0: int, c1: int) -> None:
+            f = A.to_float(x[c0:c1])
+            if self.highpass:
+                out[c0:c1] = A.normalize(A.highpass(f, sigma, kernel), (0.0, 0.0, 0.0), r.std)
+            else:
+                out[c0:c1] = A.normalize(f, r.mean, r.std)
+
+        step = default_chunk(x.device, x.shape[-1])
+        run_chunks(chunk, [(c0, min(x.shape[0], c0 + step)) for c0 in range(0, x.shape[0], step)], self.pool)
+        return out
+
+
+def eval_transform(cfg: Config, device: torch.device, highpass: bool | None = None) -> EvalTransform:
+    """The run's EvalTransform: uint8 (N, 3, H, W) -> normalised float32 through its recipe (MSCN:
+    high-passed); `highpass` overrides cfg.highpass_eval."""
+    return EvalTransform(cfg.recipe, device, torch.float32, cfg.highpass_eval if highpass is None else highpass)
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True):

@@ -293,19 +293,24 @@ def test_chunking_and_workers_do_not_change_the_result():
 # ---- eval transform ------------------------------------------------------------------------------
 
 def test_eval_transform():
+    """eval.common.EvalTransform against torchvision: MSCN's high-pass at the midpoint sigma scaled to
+    the image, or the recipe's mean / std; more rows than one CPU chunk (the worker pool runs them)."""
+    from eval.common import EvalTransform
     (x,) = photo_views(4, 64, 1)
+    x = torch.cat([x] * 40)                     # 160 rows: 4 CPU chunks (default_chunk: 53 rows at 64 px)
     xf = TF.to_dtype(x, torch.float32, scale=True)
-    mscn = build_augmenter("mscn", 64)
+    mscn = EvalTransform("mscn")
     sigma = 5.0 * 64 / 224
     k = A.highpass_kernel_size(sigma, 64)
     ref = TF.normalize(xf - TF.gaussian_blur(xf, [k, k], [sigma, sigma]), [0.0] * 3, list(A.IMAGENET_STD))
-    out = mscn.eval_transform(x)
+    out = mscn(x)
     assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
     plain = TF.normalize(xf, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD))
-    torch.testing.assert_close(mscn.eval_transform(x, highpass=False), plain, atol=1e-6, rtol=0)
-    torch.testing.assert_close(build_augmenter("simclr", 64).eval_transform(x), plain, atol=1e-6, rtol=0)
-    assert build_augmenter("simclr", 64, dtype=torch.bfloat16).eval_transform(x).dtype == torch.bfloat16
+    torch.testing.assert_close(EvalTransform("mscn", highpass=False)(x), plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(EvalTransform("simclr")(x), plain, atol=1e-6, rtol=0)
+    assert EvalTransform("simclr", dtype=torch.bfloat16)(x).dtype == torch.bfloat16
+    assert EvalTransform(load_recipe("simclr"), highpass=True).highpass
 
 
 # ---- errors --------------------------------------------------------------------------------------

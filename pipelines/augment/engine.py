@@ -247,6 +247,24 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
                               initargs=(1,))
 
 
+def chunk_pool(device: torch.device | str) -> Optional[ThreadPoolExecutor]:
+    """The CPU's chunk workers, one per torch thread; None on GPUs (or one thread): chunks run inline."""
+    workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    return _cpu_pool(workers) if workers > 1 else None
+
+
+def run_chunks(fn, rows: list[tuple[int, int]], pool: Optional[ThreadPoolExecutor]) -> None:
+    """fn(chunk index, c0, c1) for every chunk: inline, in order, on GPUs; on CPU spread over a
+    pool of single-threaded workers, one per torch thread. Cache-sized chunks on separate cores
+    beat every op splitting its few hundred thousand elements over the cores (1.4x on 2 cores)."""
+    if pool is None or len(rows) == 1:
+        for ci, (c0, c1) in enumerate(rows):
+            fn(ci, c0, c1)
+        return
+    for future in [pool.submit(fn, ci, c0, c1) for ci, (c0, c1) in enumerate(rows)]:
+        future.result()                                                   # re-raises errors
+
+
 def default_chunk(device: torch.device | str, size: int) -> int:
     """Rows per chunk for images of `size` px (the largest view): CPU ~2.5 MiB of float32 image
     (4 images at 224 px, at most 64, so small images still make a chunk for every worker); GPUs
@@ -289,7 +307,7 @@ class Augmenter:
         # its results become the outputs without a copy)
         self.chunk = chunk or (0 if compile and not cpu else default_chunk(self.device, self.size))
         self.workers = torch.get_num_threads() if cpu else 1
-        self._pool = _cpu_pool(self.workers) if self.workers > 1 else None
+        self._pool = chunk_pool(self.device)
         self.view_branch = recipe.view_branches()
         self.branch_size = [self.sizes[b.source] for b in recipe.branches]
         self.view_size = [self.branch_size[bi] for bi in self.view_branch]
@@ -544,15 +562,7 @@ class Augmenter:
         return n
 
     def _run_chunks(self, fn, rows: list[tuple[int, int]]) -> None:
-        """fn(chunk index, c0, c1) for every chunk: inline, in order, on GPUs; on CPU spread over a
-        pool of single-threaded workers, one per torch thread. Cache-sized chunks on separate cores
-        beat every op splitting its few hundred thousand elements over the cores (1.4x on 2 cores)."""
-        if self._pool is None or len(rows) == 1:
-            for ci, (c0, c1) in enumerate(rows):
-                fn(ci, c0, c1)
-            return
-        for future in [self._pool.submit(fn, ci, c0, c1) for ci, (c0, c1) in enumerate(rows)]:
-            future.result()                                                   # re-raises errors
+        run_chunks(fn, rows, self._pool)
 
     def _noise_gen(self, seed: Optional[int], c0: int) -> torch.Generator:
         if seed is None:
@@ -669,30 +679,6 @@ class Augmenter:
             return [drawn.get(v) for v in range(len(self.view_branch))]
         return [M.simmim_masks(n, size // s.patch, size // s.patch, s.ratio, self.gen, self.device)
                 if bi in chosen else None for bi, size in zip(self.view_branch, self.view_size)]
-
-    # -- evaluation ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def eval_transform(self, x: torch.Tensor, highpass: Optional[bool] = None) -> torch.Tensor:
-        """Deterministic eval input: uint8 (N, 3, H, W) -> normalised float (self.dtype), through the
-        recipe's high-pass filter when it has one (MSCN evaluates on high-passed images, seed 001
-        A.2; a sigma range uses its midpoint). `highpass` forces the filter on or off."""
-        spec = next((b.highpass for b in self.recipe.branches if b.highpass), None)
-        use = spec is not None if highpass is None else highpass
-        sigma = (sum(spec.sigma) / 2 if spec else 5.0) * x.shape[-1] / self.recipe.ref_size
-        out = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=A.CL)
-        kernel = A.highpass_kernel_size(sigma, min(x.shape[-2:]))
-
-        def chunk(ci: int, c0: int, c1: int) -> None:
-            f = A.to_float(x[c0:c1])
-            if use:
-                out[c0:c1] = A.normalize(A.highpass(f, sigma, kernel), (0.0, 0.0, 0.0), self.recipe.std)
-            else:
-                out[c0:c1] = A.normalize(f, self.recipe.mean, self.recipe.std)
-
-        step = default_chunk(x.device, x.shape[-1])
-        self._run_chunks(chunk, [(c0, min(x.shape[0], c0 + step)) for c0 in range(0, x.shape[0], step)])
-        return out
 
 
 def build_augmenter(recipe: str | Path | Recipe, size: int | Sequence[int], device: torch.device | str = "cpu",
