@@ -78,7 +78,7 @@ def main(argv=None, wrap: dict | None = None) -> dict:
     info = dist.init_distributed()
     hp = hparams(get_method(cfg.method), cfg)       # the method's hyper-parameters, defaults filled in
     cfg = dataclasses.replace(cfg, **{k: v for k, v in hp.items() if hasattr(cfg, k)})
-    run = RunDir.of(cfg)                           # resume, or refuse a run directory that has a checkpoint
+    run = RunDir.of(cfg)                            # resume, or refuse a run directory that has a checkpoint
     if not cfg.run_name:                            # resolved: config.yaml names the run to resume
         cfg = dataclasses.replace(cfg, run_name=run.dir.name)
 
