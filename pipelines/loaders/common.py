@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -82,15 +82,87 @@ class DataError(UserError, RuntimeError):
     """A dataset problem; the message names the file or folder."""
 
 
-@dataclass(frozen=True)
 class ImageList:
-    root: Path
-    paths: list[str]        # relative to root, in the folder rules' order (class, then path below it)
-    labels: list[int]
-    classes: list[str]      # [UNLABELLED] for a flat folder
+    """The images of one split, in the folder rules' order (class, then path below it), backed by
+    arrays: the split index's (pipelines/loaders/split_index.py), memory-mapped read-only, so
+    DataLoader workers share its pages instead of copying a Python list of strings each.
+
+        images.path(i)      # str, relative to images.root (decoded on access)
+        images.paths        # a read-only sequence of those (images.paths[i] == images.path(i))
+        images.labels       # a read-only sequence of int; np.asarray(images.labels): (n,) int32
+        images.classes      # [UNLABELLED] for a flat folder
+    """
+
+    def __init__(self, root: Path, blob: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
+                 classes: list[str], rows: np.ndarray | None = None, source: Path | None = None):
+        # blob: (total bytes,) uint8, every path's UTF-8 bytes end to end; offsets: (n + 1,) int64,
+        # path r is blob[offsets[r]:offsets[r + 1]]; labels: (n,) int32; rows: (m,) int64, the
+        # rows of a max_images subset (None: every row)
+        self.root, self.classes = Path(root), list(classes)
+        self._blob, self._offsets, self._rows, self._source = blob, offsets, rows, source
+        self._labels = labels if rows is None else np.ascontiguousarray(labels[rows])
+
+    def __getstate__(self):
+        # a mapped list travels as its file name (a spawned worker maps it again); pickling the
+        # memmaps would copy the arrays
+        state = dict(self.__dict__)
+        if self._source is not None:
+            state["_blob"] = state["_offsets"] = None
+            if self._rows is None:
+                state["_labels"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._source is not None:
+            from pipelines.loaders.split_index import map_arrays
+            self._offsets, labels, self._blob, _ = map_arrays(self._source)
+            if self._labels is None:
+                self._labels = labels
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._labels)
+
+    def path(self, i: int) -> str:
+        r = int(self._rows[i]) if self._rows is not None else int(i)
+        return bytes(self._blob[self._offsets[r]:self._offsets[r + 1]]).decode()
+
+    @property
+    def paths(self) -> "_Column":
+        return _Column(len(self), self.path)
+
+    @property
+    def labels(self) -> "_Column":
+        return _Column(len(self), lambda i: int(self._labels[i]), self._labels)
+
+
+class _Column(Sequence):
+    """A read-only sequence over an ImageList column; equal to a list with the same items."""
+
+    def __init__(self, n: int, get, array: np.ndarray | None = None):
+        self._n, self._get, self._array = n, get, array
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._get(i)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (Sequence, np.ndarray)) and len(other) == self._n and list(self) == list(other)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._array if self._array is not None else np.asarray(list(self))
+        return out.astype(dtype) if dtype is not None else out
+
+    def __repr__(self) -> str:
+        return f"[{', '.join(repr(self[i]) for i in range(min(self._n, 5)))}{', ...' if self._n > 5 else ''}] ({self._n})"
 
 
 # ---- the folder rules: the one place that decides which files a split holds ----------------------
@@ -167,33 +239,35 @@ def _some(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _images_below(folder: Path) -> list[str]:
+def _images_below(folder: Path, dirs: list[str]) -> list[str]:
     """Image paths below `folder`, relative to it, in ImageFolder's order (sorted os.walk, then
-    sorted file names), hidden files and folders left out."""
+    sorted file names), hidden files and folders left out. Appends every folder it read to `dirs`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]    # pruned in place: never entered
         found.append((dirpath, filenames))
     out = []
     for dirpath, filenames in sorted(found):
+        dirs.append(dirpath)
         rel = os.path.relpath(dirpath, folder)
         out += [n if rel == "." else f"{rel}/{n}" for n in sorted(filenames) if is_image_name(n)]
     return out
 
 
-def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
-    """The images of one split folder by the folder rules above: an ImageFolder or a flat folder.
-    Deterministic order; max_images > 0 keeps `spread` of them."""
+def list_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str], list[str]]:
+    """The folder rules applied to the split folder `root` by listing it: (paths relative to root,
+    labels, classes, the folders read). The one listing of a split; scan_image_folder caches its
+    result in the split index."""
     root = Path(root)
     classes = find_classes(root)
-    paths, labels, empty = [], [], []
+    paths, labels, empty, dirs = [], [], [], [str(root)]
     listed = (root / CLASS_LIST).is_file()
     if classes == [UNLABELLED]:
         paths = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
         labels = [0] * len(paths)
     else:
         for label, cls in enumerate(classes):
-            names = _images_below(root / cls) if (root / cls).is_dir() else []
+            names = _images_below(root / cls, dirs) if (root / cls).is_dir() else []
             if not names:
                 empty.append(cls)
             paths += [f"{cls}/{n}" for n in names]
@@ -204,8 +278,15 @@ def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
                         "remove or fill it: every split must number the same classes")
     if not paths:
         raise DataError(f"image folder {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
-    keep = spread(len(paths), max_images)
-    return ImageList(root, [paths[i] for i in keep], [labels[i] for i in keep], classes)
+    return paths, labels, classes, dirs
+
+
+def scan_image_folder(root: str | Path, max_images: int = 0) -> ImageList:
+    """The images of one split folder by the folder rules above: an ImageFolder or a flat folder.
+    Deterministic order; max_images > 0 keeps `spread` of them. Read through the split index
+    (split_index.py): the tree is listed once, later calls map the cached result."""
+    from pipelines.loaders.split_index import open_index
+    return open_index(root).image_list(max_images)
 
 
 def compare_classes(train: list[str], val: list[str], train_name: str, val_name: str) -> None:
