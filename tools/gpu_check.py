@@ -77,7 +77,7 @@ def _write_progress(work: Path, found: dict[str, str | None], versions: dict[str
     missing = [f"{n} ({found[n].split(':')[0]})" for n in found if found[n] is not None]
     unchecked = [n for n in MODULES if n not in found]
     io.atomic_write_text(work / "preflight.txt", f"[gpu_check] preflight: imports {', '.join(ok) or 'nothing'}; "
-                         f"does not import {', '.join(missing) or 'nothing missing'}"
+                         + (f"does not import {', '.join(missing)}" if missing else "nothing missing")
                          + (f"; not checked (the preflight stopped): {', '.join(unchecked)}" if unchecked else "")
                          + "\n")
 
@@ -164,17 +164,17 @@ def _alarm(signum, frame):
 
 
 def build_real(out: Path, preset: dict, photo_root: Path, timeout_s: int, workers: int) -> dict:
-    """convert.py photos (pipelines.tools.datasets.build_photos) with the preset's arguments, from
+    """convert.py photos (pipelines.tools.photos.build_photos) with the preset's arguments, from
     those of its Debian packages whose folders are under photo_root ("/": where they install). Raises
     DataError (no usable photos) or _Timeout after timeout_s (the staged folder is removed)."""
-    from pipelines.tools import datasets
-    packages = {name: photo_root / path.relative_to("/") for name, path in datasets.PHOTO_PACKAGES.items()}
+    from pipelines.tools import photos
+    packages = {name: photo_root / path.relative_to("/") for name, path in photos.PHOTO_PACKAGES.items()}
     # the packages that are there; with none, all of them, so that the error names what to install
     packages = {name: path for name, path in packages.items() if path.is_dir()} or packages
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(max(1, timeout_s))
     try:
-        return datasets.build_photos(out, seed=0, workers=workers, packages=packages, **preset)
+        return photos.build_photos(out, seed=0, workers=workers, packages=packages, **preset)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -186,20 +186,20 @@ def _synthetic_class_task(task) -> tuple[int, dict]:
     import numpy as np
     from PIL import Image
     from masksiam.io import atomic_write
-    from pipelines.tools import datasets
+    from pipelines.tools import imagefolder_build, photos
     index, counts, seed, quality, max_res, root = task
     tint = np.random.default_rng([seed, index]).uniform(40, 215, 3)
     nbytes = images = 0
     for split, n in counts.items():
         folder = root / split / f"{index:03d}_synthetic"
         for i in range(n):
-            rng = np.random.default_rng([seed, index, datasets.SPLIT_IDS[split], i])
-            w, h = datasets.capped_output_size(*datasets.sample_output_size(rng), max_res)
+            rng = np.random.default_rng([seed, index, photos.SPLIT_IDS[split], i])
+            w, h = photos.capped_output_size(*photos.sample_output_size(rng), max_res)
             cells = rng.integers(4, 17)
             low = Image.fromarray(rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8))
             field = np.asarray(low.resize((w, h), Image.BICUBIC), dtype=np.float32)
             pixels = 0.6 * field + 0.4 * tint + rng.normal(0, 6, (h, w, 1))
-            data = datasets.jpeg_bytes(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), quality)
+            data = imagefolder_build.jpeg_bytes(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), quality)
             atomic_write(folder / f"{i:05d}.jpg", lambda f, d=data: f.write(d))
             nbytes, images = nbytes + len(data), images + 1
     return images, {"images": images, "bytes": nbytes}
@@ -208,15 +208,15 @@ def _synthetic_class_task(task) -> tuple[int, dict]:
 def build_synthetic(out: Path, preset: dict, why: str, workers: int, seed: int = 0) -> dict:
     """OUT/{train,val}/<class>/<i>.jpg drawn with Pillow (no source photos needed), the preset's counts
     and size cap; OUT/.complete says it is synthetic and why."""
-    from pipelines.tools import datasets
+    from pipelines.tools import imagefolder_build, photos
     counts = {"train": preset["train_per_class"], "val": preset["val_per_class"]}
-    with datasets.staged_output(out, force=False) as tmp:
-        tasks = [(c, counts, seed, datasets.PHOTO_QUALITY, preset["max_res"], tmp) for c in range(preset["classes"])]
-        stats = datasets.run_tasks(_synthetic_class_task, tasks, workers, preset["classes"] * sum(counts.values()),
-                                   "photos: synthetic")
+    with imagefolder_build.staged_output(out, force=False) as tmp:
+        tasks = [(c, counts, seed, photos.PHOTO_QUALITY, preset["max_res"], tmp) for c in range(preset["classes"])]
+        stats = imagefolder_build.run_tasks(_synthetic_class_task, tasks, workers,
+                                            preset["classes"] * sum(counts.values()), "photos: synthetic")
         report = {"dataset": "synthetic-jpeg", "why": why, "seed": seed, **preset,
                   "images": sum(s["images"] for s in stats), "bytes": sum(s["bytes"] for s in stats)}
-        datasets.write_report(tmp, report)
+        imagefolder_build.write_report(tmp, report)
     return report
 
 
@@ -332,19 +332,19 @@ def summary(work: Path, dest: Path, dry: bool, budget: int, took: int) -> int:
         rate = "views_per_s" if mode == "augment" else "images_per_s"
         for r in rows:
             r["ratio"] = r[rate] / rows[0][rate]
-        table = bench._print_table(rows, [c for c in COLUMNS[mode] if any(c in r for r in rows)])
+        table = bench.print_table(rows, [c for c in COLUMNS[mode] if any(c in r for r in rows)])
         payloads[mode]["table"] = table
         md += ["", f"## {mode}", "", table]
         io.atomic_write_text(dest / f"{mode}.json", json.dumps(payloads[mode], indent=2) + "\n")
         try:
             if mode == "augment":
-                bench._chart([(r["label"], r["views_per_s"], f"x{r['ratio']:.2f}", bench.BLUE) for r in rows],
+                bench.chart([(r["label"], r["views_per_s"], f"x{r['ratio']:.2f}", bench.BLUE) for r in rows],
                              dest / "augment.png", "gpu_check: augment stage", "views / s")
             if mode == "train":
                 bars = [(r["label"], r["images_per_s"], f"{r['efficiency']:.2f} of model-only" if "efficiency" in r
                          else "", bench.GREY if "model-only" in r["label"] else bench.BLUE)
                         for r in rows + payloads.get("model", {}).get("results", [])]
-                bench._chart(bars, dest / "train.png", "gpu_check: end to end and model-only", "images / s")
+                bench.chart(bars, dest / "train.png", "gpu_check: end to end and model-only", "images / s")
         except Exception as err:        # matplotlib missing: the tables stand without the charts
             md += ["", f"(no chart: {_reason(err)})"]
     md += ["", "## Host syncs in the step path", ""]
