@@ -20,8 +20,8 @@ from masksiam.errors import ArgumentParser, exit_on_user_error
 
 # command -> module; the module's COMMANDS[command] = (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS = {
-    "fashion-mnist": "pipelines.tools.datasets",
-    "photos": "pipelines.tools.datasets",
+    "fashion-mnist": "pipelines.tools.fashion_mnist",
+    "photos": "pipelines.tools.photos",
     "webdataset": "pipelines.tools.webdataset",
     "validate": "pipelines.tools.validate",
     "ffcv": "pipelines.tools.ffcv_convert",

@@ -1,5 +1,6 @@
-"""convert.py fashion-mnist / photos (pipelines/tools/datasets.py): counts, labels, pixels, sizes, distinct
-classes, determinism, refusal to overwrite, atomic output, and the photo rule on known files."""
+"""convert.py fashion-mnist / photos (pipelines/tools/fashion_mnist.py, photos.py, imagefolder_build.py):
+counts, labels, pixels, sizes, distinct classes, determinism, refusal to overwrite, atomic output, and
+the photo rule on known files."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,15 @@ import pytest
 from PIL import Image, ImageDraw, JpegImagePlugin
 
 import convert
-from pipelines.tools import datasets as D
+from pipelines.tools import fashion_mnist as FM
+from pipelines.tools import imagefolder_build as B
+from pipelines.tools import photos as P
 from pipelines.loaders.common import DataError
 
-FMNIST_PRESENT = all((D.FASHION_MNIST_DIR / name).is_file()
-                     for pair in D.FASHION_MNIST_FILES.values() for name in pair)
+FMNIST_PRESENT = all((FM.FASHION_MNIST_DIR / name).is_file()
+                     for pair in FM.FASHION_MNIST_FILES.values() for name in pair)
 needs_fmnist = pytest.mark.skipif(not FMNIST_PRESENT, reason="Debian's dataset-fashion-mnist is not installed")
-needs_opencv_doc = pytest.mark.skipif(not D.PHOTO_PACKAGES["opencv-doc"].is_dir(),
+needs_opencv_doc = pytest.mark.skipif(not P.PHOTO_PACKAGES["opencv-doc"].is_dir(),
                                       reason="Debian's opencv-doc is not installed")
 
 FM_LIMIT = 60
@@ -45,12 +48,12 @@ def fmnist(tmp_path_factory) -> Path:
 
 @needs_fmnist
 def test_fmnist_layout_counts_and_labels(fmnist):
-    for split in D.SPLITS:
-        _, labels = D.load_fashion_mnist(split)
+    for split in B.SPLITS:
+        _, labels = FM.load_fashion_mnist(split)
         labels = labels[:FM_LIMIT]
         folders = images_of(fmnist, split)
         # sorted folder names are the label ids, as ImageFolder assigns them
-        assert list(folders) == list(D.FASHION_MNIST_CLASSES)
+        assert list(folders) == list(FM.FASHION_MNIST_CLASSES)
         assert [len(files) for files in folders.values()] == np.bincount(labels, minlength=10).tolist()
         seen = []
         for label, files in enumerate(folders.values()):
@@ -66,10 +69,10 @@ def test_fmnist_pixels_equal_idx_within_jpeg_tolerance(fmnist):
     """Quality 100: every pixel within 2 levels of the idx file (measured on all 70,000: max 2,
     mean 0.059), mean error below 0.1 level."""
     errors = []
-    for split in D.SPLITS:
-        images, labels = D.load_fashion_mnist(split)
+    for split in B.SPLITS:
+        images, labels = FM.load_fashion_mnist(split)
         for index in range(FM_LIMIT):
-            path = fmnist / split / D.FASHION_MNIST_CLASSES[labels[index]] / f"{index:05d}.jpg"
+            path = fmnist / split / FM.FASHION_MNIST_CLASSES[labels[index]] / f"{index:05d}.jpg"
             with Image.open(path) as img:
                 assert img.format == "JPEG" and img.mode == "L" and img.size == (28, 28)
                 decoded = np.asarray(img, np.int16)
@@ -85,9 +88,9 @@ def test_fmnist_report_marker(fmnist):
     files = [p for p in fmnist.rglob("*.jpg")]
     assert report["images"] == len(files) == 2 * FM_LIMIT
     assert report["bytes"] == sum(p.stat().st_size for p in files)
-    assert report["classes"] == list(D.FASHION_MNIST_CLASSES)
-    for split in D.SPLITS:
-        _, labels = D.load_fashion_mnist(split)
+    assert report["classes"] == list(FM.FASHION_MNIST_CLASSES)
+    for split in B.SPLITS:
+        _, labels = FM.load_fashion_mnist(split)
         assert report["splits"][split]["images"] == FM_LIMIT
         assert report["splits"][split]["per_class"] == np.bincount(labels[:FM_LIMIT], minlength=10).tolist()
     assert not list(fmnist.parent.glob("*.partial-*"))
@@ -120,7 +123,7 @@ def test_fmnist_refuses_non_empty_output_without_force(tmp_path, capsys):
 
 @needs_fmnist
 def test_fmnist_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    real, calls = D._write_fmnist_chunk, []
+    real, calls = FM._write_fmnist_chunk, []
 
     def dies_on_second_chunk(task):
         calls.append(task)
@@ -128,10 +131,10 @@ def test_fmnist_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C raises in the main process
         return real(task)
 
-    monkeypatch.setattr(D, "_write_fmnist_chunk", dies_on_second_chunk)
+    monkeypatch.setattr(FM, "_write_fmnist_chunk", dies_on_second_chunk)
     out = tmp_path / "fm"
     with pytest.raises(KeyboardInterrupt):
-        D.build_fashion_mnist(out, limit=20, workers=1, chunk=10)
+        FM.build_fashion_mnist(out, limit=20, workers=1, chunk=10)
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []  # neither OUT nor OUT.partial-<pid>
 
@@ -148,15 +151,15 @@ def test_read_idx_checks_header_against_size(tmp_path):
     good = tmp_path / "ok-idx3-ubyte"
     good.write_bytes(bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
                      + (4).to_bytes(4, "big") + bytes(range(24)))
-    assert D.read_idx(good).tolist() == np.arange(24, dtype=np.uint8).reshape(2, 3, 4).tolist()
+    assert FM.read_idx(good).tolist() == np.arange(24, dtype=np.uint8).reshape(2, 3, 4).tolist()
     short = tmp_path / "short-idx3-ubyte"
     short.write_bytes(good.read_bytes()[:-1])
     with pytest.raises(DataError, match="short-idx3-ubyte"):
-        D.read_idx(short)
+        FM.read_idx(short)
     with pytest.raises(DataError, match="not a uint8 idx"):
         bad = tmp_path / "float-idx"
         bad.write_bytes(bytes([0, 0, 0x0D, 1]) + (1).to_bytes(4, "big") + bytes(4))
-        D.read_idx(bad)
+        FM.read_idx(bad)
 
 
 # ---- photos: the rule, duplicates, regions, sizes ---------------------------------------------------
@@ -171,7 +174,7 @@ def test_photo_rule_on_synthetic_files(tmp_path):
     def verdict(img: Image.Image, name: str):
         path = tmp_path / name
         img.save(path)
-        return D.photo_rejection(D.analyse_photo(str(path)))
+        return P.photo_rejection(P.analyse_photo(str(path)))
 
     astronaut = _photo("astronaut")                                       # 512x512 RGB photo
     assert verdict(astronaut, "astronaut.png") is None
@@ -196,12 +199,12 @@ def test_photo_rule_on_synthetic_files(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     assert verdict(Image.fromarray(noise), "noise.png") == "noise"
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    assert D.photo_rejection(D.analyse_photo(str(tmp_path / "broken.jpg"))) == "unreadable"
+    assert P.photo_rejection(P.analyse_photo(str(tmp_path / "broken.jpg"))) == "unreadable"
 
 
 @needs_opencv_doc
 def test_photo_rule_on_known_package_files():
-    root = D.PHOTO_PACKAGES["opencv-doc"]
+    root = P.PHOTO_PACKAGES["opencv-doc"]
     expected = {"data/baboon.jpg": None, "data/fruits.jpg": None, "data/squirrel_cls.jpg": None,
                 "data/messi5.jpg": None, "text/scenetext01.jpg": None,
                 "data/HappyFish.jpg": "small", "data/LinuxLogo.jpg": "small", "data/pic2.png": "small",
@@ -209,12 +212,12 @@ def test_photo_rule_on_known_package_files():
                 "text/scenetext_segmented_word01_mask.png": "grey", "data/opencv-logo.png": "transparent",
                 "data/cards.png": "flat", "data/detect_blob.png": "flat", "data/smarties.png": "flat",
                 "ximgproc/stanford.png": "flat"}  # (a map screenshot)
-    got = {name: D.photo_rejection(D.analyse_photo(str(root / name))) for name in expected}
+    got = {name: P.photo_rejection(P.analyse_photo(str(root / name))) for name in expected}
     assert got == expected
 
 
-def _source(stats: dict, path: str, package: str = "test") -> D.Source:
-    return D.Source(path, package, Path(path).stem, stats["width"], stats["height"],
+def _source(stats: dict, path: str, package: str = "test") -> P.Source:
+    return P.Source(path, package, Path(path).stem, stats["width"], stats["height"],
                     stats["structure"], stats["colours"])
 
 
@@ -227,30 +230,30 @@ def test_dedupe_keeps_the_larger_of_the_same_photo(tmp_path):
     sources = []
     for name, img in files.items():
         img.save(tmp_path / name)
-        stats = D.analyse_photo(str(tmp_path / name))
-        assert D.photo_rejection(stats) is None, name
+        stats = P.analyse_photo(str(tmp_path / name))
+        assert P.photo_rejection(stats) is None, name
         sources.append(_source(stats, str(tmp_path / name)))
-    kept, dropped = D.dedupe(sources)
+    kept, dropped = P.dedupe(sources)
     assert sorted(Path(s.path).name for s in kept) == ["chelsea.png", "coffee.png", "rocket.png"]
     assert {Path(d.path).name: Path(k.path).name for d, k in dropped} == {
         "chelsea-small.jpg": "chelsea.png", "chelsea-shifted.png": "chelsea.png"}
 
 
-def _fake(path: str, w: int, h: int) -> D.Source:
-    return D.Source(path, "test", Path(path).stem, w, h, (), ())
+def _fake(path: str, w: int, h: int) -> P.Source:
+    return P.Source(path, "test", Path(path).stem, w, h, (), ())
 
 
 def test_plan_regions_choice_and_splits():
     sources = [_fake(f"/p/{i}.jpg", w, h) for i, (w, h) in
                enumerate([(2560, 1600), (1280, 1024), (640, 480), (5120, 2880), (500, 333)])]
     # fewer classes than photos: whole photos, a seeded choice
-    few = D.plan_regions(sources, 3, seed=1)
+    few = P.plan_regions(sources, 3, seed=1)
     assert len({r.source.path for r in few}) == 3 and all(r.part == "" for r in few)
-    assert few == D.plan_regions(sources, 3, seed=1)
-    assert len({tuple(r.source.path for r in D.plan_regions(sources, 3, seed=s)) for s in range(8)}) > 1
+    assert few == P.plan_regions(sources, 3, seed=1)
+    assert len({tuple(r.source.path for r in P.plan_regions(sources, 3, seed=s)) for s in range(8)}) > 1
     # more: every photo, then halves round-robin, parts disjoint, inside, and large enough
     for classes in (6, 8, 12):
-        regions = D.plan_regions(sources, classes, seed=0)
+        regions = P.plan_regions(sources, classes, seed=0)
         assert len(regions) == classes
         assert {r.source.path for r in regions} == {s.path for s in sources}
         for s in sources:
@@ -258,41 +261,41 @@ def test_plan_regions_choice_and_splits():
             area = sum(r.area for r in mine)
             assert area == s.width * s.height  # halves tile the photo exactly (no overlap, no gap)
             if len(mine) > 1:
-                assert all(r.short_side >= D.MIN_REGION_SIDE for r in mine)
+                assert all(r.short_side >= P.MIN_REGION_SIDE for r in mine)
                 assert [r.part for r in mine] == [f"{k + 1}of{len(mine)}" for k in range(len(mine))]
-    parts = {s.path: sum(r.source.path == s.path for r in D.plan_regions(sources, 8, 0)) for s in sources}
+    parts = {s.path: sum(r.source.path == s.path for r in P.plan_regions(sources, 8, 0)) for s in sources}
     # 3 photos can be halved: each once before any twice; the small ones stay whole
     assert parts == {"/p/0.jpg": 2, "/p/1.jpg": 2, "/p/2.jpg": 1, "/p/3.jpg": 2, "/p/4.jpg": 1}
-    names = [D.class_name(i, r) for i, r in enumerate(D.plan_regions(sources, 8, 0))]
+    names = [P.class_name(i, r) for i, r in enumerate(P.plan_regions(sources, 8, 0))]
     assert names == sorted(names) and len(set(names)) == 8
     # capacity: 5120x2880 -> 8x4 regions of >= 640 px, 2560x1600 -> 4x2, 1280x1024 -> 2, two whole
-    assert len(D.plan_regions(sources, 44, seed=0)) == 44
+    assert len(P.plan_regions(sources, 44, seed=0)) == 44
     with pytest.raises(DataError, match="--classes 45"):
-        D.plan_regions(sources, 45, seed=0)
+        P.plan_regions(sources, 45, seed=0)
 
 
 def test_output_size_and_crop_distributions():
     """20,000 draws: ImageNet-like sizes (mean ~414x361, long side 500 for 60 %, 25 % portrait but square),
     crops inside the image with the output's aspect and area fractions uniform in CROP_AREA."""
     rng = np.random.default_rng(0)
-    sizes = np.array([D.sample_output_size(rng) for _ in range(20000)])
+    sizes = np.array([P.sample_output_size(rng) for _ in range(20000)])
     w, h = sizes[:, 0], sizes[:, 1]
     long, short = np.maximum(w, h), np.minimum(w, h)
     assert abs(w.mean() - 414) < 6 and abs(h.mean() - 361) < 6
-    square = sum(p for aspect, p in D.ASPECTS if aspect == 1.0)
+    square = sum(p for aspect, p in P.ASPECTS if aspect == 1.0)
     assert abs((long == 500).mean() - 0.6) < 0.02 and abs((h > w).mean() - 0.25 * (1 - square)) < 0.02
     assert long.min() >= 200 and long.max() == 500 and short.min() >= 133 and (short >= 330).mean() > 0.6
-    assert np.stack([np.round(long / aspect) == short for aspect, _ in D.ASPECTS]).any(0).all()
+    assert np.stack([np.round(long / aspect) == short for aspect, _ in P.ASPECTS]).any(0).all()
     fractions = []
     for (ow, oh) in sizes[:2000]:
-        left, top, right, bottom = D.sample_crop(800, 1000, ow / oh, rng)
+        left, top, right, bottom = P.sample_crop(800, 1000, ow / oh, rng)
         assert 0 <= left < right <= 800 and 0 <= top < bottom <= 1000
         assert abs((right - left) / (bottom - top) - ow / oh) < 1e-6
         full = min(800, 1000 * ow / oh) * min(1000, 800 * oh / ow)  # largest crop of that aspect
         fractions.append((right - left) * (bottom - top) / full)
     fractions = np.array(fractions)
-    assert fractions.min() >= D.CROP_AREA[0] - 1e-9 and fractions.max() <= D.CROP_AREA[1] + 1e-9
-    assert abs(fractions.mean() - np.mean(D.CROP_AREA)) < 0.02
+    assert fractions.min() >= P.CROP_AREA[0] - 1e-9 and fractions.max() <= P.CROP_AREA[1] + 1e-9
+    assert abs(fractions.mean() - np.mean(P.CROP_AREA)) < 0.02
 
 
 # ---- photos: the command end to end ----------------------------------------------------------------

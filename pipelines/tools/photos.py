@@ -1,270 +1,32 @@
-"""Builders for the data that ships with the project's Debian packages (commands of convert.py).
+"""convert.py photos: an ImageNet-like JPEG folder cut from the real photos of Debian packages.
 
-    python convert.py fashion-mnist --out data/fashion-mnist   # 70,000 28x28 JPEGs, the demo's default data
     python convert.py photos --out data/photos                 # ImageNet-like JPEG folder for throughput work
 
-Both write ImageFolder's layout, OUT/{train,val}/<class>/<n>.jpg, and nothing else but OUT/.complete
-(the JSON report, the marker the Makefile looks for). They build into a sibling OUT.partial-<pid> that
-is renamed onto OUT only once complete, refuse a non-empty OUT without --force, and are deterministic:
-the same inputs and arguments give byte-identical folders (reports included) whatever --workers is,
-because every image's randomness comes from its own (seed, class, split, index) stream.
-
-fashion-mnist: the idx files of Debian's dataset-fashion-mnist. Class folders are "<label>_<name>",
-so sorting them (as ImageFolder does) gives back the dataset's label ids; file names are the sample's
-index in its split (train = the 60,000 training images, val = the 10,000 test images).
-
-photos: one class per region of a real photo from opencv-doc, plasma-workspace-wallpapers and
+One class per region of a real photo from opencv-doc, plasma-workspace-wallpapers and
 mate-backgrounds. Files that are not colour photos are skipped by the rules in `photo_rejection`
 (size, transparency, colourfulness, flat fills, noise floor); of near-duplicates only the largest
 file is kept. Each image is a random crop of its class's region, resized to an ImageNet-like size,
 flipped at random and saved as a baseline 4:2:0 JPEG at quality 90 (`sample_output_size`,
 `sample_crop` give the distributions). --max-res N caps the longer side (the same crops, resized
 smaller; the size rule of FFCV's converter): a folder of the images a .beton made with --max-res N
-holds, for comparing loaders on the same pixels.
+holds, for comparing loaders on the same pixels. Output folder, report and determinism:
+imagefolder_build.py.
 """
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import math
-import multiprocessing
 import os
 import re
-import shutil
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
-from masksiam.io import atomic_write_text
 from pipelines.loaders.common import IMG_EXTENSIONS, DataError
-
-SPLITS = ("train", "val")
-
-
-class OutputExists(DataError):
-    """The output folder is not empty and --force was not given."""
-
-
-# ---- shared: output folder, workers, JPEG bytes, report --------------------------------------------
-
-def default_workers() -> int:
-    """The CPUs this process may use, at most 8 (beyond that the disk, not the encoder, limits)."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
-
-
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExists(f"output folder {out} is not empty; pass --force to replace it")
-
-
-@contextmanager
-def staged_output(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh sibling folder OUT.partial-<pid>; on success it replaces OUT, on error it is removed.
-
-    An interrupted run thus leaves OUT as it was (plus, after a hard kill, a .partial folder that
-    nothing mistakes for data: it has no .complete and is not named OUT).
-    """
-    out = Path(out).absolute()
-    check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        check_output(out, force)  # someone may have filled OUT while we were building
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_report(folder: Path, report: dict) -> None:
-    """folder/.complete = the JSON report, written atomically."""
-    atomic_write_text(folder / ".complete", json.dumps(report, indent=1, sort_keys=True) + "\n")
-
-
-def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
-    """Baseline (not progressive) JPEG with libjpeg's standard tables; 4:2:0 chroma like most photos."""
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality, subsampling="4:2:0", optimize=False, progressive=False)
-    return buf.getvalue()
-
-
-def run_tasks(fn: Callable, tasks: list, workers: int, total: int, desc: str) -> list:
-    """fn(task) -> (images written, result) over a process pool (inline for workers <= 1).
-
-    Results come back in task order; the tqdm bar counts images.
-    """
-    results = []
-    with tqdm(total=total, desc=desc, unit="img", mininterval=1.0, file=sys.stderr) as bar:
-        if workers <= 1 or len(tasks) <= 1:
-            stream: Iterable = map(fn, tasks)
-            pool = None
-        else:
-            pool = multiprocessing.Pool(min(workers, len(tasks)))
-            stream = pool.imap(fn, tasks)
-        try:
-            for images, result in stream:
-                bar.update(images)
-                results.append(result)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-    return results
-
-
-def _human(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1000:.2f} GB"
-
-
-def check_quality(quality: int) -> None:
-    if not 1 <= quality <= 100:
-        raise DataError(f"--quality must be in 1..100, got {quality}")
-
-
-def _fail(command: str, err: Exception) -> int:
-    print(f"convert.py {command}: error: {err}", file=sys.stderr)
-    return 2
-
-
-# ---- fashion-mnist -------------------------------------------------------------------------------
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {  # split -> (images, labels); val is the official test set
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-# label id -> folder; the digit prefix makes sorted(folders) == label order, so ImageFolder ids match
-FASHION_MNIST_CLASSES = ("0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat",
-                         "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot")
-# Quality 100: pixels stay within 2 levels of the idx data (mean error ~0.06 level, against ~0.9 and
-# up to 10 levels at 95), so results stay comparable with the literature, and a 28x28 file is
-# still ~1.2 KB (one disk block either way); decode cost at this size is per-file, not per-byte.
-FASHION_MNIST_QUALITY = 100
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzipped or raw) of uint8: magic 00 00 08 <rank>, rank big-endian uint32 sizes, data."""
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"cannot read idx file {path}: {err}") from err
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise DataError(f"{path} is not a uint8 idx file (magic {data[:4].hex()})")
-    rank = data[3]
-    header = 4 + 4 * rank
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
-    if len(data) - header != math.prod(shape):
-        raise DataError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes) "
-                        f"but {len(data) - header} bytes follow")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
-
-
-def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 28, 28) uint8, labels (N,) uint8) of one split, checked."""
-    paths = [Path(root) / name for name in FASHION_MNIST_FILES[split]]
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"Fashion-MNIST file {path} is missing: install Debian's dataset-fashion-mnist "
-                            f"(`sudo apt-get install dataset-fashion-mnist`, or `make install`), "
-                            f"or pass --source DIR holding the four *-ubyte.gz files")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{paths[0]} {images.shape} and {paths[1]} {labels.shape} do not pair up")
-    if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"{paths[1]} has label {labels.max()}, expected 0-9")
-    return images, labels
-
-
-def _write_fmnist_chunk(task) -> tuple[int, int]:
-    """Write images[i] as folder/<class of labels[i]>/<start + i>.jpg; -> (images, bytes)."""
-    folder, start, images, labels, quality = task
-    nbytes = 0
-    for offset, (pixels, label) in enumerate(zip(images, labels)):
-        data = jpeg_bytes(Image.fromarray(pixels, "L"), quality)
-        (folder / FASHION_MNIST_CLASSES[label] / f"{start + offset:05d}.jpg").write_bytes(data)
-        nbytes += len(data)
-    return len(images), nbytes
-
-
-def build_fashion_mnist(out: str | Path, *, force: bool = False, limit: int = 0,
-                        quality: int = FASHION_MNIST_QUALITY, workers: int | None = None,
-                        source: str | Path = FASHION_MNIST_DIR, chunk: int = 2500) -> dict:
-    """Write OUT/{train,val}/<class>/<index>.jpg (the first `limit` per split if > 0); return the report."""
-    workers = default_workers() if workers is None else workers
-    check_quality(quality)
-    data = {split: load_fashion_mnist(split, Path(source)) for split in SPLITS}  # fail before writing
-    if limit > 0:
-        data = {split: (x[:limit], y[:limit]) for split, (x, y) in data.items()}
-    report = {"dataset": "fashion-mnist", "source": str(source), "quality": quality, "limit": limit,
-              "classes": list(FASHION_MNIST_CLASSES), "splits": {}}
-    with staged_output(out, force) as tmp:
-        tasks = []
-        for split, (images, labels) in data.items():
-            for name in FASHION_MNIST_CLASSES:
-                (tmp / split / name).mkdir(parents=True)
-            tasks += [(tmp / split, s, images[s:s + chunk], labels[s:s + chunk], quality)
-                      for s in range(0, len(images), chunk)]
-        results = run_tasks(_write_fmnist_chunk, tasks, workers, sum(len(t[2]) for t in tasks),
-                            "fashion-mnist")
-        for split, (images, labels) in data.items():
-            report["splits"][split] = {
-                "images": len(images), "bytes": sum(r for t, r in zip(tasks, results) if t[0].name == split),
-                "per_class": np.bincount(labels, minlength=len(FASHION_MNIST_CLASSES)).tolist()}
-        report["images"] = sum(s["images"] for s in report["splits"].values())
-        report["bytes"] = sum(s["bytes"] for s in report["splits"].values())
-        report["mean_bytes"] = round(report["bytes"] / max(1, report["images"]), 1)
-        write_report(tmp, report)
-    return report
-
-
-def _fmnist_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="output folder (ImageFolder: OUT/train, OUT/val)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--limit", type=int, default=0, help="keep the first N images of each split (0: all)")
-    p.add_argument("--quality", type=int, default=FASHION_MNIST_QUALITY,
-                   help=f"JPEG quality (default {FASHION_MNIST_QUALITY}: within 2 levels of the idx pixels)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, at most 8)")
-    p.add_argument("--source", default=str(FASHION_MNIST_DIR),
-                   help=f"folder of the *-ubyte.gz idx files (default {FASHION_MNIST_DIR})")
-
-
-def _fmnist_run(args) -> int:
-    start = time.perf_counter()
-    try:
-        report = build_fashion_mnist(args.out, force=args.force, limit=args.limit, quality=args.quality,
-                                     workers=args.workers, source=args.source)
-    except DataError as err:
-        return _fail("fashion-mnist", err)
-    for split, s in report["splits"].items():
-        print(f"{split}: {s['images']} images in {len(report['classes'])} classes, {_human(s['bytes'])} "
-              f"(per class: {' '.join(map(str, s['per_class']))})")
-    print(f"wrote {args.out}: {report['images']} images, {_human(report['bytes'])}, "
-          f"mean {report['mean_bytes']:.0f} B/image, {time.perf_counter() - start:.1f} s")
-    return 0
-
+from pipelines.tools.imagefolder_build import (SPLITS, check_output, check_quality, default_workers, fail_command,
+                                               human_bytes, jpeg_bytes, run_tasks, staged_output, write_report)
 
 # ---- photos: finding real photos -----------------------------------------------------------------
 
@@ -723,22 +485,20 @@ def _photos_run(args) -> int:
                               max_res=args.max_res, force=args.force, workers=args.workers,
                               packages={p: PHOTO_PACKAGES[p] for p in wanted})
     except DataError as err:
-        return _fail("photos", err)
+        return fail_command("photos", err)
     for package, s in report["source_scan"].items():
         rejected = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
         print(f"{package}: {s['accepted']} source photos of {s['files']} files (rejected: {rejected})")
     for split, s in report["splits"].items():
-        print(f"{split}: {s['images']} images, {_human(s['bytes'])}, "
+        print(f"{split}: {s['images']} images, {human_bytes(s['bytes'])}, "
               f"mean {s['bytes'] / max(1, s['images']) / 1000:.1f} KB, {s['mean_width']:.0f}x{s['mean_height']:.0f}")
     print(f"wrote {args.out}: {report['classes']} classes, {report['images']} images, "
-          f"{_human(report['bytes'])}, mean {report['mean_bytes'] / 1000:.1f} KB/image, "
+          f"{human_bytes(report['bytes'])}, mean {report['mean_bytes'] / 1000:.1f} KB/image, "
           f"mean {report['mean_width']:.0f}x{report['mean_height']:.0f}, {time.perf_counter() - start:.1f} s")
     return 0
 
 
 COMMANDS = {
-    "fashion-mnist": ("Fashion-MNIST (Debian's dataset-fashion-mnist) as an ImageFolder of JPEGs",
-                      _fmnist_arguments, _fmnist_run),
     "photos": ("an ImageNet-like JPEG folder cut from the real photos of Debian packages",
                _photos_arguments, _photos_run),
 }
