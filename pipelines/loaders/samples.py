@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.loaders.common import DataError, is_hidden, scan_image_folder, spread
+from pipelines.loaders.common import DataError, ImageList, is_hidden, scan_image_folder, spread
 
 INDEX = "index.json"
 FORMAT = "masksiam-webdataset"
@@ -36,19 +36,19 @@ class FolderSamples:
     format = "imagefolder"
 
     def __init__(self, root: str | Path, max_images: int = 0):
-        images = scan_image_folder(root, max_images)
+        # the mapped split index (common.ImageList): no per-file Python objects held
+        self.images = images = scan_image_folder(root, max_images)
         self.root, self.names, self.labels, self.classes = images.root, images.paths, images.labels, images.classes
-        self._paths = [os.path.join(self.root, p) for p in self.names]
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.images)
 
     def read(self, i: int) -> np.ndarray:
         """The encoded bytes of sample i as a writable (nbytes,) uint8 array."""
-        return np.fromfile(self._paths[i], dtype=np.uint8)
+        return np.fromfile(self.describe(i), dtype=np.uint8)
 
     def describe(self, i: int) -> str:
-        return self._paths[i]
+        return os.path.join(self.root, self.images.path(i))
 
 
 class TarSamples:
@@ -64,31 +64,36 @@ class TarSamples:
         self.root = Path(root)
         meta = read_index(self.root)
         self.classes = meta["classes"]
-        shard_ids, offsets, sizes, names, labels = [], [], [], [], []
+        shard_ids, offsets, sizes, names, lengths, labels = [], [], [], [], [], []   # per shard
         for s, shard in enumerate(meta["shards"]):
-            entries = _read_idx(self.root / _idx_name(shard["name"]))
-            if len(entries) != shard["num_samples"] or len(shard["labels"]) != shard["num_samples"]:
-                raise DataError(f"{self.root / shard['name']}: index lists {len(entries)} samples and "
+            name_blob, length, offset, size = _read_idx(self.root / _idx_name(shard["name"]))
+            if len(offset) != shard["num_samples"] or len(shard["labels"]) != shard["num_samples"]:
+                raise DataError(f"{self.root / shard['name']}: index lists {len(offset)} samples and "
                                 f"{len(shard['labels'])} labels, {INDEX} says {shard['num_samples']}; "
                                 "re-run convert.py webdataset")
-            for name, offset, size in entries:
-                shard_ids.append(s), offsets.append(offset), sizes.append(size), names.append(name)
-            labels += shard["labels"]
-        if not names:
+            shard_ids.append(np.full(len(offset), s, np.int32)), offsets.append(offset), sizes.append(size)
+            names.append(name_blob), lengths.append(length)
+            labels.append(np.asarray(shard["labels"], np.int32))
+        if not names or not sum(map(len, offsets)):
             raise DataError(f"webdataset split {self.root} has no samples")
-        keep = spread(len(names), max_images)              # the images scan_image_folder keeps
+        n = sum(map(len, offsets))
+        keep = spread(n, max_images)                       # the images scan_image_folder keeps
         self.shards = [self.root / shard["name"] for shard in meta["shards"]]
-        self.shard_of = np.asarray(shard_ids, np.int32)[keep]
-        self.offsets = np.asarray(offsets, np.int64)[keep]
-        self.sizes = np.asarray(sizes, np.int64)[keep]
-        self.names = [names[i] for i in keep]
-        self.labels = [labels[i] for i in keep]
+        self.shard_of = np.concatenate(shard_ids)[keep]
+        self.offsets = np.concatenate(offsets)[keep]
+        self.sizes = np.concatenate(sizes)[keep]
+        # member names as one blob + offsets (an ImageList of names): no per-sample str objects
+        blob = np.frombuffer(b"".join(names), np.uint8)
+        bounds = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+        self._names = ImageList(self.root, blob, bounds, np.concatenate(labels), self.classes,
+                                None if len(keep) == n else keep)
+        self.names, self.labels = self._names.paths, self._names.labels
         self._fds = [-1] * len(self.shards)
         self._keep_open = _allow_open_files(len(self.shards) + 256)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._names)
 
     def _fd(self, shard: int) -> int:
         if self._fds[shard] < 0:
@@ -111,7 +116,7 @@ class TarSamples:
         return out
 
     def describe(self, i: int) -> str:
-        return f"{self.shards[int(self.shard_of[i])]}:{self.names[i]}"
+        return f"{self.shards[int(self.shard_of[i])]}:{self._names.path(i)}"
 
     def __del__(self):
         for fd in getattr(self, "_fds", []):
@@ -180,20 +185,22 @@ def _idx_name(tar_name: str) -> str:
     return tar_name[:-len(".tar")] + ".idx"
 
 
-def _read_idx(path: Path) -> list[tuple[str, int, int]]:
-    """(image member name, data offset, size) per sample of a v1.2 DALI webdataset index."""
+def _read_idx(path: Path) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """(image member names' UTF-8 bytes end to end, their lengths (n,) int64, data offsets (n,)
+    int64, sizes (n,) int64) of the samples of a v1.2 DALI webdataset index."""
     try:
         lines = path.read_text().splitlines()
     except OSError as err:
         raise DataError(f"cannot read shard index {path}: {err}") from err
     if not lines or not lines[0].startswith("v1.2 "):
         raise DataError(f"{path} is not a v1.2 webdataset index")
-    out = []
-    for line in lines[1:]:
+    names, offsets, sizes = [], np.empty(len(lines) - 1, np.int64), np.empty(len(lines) - 1, np.int64)
+    for k, line in enumerate(lines[1:]):
         fields = line.split()
         # components "ext offset size name"; the image is every component that is not the label
         image = next((fields[j:j + 4] for j in range(0, len(fields), 4) if fields[j] != "cls"), None)
         if image is None or len(image) != 4:
             raise DataError(f"{path}: malformed line {line!r}")
-        out.append((image[3], int(image[1]), int(image[2])))
-    return out
+        names.append(image[3].encode())
+        offsets[k], sizes[k] = int(image[1]), int(image[2])
+    return b"".join(names), np.fromiter(map(len, names), np.int64, len(names)), offsets, sizes
