@@ -11,7 +11,5 @@ from bench.meter import BLUE, GREY, chart, print_table
 from bench.readme import BEGIN, END, cmd_readme
 from bench.syncs import cmd_syncs
 
-_print_table, _chart = print_table, chart          # the names tools/gpu_check.py uses
-
 __all__ = ["BEGIN", "BLUE", "DESCRIPTIONS", "END", "GREY", "chart", "cmd_augment", "cmd_explain", "cmd_loader",
            "cmd_model", "cmd_readme", "cmd_syncs", "cmd_train", "main", "model_only_recipe", "print_table"]
