@@ -1,5 +1,5 @@
 """The whole augment stage replayed sample by sample with torchvision.transforms.v2.functional from
-the parameters it reports (`aug(views, return_params=True)`, pipelines/augment/engine.py ViewParams).
+the parameters it reports (`aug(views, return_params=True)`, pipelines/augment/types.py ViewParams).
 
 Batch sizes 7, 13 and 29 make the jittered count (0.8 N, stochastically rounded) not a multiple of
 4, where the per-sample jitter order and the hue index once split the samples differently. The
@@ -13,7 +13,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipelines.augment import ops as A
-from pipelines.augment.engine import ViewParams, build_augmenter
+from pipelines.augment.engine import build_augmenter
+from pipelines.augment.types import ViewParams
 from test_recipes import photo_views
 
 JITTER = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]

@@ -59,9 +59,7 @@ and image size, or set with `chunk=`) only in the noise-filled elements of maske
 from __future__ import annotations
 
 import functools
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -72,168 +70,11 @@ from pipelines.augment import masks as M
 from pipelines.augment import mixing as X
 from pipelines.augment import ops as A
 from pipelines.augment.fused import FusedBranch
+from pipelines.augment.plan import SUBSET_OPS, BranchDraw, Plan, relative_to_chunk, stream_seed, upload
 from pipelines.augment.recipes import BranchSpec, Recipe, RecipeError, load_recipe, with_mix
+from pipelines.augment.types import AugmentOutput, MixParams, ViewParams
 
 # ---- the augmenter --------------------------------------------------------------------------------
-
-@dataclass
-class AugmentOutput:
-    views: list[torch.Tensor]                   # float (N, 3, S_v, S_v) channels-last, normalised
-    pairs: list[tuple[int, int]]                # multi-crop: i is a global view in every pair
-    groups: list[list[int]] = field(default_factory=list)   # view indices per size, largest first
-    mixed: Optional[torch.Tensor] = None        # views[mix_source] mixed with its reversed batch
-    mix_lam: Optional[torch.Tensor] = None      # (N,) fraction of each mixed image from itself
-    mix_source: Optional[int] = None
-    mim_masks: Optional[list[Optional[torch.Tensor]]] = None   # (N, H/p, W/p) bool, True = masked
-    params: Optional[list["ViewParams"]] = None  # per view, what was drawn (aug(views, return_params=True))
-    mix_params: Optional["MixParams"] = None
-
-
-@dataclass
-class ViewParams:
-    """What the stage drew for one output view: per-sample tensors (N leading, on the device).
-
-    Replaying them reproduces the view (tests/test_augment_replay.py does, with
-    torchvision.transforms.v2.functional). Sample i of loader view `source`, as float [0, 1]
-    (to_dtype(scale=True)):
-
-        flip[i]          horizontal_flip
-        jitter[i]        for op in jitter_order[i]: adjust_brightness / contrast / saturation / hue
-                         (op ids ops.BRIGHTNESS, CONTRAST, SATURATION, HUE) by jitter_factors[i, op]
-        grayscale[i]     rgb_to_grayscale(img, 3)
-        blur[i]          gaussian_blur(img, [blur_kernel] * 2, [blur_sigma[i]] * 2)
-        solarize[i]      solarize(img, solarize_threshold)
-        then             normalize(img, mean, std); with a high-pass (highpass_sigma not None):
-                         normalize(img - gaussian_blur(img, [highpass_kernel] * 2, [highpass_sigma[i]] * 2),
-                         0, std)
-        masked[i]        the elements of mask_pixels()[i] replaced by the fill (mask_fill; the noise
-                         values themselves are not kept)
-
-    Ops a branch does not have read all False (jitter_factors the identity 1, 1, 1, 0)."""
-    branch: int
-    source: int                                  # the loader view (crop) it was made from
-    size: int
-    flip: torch.Tensor                           # (N,) bool
-    jitter: torch.Tensor                         # (N,) bool
-    jitter_factors: torch.Tensor                 # (N, 4) brightness, contrast, saturation factor, hue shift
-    jitter_order: torch.Tensor                   # (N, 4) int64: op id in each of the four slots
-    grayscale: torch.Tensor                      # (N,) bool
-    blur: torch.Tensor                           # (N,) bool
-    blur_sigma: Optional[torch.Tensor]           # (N,) px at this view's size (None: no blur op)
-    blur_kernel: int
-    solarize: torch.Tensor                       # (N,) bool
-    solarize_threshold: float
-    highpass_sigma: Optional[torch.Tensor]       # (N,) px (None: no high-pass)
-    highpass_kernel: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    masked: torch.Tensor                         # (N,) bool: this copy masked at all
-    mask_cells: Optional[torch.Tensor] = None    # (N, 3, Gmax, Gmax) bool, sample i uses its grid[i] block
-    mask_grid: Optional[torch.Tensor] = None     # (N,) int64 cells per side
-    mask_fill: Optional[str] = None
-    noise_std: float = 0.0
-    mim_mask: Optional[torch.Tensor] = None      # (N, H/p, W/p) bool (SimMIM)
-
-    def mask_pixels(self) -> Optional[torch.Tensor]:
-        """(N, 3, H, W) bool, True where the fill replaced the view's pixels (None: no mask op)."""
-        if self.mask_cells is None:
-            return None
-        return M.cells_to_pixels(self.mask_cells, self.mask_grid, self.size, self.size, torch.bool)
-
-
-@dataclass
-class MixParams:
-    """What was drawn for the mixed view: view `view` mixed with `view` of the reversed batch."""
-    kind: str                                    # mixmask | unmix
-    view: int
-    lam: torch.Tensor                            # (N,) = AugmentOutput.mix_lam
-    cells: Optional[torch.Tensor] = None         # MixMask: (N, 1, G, G) bool, True = from the reversed batch
-    use_mixup: Optional[torch.Tensor] = None     # Un-Mix: (N,) bool, mixup (else cutmix)
-    mixup_lam: Optional[torch.Tensor] = None     # Un-Mix: (N,) the Beta draw
-    boxes: Optional[torch.Tensor] = None         # Un-Mix: (N, 4) cutmix box top, bottom, left, right
-
-
-# ---- host plan: which samples each op touches -----------------------------------------------------
-
-SUBSET_OPS = ("flip", "jitter", "gray", "blur", "solarize")
-
-
-@dataclass
-class _Plan:
-    """The host's decisions for one call, drawn before the device is touched. Index arrays are
-    sorted int64 numpy (None = no sample) until `_upload` turns them into device tensors.
-
-    branches[b]: {op: whole-batch subset for op in SUBSET_OPS, "members": the jittered samples in a
-    random order, "rotation": the hue slot rotation, "masked": [subset per copy]};
-    chunks[c][b]: chunk-relative indices {op, "hue": [4 slots], "masked": [per copy]}."""
-    n: int
-    chunks_rows: list[tuple[int, int]]
-    branches: list[dict]
-    chunks: list[list[dict]]
-    noise_seed: Optional[int] = None
-
-
-def _relative(idx: Optional[np.ndarray], c0: int, c1: int) -> Optional[np.ndarray]:
-    """The sorted indices in [c0, c1), relative to c0 (None when none)."""
-    if idx is None:
-        return None
-    lo, hi = np.searchsorted(idx, (c0, c1))
-    return idx[lo:hi] - c0 if hi > lo else None
-
-
-def _upload(tree, device: torch.device):
-    """Every numpy index array in a nested list/dict -> an int64 tensor on `device`, all in one copy:
-    pinned memory and non_blocking on CUDA, so the host does not wait for the GPU's queue (a copy
-    from pageable memory can). The caching host allocator keeps the pinned block until the copy ran."""
-    arrays = []
-
-    def collect(t):
-        if isinstance(t, np.ndarray):
-            arrays.append(t)
-        elif isinstance(t, dict):
-            for v in t.values():
-                collect(v)
-        elif isinstance(t, list):
-            for v in t:
-                collect(v)
-
-    collect(tree)
-    if not arrays:
-        return tree
-    flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    elif device.type != "cpu":
-        flat = flat.to(device)
-    parts = iter(flat.split([len(a) for a in arrays]))
-
-    def rebuild(t):
-        if isinstance(t, np.ndarray):
-            return next(parts)
-        if isinstance(t, dict):
-            return {k: rebuild(v) for k, v in t.items()}
-        if isinstance(t, list):
-            return [rebuild(v) for v in t]
-        return t
-
-    return rebuild(tree)
-
-
-@dataclass
-class _BranchDraw:
-    """One branch's random parameters for a whole batch (N leading), drawn before any pixel work."""
-    jitter: Optional[torch.Tensor] = None               # (N, 4) factors, identity outside the subset
-    order: Optional[torch.Tensor] = None                # (N, 4) op per slot
-    blur_sigma: Optional[torch.Tensor] = None           # (N,) px
-    highpass_sigma: Optional[torch.Tensor | float] = None
-    # per copy: cells (N, 3, G, G), grid (N,)
-    masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-
-def _stream_seed(seed: int, rank: int, stream: str) -> int:
-    digest = hashlib.sha256(f"masksiam-augment/{seed}/{rank}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
 
 def _stage(name: str):
     """A named range in torch.profiler traces (bench.py augment --profile); ~1 us when not profiling."""
@@ -299,9 +140,9 @@ class Augmenter:
         self.size = max(self.sizes)                           # the global crops' size
         self.scale = self.size / recipe.ref_size              # pixel quantities scale with it
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(_stream_seed(seed, rank, "device"))
+        self.gen.manual_seed(stream_seed(seed, rank, "device"))
         self.host_gen = torch.Generator()
-        self.host_gen.manual_seed(_stream_seed(seed, rank, "host"))
+        self.host_gen.manual_seed(stream_seed(seed, rank, "host"))
         cpu = self.device.type == "cpu"
         # compiled on a GPU: the whole batch in one call (the fused loops keep few temporaries, and
         # its results become the outputs without a copy)
@@ -359,7 +200,7 @@ class Augmenter:
         step = self.chunk or n
         return [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
 
-    def _plan(self, n: int) -> _Plan:
+    def _plan(self, n: int) -> Plan:
         branches = []
         for b in self.recipe.branches:
             p = dict.fromkeys(SUBSET_OPS)
@@ -386,19 +227,19 @@ class Augmenter:
                 p["masked"] = [self._subset(b.mask.p, n) for _ in range(b.copies)]   # views masked at all
             branches.append(p)
         rows = self._chunks(n)
-        chunks = [[{**{op: _relative(p[op], c0, c1) for op in SUBSET_OPS},
-                    "hue": [_relative(h, c0, c1) for h in p["hue"]],
-                    "masked": [_relative(m, c0, c1) for m in p["masked"]]} for p in branches]
+        chunks = [[{**{op: relative_to_chunk(p[op], c0, c1) for op in SUBSET_OPS},
+                    "hue": [relative_to_chunk(h, c0, c1) for h in p["hue"]],
+                    "masked": [relative_to_chunk(m, c0, c1) for m in p["masked"]]} for p in branches]
                   for c0, c1 in rows]
         # CPU: one draw seeds the noise of every chunk (`_noise_gen`), so the noise does not depend
         # on which worker runs a chunk first; GPUs draw it from the device generator
         seed = int(torch.randint(2**62, (1,), generator=self.gen)) if self.device.type == "cpu" else None
-        return _Plan(n, rows, branches, chunks, seed)
+        return Plan(n, rows, branches, chunks, seed)
 
     # -- random parameters ---------------------------------------------------------------------
 
-    def _draw_branch(self, bi: int, p: dict, n: int) -> _BranchDraw:
-        b, d, dev, gen = self.recipe.branches[bi], _BranchDraw(), self.device, self.gen
+    def _draw_branch(self, bi: int, p: dict, n: int) -> BranchDraw:
+        b, d, dev, gen = self.recipe.branches[bi], BranchDraw(), self.device, self.gen
         if b.color:
             c = b.color
             factors = torch.stack([A.uniform(n, max(0.0, 1 - c.brightness), 1 + c.brightness, gen, dev),
@@ -429,7 +270,7 @@ class Augmenter:
 
     # -- pixels --------------------------------------------------------------------------------
 
-    def _base_view(self, x8: torch.Tensor, bi: int, d: _BranchDraw, q: dict, c0: int, c1: int) -> torch.Tensor:
+    def _base_view(self, x8: torch.Tensor, bi: int, d: BranchDraw, q: dict, c0: int, c1: int) -> torch.Tensor:
         """uint8 rows [c0, c1) of one branch's source -> float32 in the network's input space (planar,
         or channels-last for a branch that only normalises). q: the chunk's relative indices."""
         b, r = self.recipe.branches[bi], self.recipe
@@ -468,7 +309,7 @@ class Augmenter:
                 return A.normalize(x, (0.0, 0.0, 0.0), r.std)                  # the mean cancels
             return A.normalize(x, r.mean, r.std)
 
-    def _write_copies(self, outs: list[torch.Tensor], base: torch.Tensor, bi: int, d: _BranchDraw,
+    def _write_copies(self, outs: list[torch.Tensor], base: torch.Tensor, bi: int, d: BranchDraw,
                       q: dict, c0: int, c1: int, gen: torch.Generator) -> None:
         """Branch bi's views for rows [c0, c1): the base, masked and filled per copy, written to the
         channels-last outputs (converting to their dtype). Only the masked samples are filled."""
@@ -500,7 +341,7 @@ class Augmenter:
             return None
         return torch.randn(shape, generator=gen, device=self.device, dtype=torch.bfloat16).mul_(b.mask.noise_std)
 
-    def _dense(self, bi: int, p: dict, d: _BranchDraw, n: int) -> dict:
+    def _dense(self, bi: int, p: dict, d: BranchDraw, n: int) -> dict:
         """The fused path's per-sample parameters of branch bi: subsets as (N,) 0/1 floats."""
         b, dev = self.recipe.branches[bi], self.device
         flag = lambda idx: A.subset_mask(n, idx, dev).float()                  # noqa: E731
@@ -519,7 +360,7 @@ class Augmenter:
             out["highpass_sigma"] = d.highpass_sigma
         return out
 
-    def _fused_chunk(self, outs: list[torch.Tensor], x8: torch.Tensor, bi: int, dense: dict, d: _BranchDraw,
+    def _fused_chunk(self, outs: list[torch.Tensor], x8: torch.Tensor, bi: int, dense: dict, d: BranchDraw,
                      q: dict, c0: int, c1: int, gen: torch.Generator) -> None:
         """Branch bi's views for rows [c0, c1) through its fused function (`fused.FusedBranch`)."""
         b = self.recipe.branches[bi]
@@ -569,7 +410,7 @@ class Augmenter:
             return self.gen
         return torch.Generator().manual_seed(seed + c0)
 
-    def _params(self, plan: _Plan, draws: list[_BranchDraw], mim) -> list[ViewParams]:
+    def _params(self, plan: Plan, draws: list[BranchDraw], mim) -> list[ViewParams]:
         """The public record of the draws (`ViewParams`), one per output view."""
         r, dev, n = self.recipe, self.device, plan.n
         mask = lambda idx: A.subset_mask(n, idx, dev)                           # noqa: E731
@@ -604,10 +445,10 @@ class Augmenter:
         n = self._check(views)
         return self._run(views, self._plan(n), return_params)
 
-    def _run(self, views: list[torch.Tensor], plan: _Plan, return_params: bool = False) -> AugmentOutput:
+    def _run(self, views: list[torch.Tensor], plan: Plan, return_params: bool = False) -> AugmentOutput:
         """Everything after the host plan: device draws and pixels, without a host-device sync."""
         r, dev, n = self.recipe, self.device, plan.n
-        plan.branches, plan.chunks = _upload([plan.branches, plan.chunks], dev)
+        plan.branches, plan.chunks = upload([plan.branches, plan.chunks], dev)
         draws = [self._draw_branch(bi, p, n) for bi, p in enumerate(plan.branches)]
         mix = self._draw_mix(n) if r.mix else None
         mim = self._draw_simmim(n) if r.simmim else None
