@@ -143,32 +143,68 @@ class _Samples:
     written as mid-gray of its checked size and reported through `failures`.
     """
 
-    def __init__(self, root: Path, rows: list[dict], paths: list[str], labels: list[int], max_res: int,
-                 seed: int):
-        self.root, self.rows, self.paths, self.labels = root, rows, paths, labels
+    def __init__(self, root: Path, checked: "_Checked", images, max_res: int, seed: int):
+        # checked: pass 1's arrays, its good rows only; images: the split's mapped ImageList
+        self.root, self.checked, self.images = root, checked, images
         self.max_res, self.seed = max_res, seed
         self.failures = mp.SimpleQueue()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.checked.position)
 
     def __getitem__(self, i: int):
-        row = self.rows[i]
-        pos = row["position"]
+        pos = int(self.checked.position[i])
         # proportion mode draws jpg-or-raw with np.random inside FFCV's encoder: one stream per image
         np.random.seed((self.seed * 1_000_003 + pos) % 2**32)
         try:
-            rgb = cap_resolution(load_rgb(self.root / self.paths[pos])[0], self.max_res)
+            rgb = cap_resolution(load_rgb(self.root / self.images.path(pos))[0], self.max_res)
         except Exception as err:  # noqa: BLE001  (see the class docstring)
             self.failures.put((pos, f"{type(err).__name__}: {err}"))
-            rgb = np.full((row["height"], row["width"], 3), 128, np.uint8)
-        return rgb, self.labels[pos], pos
+            rgb = np.full((int(self.checked.height[i]), int(self.checked.width[i]), 3), 128, np.uint8)
+        return rgb, self.images.labels[pos], pos
 
 
-def _page_size(rows: list[dict]) -> int:
+class _Checked:
+    """Pass 1's results as arrays, one row per file in split order (no per-sample dicts kept):
+    position (n,) int64, height / width (n,) int32 (stored size), bytes (n,) int64 (source file),
+    rotated / misnamed (n,) bool, mode (n,) int16 (index into `modes`, Pillow's source mode),
+    errors {position: reason} for the files that failed (their other fields are 0)."""
+
+    def __init__(self, n: int):
+        self.position = np.arange(n, dtype=np.int64)
+        self.height, self.width = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.bytes = np.zeros(n, np.int64)
+        self.rotated, self.misnamed = np.zeros(n, bool), np.zeros(n, bool)
+        self.mode = np.zeros(n, np.int16)
+        self.modes: list[str] = []
+        self.errors: dict[int, str] = {}
+
+    def add(self, r: dict) -> None:
+        pos = r["position"]
+        if "error" in r:
+            self.errors[pos] = r["error"]
+            return
+        self.height[pos], self.width[pos], self.bytes[pos] = r["height"], r["width"], r["bytes"]
+        self.rotated[pos], self.misnamed[pos] = r["rotated"], r["misnamed"]
+        if r["mode"] not in self.modes:
+            self.modes.append(r["mode"])
+        self.mode[pos] = self.modes.index(r["mode"])
+
+    def good(self) -> "_Checked":
+        """The rows that decoded, in split order."""
+        keep = np.ones(len(self.position), bool)
+        keep[list(self.errors)] = False
+        out = _Checked(0)
+        for name in ("position", "height", "width", "bytes", "rotated", "misnamed", "mode"):
+            setattr(out, name, getattr(self, name)[keep])
+        out.modes = self.modes
+        return out
+
+
+def _page_size(checked: _Checked) -> int:
     """A power of two that holds the largest sample (raw pixels, or a JPEG of them, which can be
     larger than the pixels for noise at high quality) with room to spare."""
-    largest = max(r["height"] * r["width"] * 3 for r in rows)
+    largest = int((checked.height.astype(np.int64) * checked.width * 3).max())
     return max(MIN_PAGE, 1 << math.ceil(math.log2(2 * largest + (1 << 20))))
 
 
@@ -251,24 +287,25 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
     t0 = time.perf_counter()
 
     # pass 1: decode everything once, in parallel, keeping the input order
-    items = [(pos, str(src / p), max_res) for pos, p in enumerate(images.paths)]
-    checks = tqdm(total=len(items), desc="ffcv: checking", unit="img", disable=not progress)
-    results = []
+    n = len(images)
+    items = ((pos, str(src / images.path(pos)), max_res) for pos in range(n))    # made as the pool asks
+    checks = tqdm(total=n, desc="ffcv: checking", unit="img", disable=not progress)
+    checked = _Checked(n)
     if workers == 1:
         for item in items:
-            results.append(_check(item))
+            checked.add(_check(item))
             checks.update()
     else:
         with mp.get_context("fork").Pool(workers) as pool:
-            for res in pool.imap(_check, items, chunksize=max(1, min(32, len(items) // (8 * workers)))):
-                results.append(res)
+            for res in pool.imap(_check, items, chunksize=max(1, min(32, n // (8 * workers)))):
+                checked.add(res)
                 checks.update()
     checks.close()
-    good = [r for r in results if "error" not in r]
-    skipped = [{"path": images.paths[r["position"]], "reason": r["error"]} for r in results if "error" in r]
+    skipped = [{"path": images.path(pos), "reason": reason} for pos, reason in sorted(checked.errors.items())]
     for s in skipped:
         print(f"ffcv: skipping {src / s['path']}: {s['reason']}", file=sys.stderr)
-    if not good:
+    good = checked.good()
+    if not len(good.position):
         raise DataError(f"no decodable images in {src} ({len(skipped)} files failed; first: "
                         f"{skipped[0]['path']}: {skipped[0]['reason']})")
 
@@ -284,18 +321,18 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
         "label": IntField(),
         "index": IntField(),
     }
-    samples = _Samples(src, good, images.paths, images.labels, max_res, seed)
+    samples = _Samples(src, good, images, max_res, seed)
     writer = DatasetWriter(str(partial), fields, page_size=page_size, num_workers=workers)
     try:
-        _write(writer, samples, max(1, min(100, math.ceil(len(good) / (4 * workers)))), progress)
+        _write(writer, samples, max(1, min(100, math.ceil(len(good.position) / (4 * workers)))), progress)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     replaced = []
     while not samples.failures.empty():
         pos, reason = samples.failures.get()
-        replaced.append({"path": images.paths[pos], "reason": reason})
-        print(f"ffcv: {src / images.paths[pos]} failed while writing, stored as gray: {reason}", file=sys.stderr)
+        replaced.append({"path": images.path(pos), "reason": reason})
+        print(f"ffcv: {src / images.path(pos)} failed while writing, stored as gray: {reason}", file=sys.stderr)
 
     # read the result back: the modes FFCV chose and the sizes it stored
     meta = Reader(str(partial)).metadata
@@ -309,12 +346,12 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
             "found": len(images), "written": int(len(meta)), "skipped": len(skipped), "replaced": len(replaced),
             "stored_jpg": stored_modes.get(0, 0), "stored_raw": stored_modes.get(1, 0),
             "per_class": {images.classes[c]: per_class.get(c, 0) for c in range(len(images.classes))},
-            "exif_rotated": sum(r["rotated"] for r in good),
-            "misnamed": sum(r["misnamed"] for r in good),
-            "source_modes": dict(Counter(r["mode"] for r in good)),
+            "exif_rotated": int(good.rotated.sum()),
+            "misnamed": int(good.misnamed.sum()),
+            "source_modes": {good.modes[m]: int(c) for m, c in zip(*np.unique(good.mode, return_counts=True))},
         },
         "bytes": {
-            "source": sum(r["bytes"] for r in good),
+            "source": int(good.bytes.sum()),
             "beton": partial.stat().st_size,
             "per_image": partial.stat().st_size / len(meta),
         },
