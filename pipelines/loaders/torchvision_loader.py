@@ -77,7 +77,7 @@ class _ViewsDataset(torch.utils.data.Dataset):
             candidate = index if k == 0 else replacement(self.groups, index, k)
             if k and candidate == index:
                 break                                    # wrapped around: the whole class is bad
-            path = self.images.root / self.images.paths[candidate]
+            path = self.images.root / self.images.path(candidate)
             try:
                 return candidate, decode_rgb(path), bad
             except DataError as err:
