@@ -76,8 +76,8 @@ def main(argv=None, wrap: dict | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     info = dist.init_distributed()
-    hp = hparams(get_method(cfg.method), cfg)       # the method's hyper-parameters, defaults filled in
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in hp.items() if hasattr(cfg, k)})
+    # the method's settings, defaults filled in, under their one key: config.yaml records what ran
+    cfg = dataclasses.replace(cfg, method_args=hparams(get_method(cfg.method), cfg))
     run = RunDir.of(cfg)                            # resume, or refuse a run directory that has a checkpoint
     if not cfg.run_name:                            # resolved: config.yaml names the run to resume
         cfg = dataclasses.replace(cfg, run_name=run.dir.name)

@@ -6,6 +6,14 @@
     method.backbone                                 # the torchvision ResNet that eval and export use
     method.state_dict()                             # everything it holds: heads, target, queue
 
+A method owns its config keys: its class names a frozen dataclass `Settings` (losses/common.py:
+Settings, with the shared parts Heads and EMA to compose) whose fields are the keys, with the
+paper's defaults and RULES for their ranges. A run's config gives them flat (`temperature: 0.1`)
+and masksiam/config.py collects them in cfg.method_args, refusing a key of another method; the
+method gets them resolved as the dict `hp` (losses.common.hparams). Adding a method: its file (an
+nn.Module with name, Settings, forward(out) -> (loss, logs), after_step, backbone), an entry in
+METHODS, a recipe and a config; nothing in train.py or the shared Config.
+
 The Siamese methods share losses/siamese.py (an online network, optionally its EMA target);
 MixMask / Un-Mix is losses/mixed.py's `Mixed` wrapper around any of them; losses/common.py holds
 the helpers and the conventions every pure loss follows.
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 from losses.barlow import BarlowTwins
 from losses.byol import BYOL
-from losses.common import Embeddings, hparams  # noqa: F401  (the API tests and tools use)
+from losses.common import Embeddings, hparams, settings  # noqa: F401  (the API tests and tools use)
 from losses.mixed import Mixed
 from losses.mixmae import MixMAE
 from losses.moco import MoCo
@@ -44,8 +52,8 @@ def get_method(name: str):
 
 
 def build_method(cfg, backbone, mixes: bool = False):
-    """The method of cfg.method for `backbone`, its hyper-parameters from cfg (paper defaults where
-    unset); wrapped in Mixed (weight cfg.mix_weight) when the recipe mixes images (MixMask, Un-Mix)."""
+    """The method of cfg.method for `backbone`, its settings from cfg.method_args (paper defaults
+    where unset); wrapped in Mixed (weight cfg.mix_weight) when the recipe mixes images (MixMask, Un-Mix)."""
     cls = get_method(cfg.method)
     method = cls(backbone, hparams(cls, cfg), cfg)
     if mixes:

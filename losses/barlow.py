@@ -26,16 +26,23 @@ terms against D on the diagonal, so re-tune it (roughly in proportion to 1/D) fo
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from losses.common import full_precision, normalized_std, upcast, views_in
+from losses.common import Heads, defaults, full_precision, normalized_std, upcast, views_in
 from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank, world_size
 
-DEFAULTS = {"lambd": 0.0051, "proj_hidden": 8192, "proj_dim": 8192, "proj_layers": 3, "proj_bn": True,
-            "proj_last_bn": False, "pred_hidden": 0}
+
+@dataclass(frozen=True)
+class Settings(Heads):
+    lambd: float = 0.0051                  # off-diagonal weight
+    proj_hidden: int = 8192
+    proj_dim: int = 8192
+    proj_layers: int = 3
+    RULES: ClassVar = {"lambd": (lambda v: v >= 0, ">= 0")}
 BN_EPS = 1e-5   # torch.nn.BatchNorm1d's, as the paper's affine-free BatchNorm
 
 
@@ -82,6 +89,7 @@ def loss(emb, lambd: float, **_) -> tuple[torch.Tensor, dict]:
 
 class BarlowTwins(Siamese):
     """backbone -> projector; the cross-correlation of the two views' embeddings towards the identity."""
-    name, DEFAULTS = "barlow", DEFAULTS
+    name, Settings = "barlow", Settings
+    DEFAULTS = defaults(Settings)
     loss = staticmethod(full_precision(loss))
     pair_loss = staticmethod(full_precision(pair_loss))

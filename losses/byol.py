@@ -14,14 +14,19 @@ Distributed: purely per-sample, no gather; each rank's loss is the mean over its
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from losses.common import both_directions, full_precision, normalized_std, upcast, views_in
+from losses.common import EMA, Heads, both_directions, defaults, full_precision, normalized_std, upcast, views_in
 from losses.siamese import Siamese
 
-DEFAULTS = {"ema_momentum": 0.996, "ema_schedule": "cosine", "proj_hidden": 4096, "proj_dim": 256,
-            "proj_layers": 2, "proj_bn": True, "proj_last_bn": False, "pred_hidden": 4096}
+
+@dataclass(frozen=True)
+class Settings(Heads, EMA):
+    proj_hidden: int = 4096
+    pred_hidden: int = 4096
 
 
 def per_sample(p: torch.Tensor, zt: torch.Tensor, **_) -> torch.Tensor:
@@ -41,7 +46,8 @@ def loss(emb, **_) -> tuple[torch.Tensor, dict]:
 
 class BYOL(Siamese):
     """online backbone -> projector -> predictor regresses the EMA target's projection."""
-    name, DEFAULTS = "byol", DEFAULTS
+    name, Settings = "byol", Settings
+    DEFAULTS = defaults(Settings)
     predictor, ema = True, True
     loss = staticmethod(full_precision(loss))
     per_sample = staticmethod(full_precision(per_sample))

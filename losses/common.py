@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import torch
 from torch import nn
@@ -199,39 +199,79 @@ def full_precision(fn):
     return run
 
 
-# ---- hyper-parameters -----------------------------------------------------------------------------
+# ---- settings: a method's own config keys ----------------------------------------------------------
 
-# range checks shared by the methods (a method's own VALID adds to them); config.py checked the types
-VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "temperature": (lambda v: v > 0, "> 0"),
-    "queue_size": (lambda v: v > 0, "> 0"),
-    "ema_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "lambd": (lambda v: v >= 0, ">= 0"),
-    "sim_coeff": (lambda v: v >= 0, ">= 0"),
-    "std_coeff": (lambda v: v >= 0, ">= 0"),
-    "cov_coeff": (lambda v: v >= 0, ">= 0"),
-    "proj_hidden": (lambda v: v > 0, "> 0"),
-    "proj_dim": (lambda v: v > 0, "> 0"),
-    "proj_layers": (lambda v: v >= 1, ">= 1"),
-    "pred_hidden": (lambda v: v >= 0, ">= 0 (0 = no predictor)"),
-}
+@dataclass(frozen=True)
+class Settings:
+    """Base of a method's `Settings`: its config keys as fields with the paper defaults. A method file
+    declares `@dataclass(frozen=True) class Settings(<shared parts>)`; each field is a config key
+    (flat in a yaml file or on the command line, collected in Config.method_args; masksiam/config.py
+    types it by the annotation). RULES: {key: (ok(value), "what ok means")}, range checks; each
+    class's own RULES add to its bases' (`rules`)."""
+    RULES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+
+@dataclass(frozen=True)
+class Heads(Settings):
+    """The Siamese projector (models/heads.py) and predictor (BYOL, SimSiam): their widths decide
+    the shapes of the heads (checkpoint compatibility: HEAD_KEYS)."""
+    proj_hidden: int = 2048
+    proj_dim: int = 256
+    proj_layers: int = 2
+    proj_bn: bool = True                   # BatchNorm after the projector's hidden layers
+    proj_last_bn: bool = False             # affine-free BatchNorm after its last layer (SimCLR, SimSiam)
+    pred_hidden: int = 0                   # predictor hidden width; 0 = no predictor
+    RULES: ClassVar = {"proj_hidden": (lambda v: v > 0, "> 0"), "proj_dim": (lambda v: v > 0, "> 0"),
+                       "proj_layers": (lambda v: v >= 1, ">= 1"),
+                       "pred_hidden": (lambda v: v >= 0, ">= 0 (0 = no predictor)")}
+
+
+@dataclass(frozen=True)
+class EMA(Settings):
+    """An EMA target network (BYOL, MoCo): momentum at the start of its schedule (models/ema.py)."""
+    ema_momentum: float = 0.996
+    ema_schedule: Literal["cosine", "constant"] = "cosine"   # cosine to 1 (BYOL) or constant (MoCo v2)
+    RULES: ClassVar = {"ema_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
 
 # the config keys that decide the shapes of the Siamese heads (checkpoint compatibility)
 HEAD_KEYS = ("proj_hidden", "proj_dim", "proj_layers", "proj_bn", "proj_last_bn", "pred_hidden")
 
 
-def hparams(method, cfg) -> dict[str, Any]:
-    """A method's hyper-parameters: the config's value where set (not None), else its default;
-    each checked against its range (ConfigError naming the key, the value and the method)."""
-    hp = {k: (getattr(cfg, k) if getattr(cfg, k, None) is not None else v) for k, v in method.DEFAULTS.items()}
-    rules = {**VALID, **getattr(method, "VALID", {})}
-    for key, value in hp.items():
-        ok, rule = rules.get(key, (lambda v: True, ""))
-        if not ok(value):
-            raise ConfigError(f"config key {key!r} = {value!r} must be {rule} for method {method.name!r}")
-    if getattr(method, "predictor", False) and hp["pred_hidden"] == 0:
+def rules(cls) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """The range checks of a Settings class: its bases' RULES, then its own."""
+    out: dict = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("RULES", {}))
+    return out
+
+
+def defaults(cls) -> dict[str, Any]:
+    """A Settings class's defaults as {key: value} (a method class's DEFAULTS)."""
+    return dataclasses.asdict(cls())
+
+
+def settings(method, cfg, origins: dict[str, str] | None = None):
+    """method.Settings from cfg.method_args (its keys only; the others belong to other methods, which
+    masksiam.config.check_method_args refuses for a user's config), each checked against its range:
+    ConfigError naming the key, the value, the method and (origins: key -> where) the file."""
+    names = {f.name for f in dataclasses.fields(method.Settings)}
+    given = {k: v for k, v in (cfg.method_args if cfg is not None else {}).items() if k in names}
+    s = method.Settings(**given)
+    where = origins or {}
+    for key, (ok, rule) in rules(method.Settings).items():
+        if key in names and not ok(getattr(s, key)):
+            src = f" (in {where[key]})" if key in where else ""
+            raise ConfigError(f"config key {key!r} = {getattr(s, key)!r} must be {rule} for method {method.name!r}{src}")
+    if getattr(method, "predictor", False) and s.pred_hidden == 0:
         raise ConfigError(f"method {method.name!r} needs a predictor: config key 'pred_hidden' must be > 0")
-    return hp
+    return s
+
+
+def hparams(method, cfg) -> dict[str, Any]:
+    """A method's settings as the {key: value} its module holds (self.hp): cfg.method_args where
+    given, else its defaults; checked as `settings` does."""
+    return dataclasses.asdict(settings(method, cfg))
 
 
 # ---- the Siamese forward ----------------------------------------------------------------------------

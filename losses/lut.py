@@ -18,21 +18,33 @@ the mean over its own samples.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.common import full_precision, upcast
+from losses.common import Settings, full_precision, upcast
 from masksiam.config import ConfigError
 from models.ema import ema_update, make_target, momentum_at
 from models.heads import SiameseNet, mlp
 
-DEFAULTS = {"lut_weight": 0.0, "lut_momentum": 0.996, "ema_schedule": "cosine",
-            "proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096}
-VALID = {"lut_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
-         "lut_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+@dataclass(frozen=True)
+class LUTSettings(Settings):
+    """The term's keys, composed into SimMIM's and MixMAE's Settings."""
+    lut_weight: float = 0.0                # weight of the term (0 = off; LUT, Kim et al.: 0.25)
+    lut_momentum: float = 0.996            # its EMA teacher's momentum (start of the schedule)
+    ema_schedule: Literal["cosine", "constant"] = "cosine"
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    RULES: ClassVar = {"lut_weight": (lambda v: v >= 0, ">= 0 (0 = off)"),
+                       "lut_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                       "proj_hidden": (lambda v: v > 0, "> 0"), "proj_dim": (lambda v: v > 0, "> 0")}
+
+
 SHAPE_KEYS = ("proj_hidden", "proj_dim", "pred_hidden")
 
 

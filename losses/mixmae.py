@@ -19,25 +19,33 @@ recipe mixmae_lut: two crops, each mixed, their own cells complementary; both re
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from losses import lut as lut_term
+from losses.common import defaults
 from losses.simmim import check_patch, masked_pixel_loss, masked_views, mim_masks, patch_normalize
 from models.mim import PixelDecoder, SourceEncoder, encoder_stride, expand_mask
 
-DEFAULTS = {"decoder_depth": 2, "decoder_dim": 512, "norm_pix_loss": True, **lut_term.DEFAULTS}
-VALID = {"decoder_depth": (lambda v: v >= 1, ">= 1 (the decoder fills the other image's positions)"),
-         "decoder_dim": (lambda v: v > 0, "> 0"), **lut_term.VALID}
+
+@dataclass(frozen=True)
+class Settings(lut_term.LUTSettings):
+    decoder_depth: int = 2                 # 3x3 conv blocks before the pixel head
+    decoder_dim: int = 512                 # their width
+    norm_pix_loss: bool = True             # target: per-patch normalised pixels (MixMIM)
+    RULES: ClassVar = {"decoder_depth": (lambda v: v >= 1, ">= 1 (the decoder fills the other image's positions)"),
+                       "decoder_dim": (lambda v: v > 0, "> 0")}
+
+
 SHAPE_KEYS = ("decoder_depth", "decoder_dim") + lut_term.SHAPE_KEYS
 
 
 class MixMAE(nn.Module):
-    name = "mixmae"
-    DEFAULTS = DEFAULTS
-    VALID = VALID
+    name, Settings = "mixmae", Settings
+    DEFAULTS = defaults(Settings)
     SHAPE_KEYS = SHAPE_KEYS
 
     def __init__(self, backbone: nn.Module, hp: dict[str, Any], cfg=None):

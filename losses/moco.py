@@ -25,16 +25,27 @@ keys); each rank's loss is the mean over its own queries.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 
-from losses.common import both_directions, full_precision, normalized_std, upcast
+from losses.common import EMA, Heads, both_directions, defaults, full_precision, normalized_std, upcast
 from losses.siamese import Siamese
 from masksiam.dist import gather_no_grad
 
-DEFAULTS = {"temperature": 0.2, "queue_size": 65536, "ema_momentum": 0.999, "ema_schedule": "constant",
-            "moco_symmetric": False, "proj_hidden": 2048, "proj_dim": 128, "proj_layers": 2, "proj_bn": False,
-            "proj_last_bn": False, "pred_hidden": 0}
+
+@dataclass(frozen=True)
+class Settings(Heads, EMA):
+    temperature: float = 0.2
+    queue_size: int = 65536                # negatives
+    moco_symmetric: bool = False           # both views as queries (MoCo v2+/v3)
+    ema_momentum: float = 0.999
+    ema_schedule: Literal["cosine", "constant"] = "constant"
+    proj_dim: int = 128
+    proj_bn: bool = False
+    RULES: ClassVar = {"temperature": (lambda v: v > 0, "> 0"), "queue_size": (lambda v: v > 0, "> 0")}
 
 
 def _directed(pairs, moco_symmetric: bool) -> list[tuple[int, int]]:
@@ -150,7 +161,8 @@ def enqueue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
 
 class MoCo(Siamese):
     """Online query encoder + EMA key encoder + the queue of past keys (its checkpoint state too)."""
-    name, DEFAULTS = "moco", DEFAULTS
+    name, Settings = "moco", Settings
+    DEFAULTS = defaults(Settings)
     ema = True
     loss = staticmethod(full_precision(loss))
     per_sample = staticmethod(full_precision(per_sample))

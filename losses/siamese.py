@@ -3,7 +3,8 @@
 A Siamese method file defines its pure loss functions and a subclass that names them:
 
     class BYOL(Siamese):
-        name, DEFAULTS = "byol", DEFAULTS
+        name, Settings = "byol", Settings   # @dataclass(frozen=True) class Settings(Heads, EMA): ...
+        DEFAULTS = defaults(Settings)
         predictor, ema = True, True          # online predictor head; EMA target computes zt
         loss = staticmethod(full_precision(loss))
         per_sample = staticmethod(full_precision(per_sample))   # for the mixed loss (losses/mixed.py)
@@ -26,15 +27,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from losses.common import HEAD_KEYS, Embeddings, embed, views_in
+from losses.common import HEAD_KEYS, Embeddings, Heads, embed, views_in
 from models.ema import ema_update, make_target, momentum_at
 from models.heads import SiameseNet, build_heads
 
 
 class Siamese(nn.Module):
     name: str = ""
-    DEFAULTS: dict[str, Any] = {}
-    VALID: dict[str, Any] = {}               # range checks beyond losses.common.VALID
+    Settings: type = Heads                   # its config keys, defaults and ranges (losses/common.py)
+    DEFAULTS: dict[str, Any] = {}            # defaults(Settings)
     SHAPE_KEYS: tuple[str, ...] = HEAD_KEYS
     predictor = False                        # the online branch ends in a predictor (out dim = proj_dim)
     ema = False                              # an EMA target computes zt

@@ -8,17 +8,23 @@ the loss (and gradients) of one process holding all RN images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from losses.common import full_precision, normalized_std, upcast, views_in
+from losses.common import Heads, defaults, full_precision, normalized_std, upcast, views_in
 from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank
 
 # MSCN (seed 001, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
 # SimCLR v1 used 0.1-0.5.
-DEFAULTS = {"temperature": 0.2, "proj_hidden": 2048, "proj_dim": 256, "proj_layers": 2, "proj_bn": True,
-            "proj_last_bn": True, "pred_hidden": 0}
+@dataclass(frozen=True)
+class Settings(Heads):
+    temperature: float = 0.2
+    proj_last_bn: bool = True
+    RULES: ClassVar = {"temperature": (lambda v: v > 0, "> 0")}
 
 
 def _contrast(za: torch.Tensor, zb: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor,
@@ -81,6 +87,7 @@ def per_sample(m: torch.Tensor, t: torch.Tensor, temperature: float, **_) -> tor
 
 class SimCLR(Siamese):
     """backbone -> projector; NT-Xent over the view pairs, negatives from every rank."""
-    name, DEFAULTS = "simclr", DEFAULTS
+    name, Settings = "simclr", Settings
+    DEFAULTS = defaults(Settings)
     loss = staticmethod(full_precision(loss))
     per_sample = staticmethod(full_precision(per_sample))

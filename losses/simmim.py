@@ -22,21 +22,30 @@ the same number of masked pixels and its local mean is its share of the global o
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from losses import lut as lut_term
-from losses.common import full_precision, upcast
+from losses.common import defaults, full_precision, upcast
 from masksiam.config import ConfigError
 from models.mim import MaskTokenEncoder, PixelDecoder, SourceEncoder, encoder_stride, expand_mask, stem_stride
 
-DEFAULTS = {"mim_encoder": "dense", "mim_fill": "zero", "decoder_depth": 0, "decoder_dim": 512, "norm_pix_loss": False,
-            **lut_term.DEFAULTS}
-VALID = {"decoder_depth": (lambda v: v >= 0, ">= 0 (0 = the linear head)"),
-         "decoder_dim": (lambda v: v > 0, "> 0"), **lut_term.VALID}
+
+@dataclass(frozen=True)
+class Settings(lut_term.LUTSettings):
+    mim_encoder: Literal["dense", "sparse"] = "dense"   # mask token after the stem, or SparK-style
+    mim_fill: Literal["none", "zero", "mean"] = "zero"  # dense: masked pixels before the stem
+    decoder_depth: int = 0                 # 3x3 conv blocks before the pixel head (0 = linear)
+    decoder_dim: int = 512                 # their width
+    norm_pix_loss: bool = False            # target: per-patch normalised pixels (MAE)
+    RULES: ClassVar = {"decoder_depth": (lambda v: v >= 0, ">= 0 (0 = the linear head)"),
+                       "decoder_dim": (lambda v: v > 0, "> 0")}
+
+
 SHAPE_KEYS = ("decoder_depth", "decoder_dim") + lut_term.SHAPE_KEYS
 
 
@@ -96,9 +105,8 @@ def check_patch(patch: int, multiple: int, method: str, what: str) -> None:
 # ---- the method -----------------------------------------------------------------------------------
 
 class SimMIM(nn.Module):
-    name = "simmim"
-    DEFAULTS = DEFAULTS
-    VALID = VALID
+    name, Settings = "simmim", Settings
+    DEFAULTS = defaults(Settings)
     SHAPE_KEYS = SHAPE_KEYS
 
     def __init__(self, backbone: nn.Module, hp: dict[str, Any], cfg=None):

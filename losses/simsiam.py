@@ -13,14 +13,21 @@ Distributed: purely per-sample, no gather; each rank's loss is the mean over its
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from losses.common import both_directions, full_precision, normalized_std, upcast, views_in
+from losses.common import Heads, both_directions, defaults, full_precision, normalized_std, upcast, views_in
 from losses.siamese import Siamese
 
-DEFAULTS = {"proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3, "proj_bn": True, "proj_last_bn": True,
-            "pred_hidden": 512}
+
+@dataclass(frozen=True)
+class Settings(Heads):
+    proj_dim: int = 2048
+    proj_layers: int = 3
+    proj_last_bn: bool = True
+    pred_hidden: int = 512
 
 
 def per_sample(p: torch.Tensor, z: torch.Tensor, **_) -> torch.Tensor:
@@ -39,7 +46,8 @@ def loss(emb, **_) -> tuple[torch.Tensor, dict]:
 
 class SimSiam(Siamese):
     """backbone -> projector -> predictor; -cos against the stop-gradient projection of the other view."""
-    name, DEFAULTS = "simsiam", DEFAULTS
+    name, Settings = "simsiam", Settings
+    DEFAULTS = defaults(Settings)
     predictor = True
     loss = staticmethod(full_precision(loss))
     per_sample = staticmethod(full_precision(per_sample))

@@ -23,17 +23,26 @@ layers, final linear), coefficients 25 / 25 / 1.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from losses.common import full_precision, upcast, views_in
+from losses.common import Heads, defaults, full_precision, upcast, views_in
 from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank, world_size
 
-DEFAULTS = {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0, "proj_hidden": 8192, "proj_dim": 8192,
-            "proj_layers": 3, "proj_bn": True, "proj_last_bn": False, "pred_hidden": 0}
+
+@dataclass(frozen=True)
+class Settings(Heads):
+    sim_coeff: float = 25.0                # invariance
+    std_coeff: float = 25.0                # variance
+    cov_coeff: float = 1.0                 # covariance
+    proj_hidden: int = 8192
+    proj_dim: int = 8192
+    proj_layers: int = 3
+    RULES: ClassVar = {k: (lambda v: v >= 0, ">= 0") for k in ("sim_coeff", "std_coeff", "cov_coeff")}
 VAR_EPS = 1e-4
 
 
@@ -91,6 +100,7 @@ def loss(emb, sim_coeff: float, std_coeff: float, cov_coeff: float, **_) -> tupl
 
 class VICReg(Siamese):
     """backbone -> projector; invariance + variance + covariance over the global batch."""
-    name, DEFAULTS = "vicreg", DEFAULTS
+    name, Settings = "vicreg", Settings
+    DEFAULTS = defaults(Settings)
     loss = staticmethod(full_precision(loss))
     pair_loss = staticmethod(full_precision(pair_loss))

@@ -4,16 +4,18 @@
 
 A yaml file may start from another with `base: other.yaml` (a path relative to the file). Every key is a field of `Config` with a type; yaml values and overrides are checked against it.
 An unknown key or a value of the wrong type stops with an error that names the key, the file (or
-"command line") it came from and the valid keys. Method-specific keys default to None, meaning "the
-method's own default" (see losses/); `resolve_method_defaults` fills them in so the resolved config
-written next to a run shows the values actually used.
+"command line") it came from and the valid keys. A method's own keys (temperature, projector sizes,
+...) are not Config fields: its file in losses/ declares them (a `Settings` dataclass with defaults
+and ranges). Given flat or under `method_args:`, they are collected in `cfg.method_args`;
+load_config refuses one the selected method does not have (naming the method that has it) or out of
+its range, naming the file it came from.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -84,31 +86,11 @@ class Config:
     channels_last: bool = True
     sync_bn: bool = False
     zero_init_residual: bool = True
-    proj_hidden: Optional[int] = None      # None = the method's default
-    proj_dim: Optional[int] = None
-    proj_layers: Optional[int] = None
-    pred_hidden: Optional[int] = None      # predictor (BYOL, SimSiam); 0 = none
-    proj_bn: Optional[bool] = None         # BatchNorm after the projector's hidden layers
-    proj_last_bn: Optional[bool] = None    # affine-free BatchNorm after its last layer (SimCLR, SimSiam)
-
     # ---- method ---------------------------------------------------------------------------------
     method: str = "simclr"
-    temperature: Optional[float] = None
-    ema_momentum: Optional[float] = None   # BYOL / MoCo target, start of the cosine schedule
-    ema_schedule: Optional[Literal["cosine", "constant"]] = None   # cosine to 1 (BYOL) or constant (MoCo v2)
-    moco_symmetric: Optional[bool] = None  # MoCo: both views as queries (MoCo v2+/v3), default asymmetric
-    queue_size: Optional[int] = None       # MoCo negatives
-    lambd: Optional[float] = None          # Barlow Twins off-diagonal weight
-    sim_coeff: Optional[float] = None      # VICReg invariance
-    std_coeff: Optional[float] = None      # VICReg variance
-    cov_coeff: Optional[float] = None      # VICReg covariance
-    mim_encoder: Optional[Literal["dense", "sparse"]] = None   # SimMIM: mask token after the stem, or SparK-style
-    mim_fill: Optional[Literal["none", "zero", "mean"]] = None  # SimMIM dense: masked pixels before the stem
-    decoder_depth: Optional[int] = None    # SimMIM / MixMAE: 3x3 conv blocks before the pixel head (0 = linear)
-    decoder_dim: Optional[int] = None      # their width
-    norm_pix_loss: Optional[bool] = None   # MIM target: per-patch normalised pixels (MAE / MixMIM)
-    lut_weight: Optional[float] = None     # LUT broader-context loss weight (0 = off; seed 003: 0.25)
-    lut_momentum: Optional[float] = None   # its EMA teacher's momentum (start of the cosine schedule)
+    method_args: dict = field(default_factory=dict)   # the method's own keys (losses/<method>.py Settings):
+                                           # given flat (`temperature: 0.1`) or under `method_args:`;
+                                           # a run's config.yaml holds all of them, defaults filled in
     mix_weight: float = 1.0                # weight of the mixed loss term
 
     # ---- optimisation ---------------------------------------------------------------------------
@@ -151,11 +133,17 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+def flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (to_dict) with its method's keys laid out beside the shared ones, as checkpoints
+    written before `method_args` held them."""
+    return {**{k: v for k, v in d.items() if k != "method_args"}, **(d.get("method_args") or {})}
+
+
 def resume_changes(saved: dict[str, Any], cfg: "Config") -> list[str]:
     """The keys of `cfg` that differ from the checkpoint's config `saved` (to_dict) and may not
-    change on resume, as "key=saved (this run: value)". Keys the checkpoint does not know (added
-    since it was written) are not compared."""
-    now = to_dict(cfg)
+    change on resume, as "key=saved (this run: value)"; a method key counts as any other. Keys the
+    checkpoint does not know (added since it was written) are not compared."""
+    now, saved = flat(to_dict(cfg)), flat(saved)
     return [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in now.items()
             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
 
@@ -164,8 +152,19 @@ def valid_keys() -> list[str]:
     return [f.name for f in fields(Config)]
 
 
+def method_keys() -> dict[str, dict[str, Any]]:
+    """{key: {method name: its type}} over the registered methods' Settings (losses.METHODS)."""
+    from losses import METHODS     # here: losses imports this module
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in METHODS.items():
+        for key, typ in typing.get_type_hints(cls.Settings).items():
+            if key in {f.name for f in fields(cls.Settings)}:
+                out.setdefault(key, {})[name] = typ
+    return out
+
+
 def _unknown_key_error(key: str, where: str) -> ConfigError:
-    keys = valid_keys()
+    keys = valid_keys() + sorted(method_keys())
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(keys)}")
@@ -186,16 +185,50 @@ def _field_types() -> dict[str, Any]:
     return _HINTS
 
 
-def apply(cfg: Config, values: dict[str, Any], where: str) -> Config:
-    """Return a copy of `cfg` with `values` applied, each checked against its field's type."""
+def apply(cfg: Config, values: dict[str, Any], where: str, origins: dict[str, str] | None = None) -> Config:
+    """Return a copy of `cfg` with `values` applied, each checked against its field's type. A key
+    that is no Config field but some method's (flat, or inside `method_args:`) goes to
+    cfg.method_args, typed as that method declares it (None: back to its default); origins[key]
+    records `where` for it."""
     hints = _field_types()
     keys = set(valid_keys())
-    updates = {}
-    for key, value in values.items():
-        if key not in keys:
-            raise _unknown_key_error(key, where)
+    updates, method_args = {}, dict(cfg.method_args)
+    own = {k: v for k, v in values.items() if k in keys and k != "method_args"}
+    args = {k: v for k, v in values.items() if k not in keys}
+    if "method_args" in values:
+        if not isinstance(values["method_args"], dict):
+            raise ConfigError(f"config key 'method_args' in {where}: expected a mapping of the method's keys, "
+                              f"got {values['method_args']!r}")
+        args.update(values["method_args"])
+    for key, value in own.items():
         updates[key] = _coerce(key, hints[key], value, where)
+    if args:
+        known = method_keys()
+        for key, value in args.items():
+            if key not in known:
+                raise _unknown_key_error(key, where)
+            if value is None:               # "the method's default" (configs and checkpoints before method_args)
+                method_args.pop(key, None)
+                continue
+            method_args[key] = _coerce(key, next(iter(known[key].values())), value, where)
+            if origins is not None:
+                origins[key] = where
+        updates["method_args"] = method_args
     return dataclasses.replace(cfg, **updates)
+
+
+def check_method_args(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Each of cfg.method_args is a key of cfg.method's Settings and in its range; the error names the
+    key, the method that has it and where it came from (origins: key -> file / "command line")."""
+    from losses import get_method, settings   # here: losses imports this module
+    cls = get_method(cfg.method)
+    origins = origins or {}
+    for key in cfg.method_args:
+        if key not in {f.name for f in fields(cls.Settings)}:
+            owners = sorted(method_keys().get(key, {}))
+            raise ConfigError(f"config key {key!r} in {origins.get(key, 'the config')} is not a setting of method "
+                              f"{cfg.method!r} (it belongs to {', '.join(repr(o) for o in owners)})")
+    settings(cls, cfg, origins)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -210,26 +243,36 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _apply_file(cfg: Config, path: Path) -> Config:
-    """Apply a yaml file; `base: other.yaml` (relative to the file) is applied first."""
-    for layer, values in read_layers(path, error=ConfigError, what="config file"):
-        cfg = apply(cfg, values, str(layer))
-    return cfg
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the yaml file (and its `base` files), then key=value overrides."""
-    cfg = Config()
-    if path:
-        cfg = _apply_file(cfg, Path(path))
+    """Defaults, then the yaml file (and its `base` files), then key=value overrides; then the
+    method's keys checked against the method finally selected. A layer (file, command line) that
+    names another method drops the keys earlier layers gave that it does not have (a base config's
+    `temperature` under `method: barlow`); keys given with or after it must be its own."""
+    layers = read_layers(Path(path), error=ConfigError, what="config file") if path else []
+    layers = [(str(layer), values) for layer, values in layers]
     if overrides:
-        cfg = apply(cfg, parse_overrides(overrides), "command line")
+        layers.append(("command line", parse_overrides(overrides)))
+    cfg, origins = Config(), {}
+    for where, values in layers:
+        before = cfg.method
+        cfg = apply(cfg, values, where, origins)
+        if cfg.method != before:
+            from losses import get_method   # here: losses imports this module
+            own = {f.name for f in fields(get_method(cfg.method).Settings)}
+            kept = {k: v for k, v in cfg.method_args.items() if k in own or origins.get(k) == where}
+            cfg = dataclasses.replace(cfg, method_args=kept)
+    check_method_args(cfg, origins)
     return cfg
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    return {k: _plain(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    d = {k: getattr(cfg, k) for k in valid_keys()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {k: _plain(getattr(cfg, k)) for k in valid_keys()}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

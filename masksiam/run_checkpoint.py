@@ -40,7 +40,7 @@ class RunCheckpoints:
         self.method, self.optimizer, self.scaler, self.ahead, self.probe = method, optimizer, scaler, ahead, probe
         self.meta = {"arch": cfg.arch, "method": cfg.method, "width": cfg.width,
                      "small_stem": use_small_stem(cfg.stem, cfg.size),
-                     **{k: getattr(cfg, k) for k in shape_keys(method)}}
+                     **{k: getattr(method, "method", method).hp[k] for k in shape_keys(method)}}
         self.shapes = {k: tuple(v.shape) for k, v in method.state_dict().items() if isinstance(v, torch.Tensor)}
         self.unreadable: dict[Path, str] = {}       # files restore skipped: the next save takes their place
 

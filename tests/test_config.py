@@ -13,8 +13,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)          # int accepted for a float key
     assert cfg.epochs == 3 and cfg.arch == "resnet18" and cfg.run_name == "x"
     assert cfg.crop_scale == (0.2, 1.0)
-    assert cfg.temperature == 0.1 and cfg.sync_bn is True
-    assert Config().temperature is None                         # method default, resolved later
+    assert cfg.method_args == {"temperature": 0.1} and cfg.sync_bn is True
+    assert Config().method_args == {}                           # method defaults, resolved by the method
 
 
 def test_unknown_key_names_key_file_and_suggestion(tmp_path):
@@ -65,6 +65,40 @@ def test_saved_config_loads_back_identically(tmp_path):
     cfg = load_config(None, ["lr=0.7", "crop_scale=[0.3,0.9]", "proj_dim=64"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert "method_args:\n  proj_dim: 64\n" in (tmp_path / "resolved.yaml").read_text()   # one key holds them
+
+
+def test_method_keys_flat_or_under_method_args_belong_to_the_selected_method(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: moco\nqueue_size: 64\nmethod_args: {temperature: 0.1}\n")
+    cfg = load_config(tmp_path / "a.yaml", ["moco_symmetric=true"])
+    assert cfg.method_args == {"queue_size": 64, "temperature": 0.1, "moco_symmetric": True}
+    assert load_config(tmp_path / "a.yaml", ["temperature=null"]).method_args == {"queue_size": 64}  # its default
+    # a key of another method: refused naming the key, where it came from and the method that has it
+    with pytest.raises(ConfigError, match=r"^config key 'lambd' in command line is not a setting of method "
+                                          r"'moco' \(it belongs to 'barlow'\)$"):
+        load_config(tmp_path / "a.yaml", ["lambd=0.1"])
+    # a layer naming another method drops the earlier layers' keys it does not have (temperature fits)
+    assert load_config(tmp_path / "a.yaml", ["method=simclr"]).method_args == {"temperature": 0.1}
+    (tmp_path / "c.yaml").write_text("base: a.yaml\nmethod: barlow\nlambd: 0.01\n")
+    assert load_config(tmp_path / "c.yaml").method_args == {"lambd": 0.01}
+    with pytest.raises(ConfigError, match=r"'queue_size' in .*d.yaml is not a setting of method 'simclr'.*'moco'"):
+        (tmp_path / "d.yaml").write_text("method: simclr\nqueue_size: 64\n")
+        load_config(tmp_path / "d.yaml")
+    with pytest.raises(ConfigError, match=r"'queue_size' in command line: expected int, got 'many'"):
+        load_config(None, ["method=moco", "queue_size=many"])
+    with pytest.raises(ConfigError, match=r"'temperature' = 0.0 must be > 0 for method 'moco' \(in command line\)"):
+        load_config(tmp_path / "a.yaml", ["temperature=0"])
+    with pytest.raises(ConfigError, match=r"'tempreature' in command line \(did you mean 'temperature'"):
+        load_config(None, ["tempreature=0.1"])
+    with pytest.raises(ConfigError, match=r"'method_args' in .*b.yaml: expected a mapping"):
+        (tmp_path / "b.yaml").write_text("method_args: 3\n")
+        load_config(tmp_path / "b.yaml")
+
+
+def test_no_method_key_in_the_shared_config():
+    from losses import METHODS
+    for name, m in METHODS.items():
+        assert not set(m.DEFAULTS) & set(valid_keys()), (name, set(m.DEFAULTS) & set(valid_keys()))
 
 
 def test_override_parsing_keeps_strings_and_lists():
@@ -80,3 +114,17 @@ def test_every_config_in_configs_dir_loads():
     assert configs, "configs/ holds the recipes"
     for path in configs:
         load_config(path)
+
+
+def test_a_checkpoint_config_from_before_method_args_reads_and_compares():
+    """Checkpoints written when method keys were Config fields hold them flat (None: unused)."""
+    from masksiam.config import apply, resume_changes, to_dict
+    old = {**to_dict(Config()), "method": "simclr", "temperature": 0.2, "proj_dim": 256, "queue_size": None,
+           "lambd": None}
+    del old["method_args"]
+    cfg = apply(Config(), old, "run/checkpoint.pt")                 # as eval.common.run_config reads it
+    assert cfg.method_args == {"temperature": 0.2, "proj_dim": 256}
+    now = apply(Config(), {"method": "simclr", "method_args": {"temperature": 0.2, "proj_dim": 128}}, "t")
+    assert resume_changes(old, now) == ["proj_dim=256 (this run: 128)"]
+    assert resume_changes(to_dict(now), apply(now, {"temperature": 0.3}, "t")) == \
+        ["temperature=0.2 (this run: 0.3)"]

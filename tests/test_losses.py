@@ -3,6 +3,8 @@
 MoCo's queue, and the registry's defaults."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -98,8 +100,8 @@ def test_registry_has_the_method_zoo():
     assert [n for n, m in METHODS.items() if hasattr(tiny(n), "queue")] == ["moco"]
     for name, m in METHODS.items():
         assert m.name == name
-        # every key a method reads is a config key, so `key=value` overrides reach it
-        assert set(m.DEFAULTS) <= set(valid_keys()), set(m.DEFAULTS) - set(valid_keys())
+        # every key a method reads is a field of its Settings, so `key=value` overrides reach it
+        assert set(m.DEFAULTS) == {f.name for f in dataclasses.fields(m.Settings)}
         assert {"proj_hidden", "proj_dim", "proj_layers", "proj_bn", "pred_hidden"} <= set(m.DEFAULTS)
         assert (m.DEFAULTS["pred_hidden"] > 0) == m.predictor
         assert (m.per_sample is None) != (m.pair_loss is None)   # exactly one mixed-loss form
@@ -118,17 +120,18 @@ def test_paper_defaults():
 
 
 def test_hparams_take_config_values_over_defaults():
-    cfg = Config(method="moco", temperature=0.1, queue_size=4096)
+    cfg = Config(method="moco", method_args={"temperature": 0.1, "queue_size": 4096, "lambd": 1.0})
     hp = hparams(get_method("moco"), cfg)
     assert (hp["temperature"], hp["queue_size"], hp["ema_momentum"]) == (0.1, 4096, 0.999)
+    assert "lambd" not in hp                                     # another method's key: not moco's
     with pytest.raises(ValueError, match="unknown method 'mocov9'.*barlow"):
         get_method("mocov9")
     with pytest.raises(ValueError, match="'temperature' = 0.0 must be > 0"):
-        hparams(get_method("simclr"), Config(temperature=0.0))
+        hparams(get_method("simclr"), Config(method_args={"temperature": 0.0}))
     with pytest.raises(ValueError, match="'ema_momentum' = 1.5 must be in"):
-        hparams(get_method("byol"), Config(ema_momentum=1.5))
+        hparams(get_method("byol"), Config(method_args={"ema_momentum": 1.5}))
     with pytest.raises(ValueError, match="needs a predictor.*pred_hidden"):
-        hparams(get_method("simsiam"), Config(pred_hidden=0))
+        hparams(get_method("simsiam"), Config(method_args={"pred_hidden": 0}))
 
 
 def test_views_each_branch_embeds():
