@@ -65,6 +65,8 @@ def _run_args(p, config_help: str = "a train.py config (configs/*.yaml)") -> Non
     --out-dir, --device."""
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="train.py overrides after the flags, as train.py and eval.* take them (same as --set)")
     p.add_argument("--out-dir", default="runs/bench-tmp")
     p.add_argument("--device", default="auto")
 
@@ -157,5 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--readme", default="README.md", help="only the marked block changes; never created")
 
     args = parser.parse_args(argv)
+    if getattr(args, "overrides", None):            # key=value after the flags: one grammar with train.py
+        args.set = [*args.set, *args.overrides]
     import bench                       # each mode's command, by the name the package gives it: cmd_<mode>
     return getattr(bench, f"cmd_{args.mode}")(args)

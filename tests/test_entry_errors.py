@@ -155,6 +155,8 @@ CASES = [
      ["--sweep threads", "choose from"]),
     ("bench-model-unknown-key", "script", "bench.py", ["model", "--set", "epoch=1", "--device", "cpu"], 2,
      ["'epoch'"]),
+    ("bench-train-unknown-key-after-flags", "script", "bench.py", ["train", "--device", "cpu", "epoch=1"], 2,
+     ["'epoch'"]),
     ("bench-explain-bad-delay", "script", "bench.py", ["explain", "--delay", "decode=1"], 2, ["--delay 'decode=1'"]),
     ("bench-readme-no-results", "script", "bench.py", ["readme", "--results", "{nowhere}"], 1, ["{nowhere}"]),
     # python -m pipelines.show
