@@ -4,13 +4,13 @@
     python -m eval.finetune --checkpoint PATH --data DIR --fraction 1.0 --full [--layer-decay 0.7]
     [--epochs N] [--out DIR] [--seed S]
 
-Semi-supervised (seed 001 A.3, seed 000 Table 3; SimCLR's protocol): backbone and a new linear
+Semi-supervised (Jing et al. 2022 A.3, Vishniakov et al. 2022 Table 3; SimCLR's protocol): backbone and a new linear
 classifier trained together, SGD momentum 0.9, no weight decay, batch 256, 20 epochs, lr x0.2 after
 epochs 12 and 16; backbone / classifier lr 0.002 / 0.5 for 1 % and 10 %, 0.001 / 0.05 for 100 %
 (per 256 images). Augmentation as the linear probe: random resized crop + flip (+ high-pass for
 MSCN recipes); validation on the eval crop.
 
-Full fine-tuning (--full; MixMAE's Table 2, seed 002, with seed 003 Table D's structure): AdamW
+Full fine-tuning (--full; MixMAE's Table 2, Liu et al. 2023, with Kim et al. 2024 Table D's structure): AdamW
 (0.9, 0.999), base lr 5e-4 per 256 images, weight decay 0.05 (none on BatchNorm and biases), cosine
 with 5 warm-up epochs, 100 epochs, label smoothing 0.1, layer-wise lr decay over the ResNet's
 stages: fc gets the lr, layer4 lr*d, layer3 lr*d^2, ..., the stem (conv1, bn1) lr*d^5 (SparK fine-
@@ -70,13 +70,13 @@ class FinetunePreset:
 _SEMI = dict(epochs=20, optimizer="sgd", schedule="step", milestones=(12, 16), gamma=0.2, momentum=0.9,
              weight_decay=0.0, batch_size=256)
 SEMI_PRESETS = {
-    0.01: FinetunePreset(backbone_lr=0.002, head_lr=0.5, source="seed 001 A.3 / seed 000 Table 3 (1 %)", **_SEMI),
-    0.1: FinetunePreset(backbone_lr=0.002, head_lr=0.5, source="seed 000 Table 3 (10 %)", **_SEMI),
-    1.0: FinetunePreset(backbone_lr=0.001, head_lr=0.05, source="seed 000 Table 3 (100 %)", **_SEMI),
+    0.01: FinetunePreset(backbone_lr=0.002, head_lr=0.5, source="Jing et al. 2022 A.3 / Vishniakov et al. 2022 Table 3 (1 %)", **_SEMI),
+    0.1: FinetunePreset(backbone_lr=0.002, head_lr=0.5, source="Vishniakov et al. 2022 Table 3 (10 %)", **_SEMI),
+    1.0: FinetunePreset(backbone_lr=0.001, head_lr=0.05, source="Vishniakov et al. 2022 Table 3 (100 %)", **_SEMI),
 }
 FULL_PRESET = FinetunePreset(epochs=100, backbone_lr=5e-4, head_lr=5e-4, optimizer="adamw", schedule="cosine",
                              weight_decay=0.05, batch_size=256, warmup_epochs=5, layer_decay=0.7,
-                             label_smoothing=0.1, source="seed 002 Table 2 (MixMAE fine-tuning), seed 003 Table D")
+                             label_smoothing=0.1, source="Liu et al. 2023 Table 2 (MixMAE fine-tuning), Kim et al. 2024 Table D")
 
 # supervised training from scratch (the baseline pretraining must beat): torchvision's ResNet recipe
 # (SGD 0.1 at batch 256, momentum 0.9, weight decay 1e-4, 90 epochs) with its newer cosine schedule and

@@ -4,17 +4,17 @@
                           [--epochs N] [--out DIR] [--fast] [--bn] [--crop-scale LO HI]
     torchrun --nproc_per_node=8 -m eval.linear ...                 # classifier under DDP
 
-Presets are the seeds' protocols (the preset's epochs, batch and base lr per 256 images; --epochs
+Presets are the papers' protocols (the preset's epochs, batch and base lr per 256 images; --epochs
 shortens a run and moves step milestones to the same fractions of it):
 
-    mixmask  seed 000 Table 2 (MoCo's protocol): SGD momentum 0.9, lr 30, x0.1 at epochs 60 and 80,
+    mixmask  Vishniakov et al. 2022 Table 2 (MoCo's protocol): SGD momentum 0.9, lr 30, x0.1 at epochs 60 and 80,
              100 epochs, no weight decay, batch 256
-    mscn     seed 001 A.2: SGD momentum 0.9, base lr 1.0, cosine, 100 epochs, weight decay 1e-6,
+    mscn     Jing et al. 2022 A.2: SGD momentum 0.9, base lr 1.0, cosine, 100 epochs, weight decay 1e-6,
              batch 256
 
 Both read the images as the run trained on them: train random resized crop (--crop-scale, default
 0.08-1) + flip, test resize to size/0.875 + center crop, each through the run's eval transform
-(high-passed for MSCN recipes, as seed 001 A.2 evaluates them; cfg.highpass_eval overrides).
+(high-passed for MSCN recipes, as Jing et al. 2022 A.2 evaluates them; cfg.highpass_eval overrides).
 
 One protocol per comparison: the default preset is mixmask for every run, whatever its recipe, so
 runs compared in one table share the optimiser; --preset picks another for all of them. The result
@@ -71,9 +71,9 @@ class LinearPreset:
 
 PRESETS = {
     "mscn": LinearPreset(epochs=100, lr=1.0, weight_decay=1e-6, batch_size=256, schedule="cosine",
-                         source="seed 001 (MSCN) supplement A.2"),
+                         source="Jing et al. 2022 (MSCN) supplement A.2"),
     "mixmask": LinearPreset(epochs=100, lr=30.0, weight_decay=0.0, batch_size=256, schedule="step",
-                            milestones=(60, 80), gamma=0.1, source="seed 000 (MixMask) Table 2, MoCo's protocol"),
+                            milestones=(60, 80), gamma=0.1, source="Vishniakov et al. 2022 (MixMask) Table 2, MoCo's protocol"),
 }
 
 

@@ -1,6 +1,6 @@
 """SSL methods: one file each (the whole method: heads, pure loss, per-step hook, state), one registry.
 
-    method = build_method(cfg, backbone, recipe)    # an nn.Module; the same calls for every method:
+    method = build_method(cfg, backbone, mixes)     # an nn.Module; the same calls for every method:
     loss, logs = method(out)                        # out: the augment stage's AugmentOutput
     method.after_step(step, total_steps)            # after optimizer.step(): EMA target, queue push
     method.backbone                                 # the torchvision ResNet that eval and export use

@@ -5,7 +5,7 @@ gradient). The paper symmetrises: for views (i, j) the loss is l(p_i, zt_j) + l(
 term averaged over the batch (Grill et al. 2020, Eq. 2), so it lies in [0, 8]. With several pairs
 (MSCN multi-mask) the loss is the mean over the listed pairs of that symmetrised sum.
 
-Defaults (Grill et al.; MSCN w/ BYOL, seed 001 A.1): projector 2048-4096-256 and predictor
+Defaults (Grill et al.; MSCN w/ BYOL, Jing et al. 2022 A.1): projector 2048-4096-256 and predictor
 256-4096-256, BatchNorm + ReLU after the hidden layer only; target momentum 0.996 raised to 1 on a
 cosine schedule over training (models/ema.py: cosine_momentum). The target network runs in train
 mode (BatchNorm with batch statistics), as in the paper.

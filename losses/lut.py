@@ -1,4 +1,4 @@
-"""LUT's broader-context term (seed 003, Kim et al.), a piece that SimMIM and MixMAE add to their loss.
+"""LUT's broader-context term (Kim et al. 2024), a piece that SimMIM and MixMAE add to their loss.
 
 Two crops of each image, both masked with disjoint visible cells (recipes simmim_lut, mixmae_lut:
 `simmim: {disjoint: true}`); the second gets LUT's colour augmentation. An EMA teacher (backbone +
@@ -9,7 +9,7 @@ of the other crop. The two cross-view terms are averaged:
     L_BC = 1/2 [ mean_n d(pred(proj(h0_n)), proj_t(backbone_t(v1_n)))
                + mean_n d(pred(proj(h1_n)), proj_t(backbone_t(v0_n))) ],   d(p, z) = 2 - 2 cos(p, z)
 
-added with weight `lut_weight` (0.25, seed 003 B.2 / Table A). With one masked crop and one unmasked
+added with weight `lut_weight` (0.25, Kim et al. 2024 B.2 / Table A). With one masked crop and one unmasked
 (a recipe with `simmim: {branches: [0]}`) only the first term. The teacher gets no gradient and runs
 in eval mode (BatchNorm on its running statistics, which follow the student's by the EMA); after
 each optimizer step it moves towards the student (models/ema.py), momentum `lut_momentum` (0.996)

@@ -18,7 +18,7 @@ as the other online views:
 
     loss_mix, logs = mixed_loss(method, emb, z_m, p_m, lam, source, hp)
 
-The loss is asymmetric, as MixMask's (seed 000): only the mixed branch predicts, against the
+The loss is asymmetric, as MixMask's (Vishniakov et al. 2022): only the mixed branch predicts, against the
 unmixed view b of both source images. With m = p_m for predictor methods, else z_m, and t the target
 of view b (detached where the method stops gradients: MoCo and BYOL's EMA keys, SimSiam's z;
 SimCLR, Barlow Twins and VICReg let gradient reach view b, as their own losses do):

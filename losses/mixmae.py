@@ -1,4 +1,4 @@
-"""MixMAE's ConvNet variant (seed 002, A.3 and Figure 1): reconstruct two images from their mix.
+"""MixMAE's ConvNet variant (Liu et al. 2023, A.3 and Figure 1): reconstruct two images from their mix.
 
 The augment stage draws one patch mask per image (a recipe with `simmim: {patch: 32, ratio: 0.5}`,
 recipe mixmae; out.mim_masks[0], True = the patch comes from the partner). Image i is mixed with

@@ -5,7 +5,7 @@ from the EMA copy (no gradient). Each query's logits are [q.k, q.queue] / temper
 columns) and its label is column 0 (He et al. 2020; Chen et al. 2020, "MoCo v2"). After the step
 `after_step` writes this step's keys, gathered from all ranks in rank order, into the queue (`Queue`).
 
-Defaults are the MixMask seed's ImageNet MoCo v2 settings (seed 000, Table 2): moco-dim 128,
+Defaults are the MixMask paper's ImageNet MoCo v2 settings (Vishniakov et al. 2022, Table 2): moco-dim 128,
 m 0.999 (constant, as MoCo v2; `ema_schedule=cosine` gives MoCo v3's schedule), K 65536, t 0.2,
 projector 2048-2048-128 without BatchNorm (MoCo v2's fc-ReLU-fc). The seed's CIFAR settings
 (Table 1) are K 4096, m 0.99, t 0.1: set them in the run config.

@@ -18,7 +18,7 @@ from losses.common import Heads, defaults, full_precision, normalized_std, upcas
 from losses.siamese import Siamese
 from masksiam.dist import gather_with_grad, rank
 
-# MSCN (seed 001, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
+# MSCN (Jing et al. 2022, A.1): projector 2048-2048-256 with BN after every layer, temperature 0.2;
 # SimCLR v1 used 0.1-0.5.
 @dataclass(frozen=True)
 class Settings(Heads):
@@ -45,13 +45,6 @@ def _contrast(za: torch.Tensor, zb: torch.Tensor, ga: torch.Tensor, gb: torch.Te
     loss = F.cross_entropy(logits, pos_cols)
     acc = (logits.argmax(1) == pos_cols).float().mean()
     return loss, acc.detach()
-
-
-def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """za, zb: (N, D) on this rank -> (mean loss over this rank's 2N rows, top-1 positive accuracy)."""
-    za = F.normalize(upcast(za), dim=1)
-    zb = F.normalize(upcast(zb), dim=1)
-    return _contrast(za, zb, gather_with_grad(za), gather_with_grad(zb), temperature)
 
 
 def loss(emb, temperature: float, **_) -> tuple[torch.Tensor, dict]:

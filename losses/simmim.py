@@ -1,4 +1,4 @@
-"""SimMIM on a ResNet (seed 004, section 5): reconstruct the masked patches' pixels from the rest.
+"""SimMIM on a ResNet (Xie et al. 2022, section 5): reconstruct the masked patches' pixels from the rest.
 
 The augment stage draws the mask (recipe `simmim`: 32 px patches, ratio 0.6; out.mim_masks[0],
 (N, H/p, W/p), True = masked). The encoder (models/mim.py), `mim_encoder`:
@@ -9,7 +9,7 @@ The augment stage draws the mask (recipe `simmim`: 32 px patches, ratio 0.6; out
     sparse  beyond the seed, SparK's masked dense convolution: the input and every conv / pool
             output re-masked, BatchNorm over visible positions only; hidden patches stay 0, so the
             decoder needs context (decoder_depth >= 1) and fills them with its mask token
-The head: `decoder_depth` 0 is the seed's linear head, a 1x1 conv from the stride-32 features to
+The head: `decoder_depth` 0 is SimMIM's linear head, a 1x1 conv from the stride-32 features to
 32*32*3 values, pixel-shuffled to the image (stride^2 * 3 in general); more adds 3x3 conv blocks.
 The loss: l1 between the prediction and the normalised input (per-patch normalised with
 `norm_pix_loss`) on masked pixels only, averaged over masked pixels and channels (SimMIM's code:

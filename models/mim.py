@@ -2,12 +2,12 @@
 light pixel decoder. Every piece runs on the backbone it is given (its own parameters, its key names):
 the backbone stays a plain torchvision ResNet for kNN, evaluation and export.
 
-    tok = MaskTokenEncoder(backbone, fill="zero")       # SimMIM (seed 004 section 5), leak-free
+    tok = MaskTokenEncoder(backbone, fill="zero")       # SimMIM (Xie et al. 2022 section 5), leak-free
     f = tok(backbone, x, mask)                          # (N, F, H/s, W/s), s = encoder stride (32)
 
     enc = SourceEncoder.sparse(mask)                    # SparK-style masked dense convolution
     f = enc(backbone, x)                                # features at hidden patches are 0
-    enc = SourceEncoder.mixed(mask)                     # MixMAE's mixed partial convolution (seed 002 A.3)
+    enc = SourceEncoder.mixed(mask)                     # MixMAE's mixed partial convolution (Liu et al. 2023 A.3)
     f = enc(backbone, where(mask, x.flip(0), x))        # features of each source from that source only
 
     dec = PixelDecoder(backbone.num_features, s, depth, dim)

@@ -1,4 +1,4 @@
-"""Linear probe: separable features are learnt, the presets are the seeds' protocols, the backbone
+"""Linear probe: separable features are learnt, the presets are the papers' protocols, the backbone
 stays frozen, and the command writes its JSON / markdown / PNG."""
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ def test_separable_features_reach_100_percent_and_shuffled_labels_do_not(preset,
 
 
 def test_presets_carry_the_seeds_numbers():
-    m = linear.PRESETS["mscn"]          # seed 001 A.2
+    m = linear.PRESETS["mscn"]          # Jing et al. 2022 A.2
     assert (m.epochs, m.lr, m.weight_decay, m.batch_size, m.schedule, m.momentum) == \
         (100, 1.0, 1e-6, 256, "cosine", 0.9)
-    k = linear.PRESETS["mixmask"]       # seed 000 Table 2 (linear probing column)
+    k = linear.PRESETS["mixmask"]       # Vishniakov et al. 2022 Table 2 (linear probing column)
     assert (k.epochs, k.lr, k.weight_decay, k.batch_size, k.schedule, k.milestones, k.momentum) == \
         (100, 30.0, 0.0, 256, "step", (60, 80), 0.9)
     # the schedules: cosine from 1.0 to 0, x0.1 at 60 and x0.01 at 80

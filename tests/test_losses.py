@@ -108,7 +108,7 @@ def test_registry_has_the_method_zoo():
 
 
 def test_paper_defaults():
-    # MoCo v2 as the MixMask seed ran it on ImageNet (seed 000, Table 2)
+    # MoCo v2 as the MixMask paper ran it on ImageNet (Vishniakov et al. 2022, Table 2)
     assert [HP["moco"][k] for k in ("temperature", "queue_size", "ema_momentum", "ema_schedule", "proj_dim",
                                     "moco_symmetric")] == [0.2, 65536, 0.999, "constant", 128, False]
     assert (HP["byol"]["ema_momentum"], HP["byol"]["ema_schedule"]) == (0.996, "cosine")

@@ -196,7 +196,7 @@ def test_mixed_encoder_saves_less_for_backward(monkeypatch):
     assert new < 0.6 * old, (new, old)
 
 
-# ---- LUT as seed 003 runs it -------------------------------------------------------------------------------
+# ---- LUT as Kim et al. 2024 runs it -------------------------------------------------------------------------------
 
 SMALL_HEADS = {"decoder_dim": 16, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
 

@@ -19,7 +19,7 @@ every crop with the same sigma in pixels. Kernel sides and mask grids follow eac
 
 Normalisation and the high-pass filter: normalising is (x - mean) / std per channel and the filter
 is linear, so high-passing the normalised image is (x - blur(x)) / std: the mean cancels, and the
-filtered image is centred on 0, which MSCN makes "no information" (seed 001, Sec. 4.3). Masks are
+filtered image is centred on 0, which MSCN makes "no information" (Jing et al. 2022, Sec. 4.3). Masks are
 filled in that space: `zero` fill means "nothing here" after a high-pass, and the dataset mean
 colour without one; noise is N(0, noise_std^2) in normalised units.
 

@@ -1,12 +1,12 @@
-"""Masks: MSCN's random grid, focal and channel-wise masks with their fills (seed 001), and SimMIM's
-patch masks (seed 004).
+"""Masks: MSCN's random grid, focal and channel-wise masks with their fills (Jing et al. 2022), and SimMIM's
+patch masks (Xie et al. 2022).
 
 Every mask is drawn at grid resolution, (N, C, G, G) booleans (True = masked), where it costs
 nothing, and expanded to pixels once (`cells_to_pixels`). Pixel row y of a sample with grid g lies in
 cell floor(y * g / H), so grids that do not divide the image give cells one pixel apart in size, and
 samples with different grids are expanded by the same gather.
 
-MSCN (seed 001; defaults in pipelines/augment/recipes/mscn.yaml, chosen from its ablations):
+MSCN (Jing et al. 2022; defaults in pipelines/augment/recipes/mscn.yaml, chosen from its ablations):
 - random grid mask: a g x g grid (g drawn per sample from a small set; 7 or 8 cells per side = 32 or
   28 px cells at 224 px, Table 6), `ratio` of its cells masked (0.15 best, Table 5): exactly
   floor(ratio g^2) or one more, stochastically rounded, so the expected ratio is exact;
@@ -150,7 +150,7 @@ def simmim_masks(n: int, rows: int, cols: int, ratio: float, gen: torch.Generato
 
 def disjoint_simmim_masks(n: int, rows: int, cols: int, ratio: float, views: int, gen: torch.Generator,
                           device) -> list[torch.Tensor]:
-    """`views` SimMIM masks per sample whose visible cells are disjoint (LUT, seed 003): one random
+    """`views` SimMIM masks per sample whose visible cells are disjoint (LUT, Kim et al. 2024): one random
     order of the cells per sample; view k sees the k-th run of v = cells - ceil(ratio * cells) cells
     of it, so each view alone is a uniform SimMIM mask. -> `views` x (N, rows, cols) bool, True = masked."""
     cells = rows * cols

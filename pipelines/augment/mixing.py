@@ -1,9 +1,9 @@
-"""Mixing a view with the same view of the reversed batch: MixMask's block masks (seed 000) and Un-Mix's
+"""Mixing a view with the same view of the reversed batch: MixMask's block masks (Vishniakov et al. 2022) and Un-Mix's
 mixup / cutmix (the base method MixMask builds on). Each returns the mixed batch and lam (N,): the
 fraction of each mixed image's pixels that come from its own, un-reversed image, which the mixed loss
 needs (loss = lam * L(m, t) + (1 - lam) * L(m, t_reversed)).
 
-MixMask (seed 000, ImageNet: "mask type block, grid size 8"; its code masks half of the cells):
+MixMask (Vishniakov et al. 2022, ImageNet: "mask type block, grid size 8"; its code masks half of the cells):
 the masked region is a union of rectangles of whole grid cells (at least `min_cells` cells, aspect
 ratio log-uniform in `aspect`), BEiT's block pattern, which keeps objects in one piece where a random
 ("discrete") cell pattern breaks them (supplement, Fig. 2). The masked cells show the reversed batch.
