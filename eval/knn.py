@@ -33,21 +33,58 @@ from masksiam.config import Config, parse_overrides
 def embed(backbone, loader, transform, device, *, normalize: bool = True, dtype=torch.float32,
           desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's (M_r, F) features (L2-normalised if `normalize`, stored as `dtype`), (M_r,)
-    labels and (M_r,) dataset indices, in the order the loader gave them; backbone in eval mode."""
+    labels and (M_r,) dataset indices, in the order the loader gave them; backbone in eval mode.
+
+    The outputs are allocated once, at the first batch, for len(loader) batches of its size (the
+    rank's share of the split; a short last batch leaves a few spare rows, sliced off), and each
+    batch is written in place: peak is the bank plus one batch, not a list of batches plus their
+    concatenation (2x)."""
     from eval.common import progress
     was_training = backbone.training
     backbone.eval()
-    feats, labels, indices = [], [], []
+    feats = labels = indices = None
+    rows = 0
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = loader if desc is None else progress(loader, desc, total=len(loader))
     for batch in batches:
         with amp:
-            h = backbone(transform(batch.views[0])).float()
-        feats.append((F.normalize(h, dim=1) if normalize else h).to(dtype))
-        labels.append(batch.labels)
-        indices.append(batch.indices)
+            h = backbone(transform(batch.views[0])).float()             # (B, F)
+        h = (F.normalize(h, dim=1) if normalize else h).to(dtype)
+        b = h.shape[0]
+        if feats is None:
+            cap = (len(loader) if hasattr(loader, "__len__") else 1) * b
+            feats = torch.empty((cap, h.shape[1]), dtype=dtype, device=h.device)
+            labels = torch.empty((cap,), dtype=batch.labels.dtype, device=batch.labels.device)
+            indices = torch.empty((cap,), dtype=batch.indices.dtype, device=batch.indices.device)
+        elif rows + b > feats.shape[0]:
+            # a loader without len() or whose batches exceed its first one's size: grow by doubling
+            cap = max(2 * feats.shape[0], rows + b)
+            feats, labels, indices = (torch.cat([t[:rows], t.new_empty((cap - rows, *t.shape[1:]))])
+                                      for t in (feats, labels, indices))
+        feats[rows:rows + b] = h
+        labels[rows:rows + b] = batch.labels
+        indices[rows:rows + b] = batch.indices
+        rows += b
+        del h
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+    if feats is None:
+        raise RuntimeError("embed: the loader gave no batches")
+    return feats[:rows], labels[:rows], indices[:rows]
+
+
+def keep_rows_(keep: torch.Tensor, *tensors: torch.Tensor, block: int = 65536) -> list[torch.Tensor]:
+    """Keep the rows where the (M,) bool `keep` is set, in order, moving them to the front of each
+    (M, ...) tensor in place -> views of the first keep.sum() rows (the storage is not shrunk).
+
+    Row j of the result comes from row pos[j] >= j, so copying in increasing blocks of destination
+    rows never overwrites a row a later block still reads; extra memory is one block per tensor."""
+    pos = keep.nonzero().squeeze(1)                                   # (n,) increasing
+    n = pos.numel()
+    for t in tensors:
+        for start in range(0, n, block):
+            src = pos[start:start + block]
+            t[start:start + src.numel()] = t.index_select(0, src)
+    return [t[:n] for t in tensors]
 
 
 def owned(indices: torch.Tensor) -> torch.Tensor:
@@ -151,8 +188,9 @@ def knn_accuracy(backbone, train_loader, val_loader, transform, device, num_clas
     """Top-1 of the weighted vote; the bank stays sharded over ranks (half precision on CUDA)."""
     bank, bank_labels, idx = embed(backbone, train_loader, transform, device, dtype=bank_dtype(device),
                                    desc="kNN bank" if progress else None)
-    keep = owned(idx)
-    bank, bank_labels = bank[keep], bank_labels[keep]
+    # DDP padding read a few images on two ranks: drop the copies in place (no second bank)
+    bank, bank_labels = keep_rows_(owned(idx), bank, bank_labels)
+    del idx
     queries, labels = extract_features(backbone, val_loader, transform, device,
                                        desc="kNN queries" if progress else None)
     pred = knn_predict(bank, bank_labels, queries, num_classes, k, t, sharded=True)
