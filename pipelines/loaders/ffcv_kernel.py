@@ -40,11 +40,6 @@ _resize_crop = numba.njit(nogil=True)(resize_crop)
 
 
 @numba.njit(nogil=True)
-def _load_u64(address):
-    return numba.carray(cast_int_to_byte_ptr(address), 8).view(np.uint64)[0]
-
-
-@numba.njit(nogil=True)
 def _flip_inplace(img):
     """(H, W, 3) uint8 mirrored left-right in place (rows as flat bytes: ~memory speed, like cv2.flip)."""
     h, w = img.shape[0], img.shape[1]
