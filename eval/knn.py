@@ -72,15 +72,16 @@ def embed(backbone, loader, transform, device, *, normalize: bool = True, dtype=
     return feats[:rows], labels[:rows], indices[:rows]
 
 
-def keep_rows_(keep: torch.Tensor, *tensors: torch.Tensor, block: int = 65536) -> list[torch.Tensor]:
+def keep_rows_(keep: torch.Tensor, *tensors: torch.Tensor, block_bytes: int = 1 << 24) -> list[torch.Tensor]:
     """Keep the rows where the (M,) bool `keep` is set, in order, moving them to the front of each
     (M, ...) tensor in place -> views of the first keep.sum() rows (the storage is not shrunk).
 
     Row j of the result comes from row pos[j] >= j, so copying in increasing blocks of destination
-    rows never overwrites a row a later block still reads; extra memory is one block per tensor."""
+    rows never overwrites a row a later block still reads; extra memory is one block (`block_bytes`)."""
     pos = keep.nonzero().squeeze(1)                                   # (n,) increasing
     n = pos.numel()
     for t in tensors:
+        block = max(1, block_bytes // max(1, t[:1].nbytes))
         for start in range(0, n, block):
             src = pos[start:start + block]
             t[start:start + src.numel()] = t.index_select(0, src)
