@@ -170,8 +170,8 @@ def test_every_registered_method_trains_through_the_same_loop(image_folder, tmp_
     recipe = RECIPE.get(method, "simclr")
     if method in RECIPE:                                   # masked image modeling: 32 px, 8 px patches
         extra = ["size=32", "views=1"]
-    else:
-        extra = [f"pred_hidden={32 if METHODS[method].predictor else 0}", "queue_size=16"]
+    else:                                                  # each method takes only its own keys
+        extra = (["pred_hidden=32"] if METHODS[method].predictor else []) + (["queue_size=16"] if method == "moco" else [])
     res = train.main(_args(image_folder, tmp_path, method, f"method={method}", f"recipe={recipe}", "epochs=1",
                            "max_steps=2", "final_eval=false", *extra))
     assert res["step"] == 2
