@@ -4,7 +4,6 @@ fails on every such op (tests/test_augment_engine.py's detector); on CUDA under
 torch.cuda.set_sync_debug_mode("error")."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -25,12 +24,12 @@ CASES = [(m, RECIPE.get(m, "simclr")) for m in sorted(METHODS)] + [("moco", "mix
 
 
 def _setup(method: str, recipe: str, device: str = "cpu", optimizer: str = "lars"):
-    cfg = Config(method=method, recipe=recipe, arch="resnet10", width=8, stem="small", size=32,
-                 proj_hidden=32, proj_dim=16, queue_size=16, optimizer=optimizer, batch_size=6,
-                 views=2 if method not in RECIPE else 1, grad_clip=1.0)
     cls = METHODS[method]
-    if getattr(cls, "predictor", False):
-        cfg = dataclasses.replace(cfg, pred_hidden=32)
+    small = {"proj_hidden": 32, "proj_dim": 16, "queue_size": 16,
+             **({"pred_hidden": 32} if getattr(cls, "predictor", False) else {})}
+    cfg = Config(method=method, recipe=recipe, arch="resnet10", width=8, stem="small", size=32,
+                 method_args=small, optimizer=optimizer, batch_size=6,
+                 views=2 if method not in RECIPE else 1, grad_clip=1.0)
     with one_thread():                                    # chunks inline, as on a GPU
         aug = build_augmenter(recipe, 32, device=device, seed=0, chunk=3)
     torch.manual_seed(0)
