@@ -131,7 +131,8 @@ if [[ $DRY == 1 ]]; then
   EAGER_RECIPES=mscn,simclr,byol,mixmask,simmim_8px; REST_RECIPES=simclr; REST_MODELS=(simmim)
   LOADERS=torchvision
   # one network shape for every config: 32 px, a narrow ResNet-10, fp32 (no bf16 autocast on the CPU)
-  NET=(arch=resnet10 width=8 stem=small size=32 proj_hidden=32 proj_dim=16 pred_hidden=32 precision=fp32)
+  # no method keys here: each method takes only its own (its defaults are small enough at 32 px)
+  NET=(arch=resnet10 width=8 stem=small size=32 precision=fp32)
   TRAIN=(batch_size=8 workers=$WORKERS); REST_BATCH=8; SYNC_BATCH=4; MIM_8PX=_8px
   STEPS=(--warmup 1 --batches 1)
   # the dry run checks the script, not the compiler: inductor on a shared CPU takes minutes per recipe
