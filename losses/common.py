@@ -121,30 +121,26 @@ def _end_of_backward() -> None:
         torch.backends.cuda.matmul.allow_tf32 = _FENCE["saved"]
 
 
-class _EnterLossBackward(torch.autograd.Function):
-    """Identity on the loss's outputs; its backward turns TF32 off for the loss's backward."""
-    @staticmethod
-    def forward(ctx, *ts):
-        ctx.set_materialize_grads(False)        # an unused input gets no gradient, not zeros
-        return tuple(t.view_as(t) for t in ts)
+def _fence(on_backward, doc: str) -> type[torch.autograd.Function]:
+    """An identity Function on a tuple of tensors whose backward calls `on_backward` first."""
+    class Fence(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *ts):
+            ctx.set_materialize_grads(False)    # an unused input gets no gradient, not zeros
+            return tuple(t.view_as(t) for t in ts)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        _enter_backward()
-        return grads
+        @staticmethod
+        def backward(ctx, *grads):
+            on_backward()
+            return grads
+    Fence.__doc__ = doc
+    return Fence
 
 
-class _ExitLossBackward(torch.autograd.Function):
-    """Identity on the loss's inputs; its backward (after the whole loss graph's) restores TF32."""
-    @staticmethod
-    def forward(ctx, *ts):
-        ctx.set_materialize_grads(False)        # an unused input gets no gradient, not zeros
-        return tuple(t.view_as(t) for t in ts)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        _exit_backward()
-        return grads
+# on the loss's outputs: its backward runs first and turns TF32 off for the loss's backward;
+# on the loss's inputs: its backward runs after the whole loss graph's and restores TF32
+_EnterLossBackward = _fence(_enter_backward, "Identity on the loss's outputs; TF32 off for its backward.")
+_ExitLossBackward = _fence(_exit_backward, "Identity on the loss's inputs; TF32 restored after its backward.")
 
 
 def _differentiable(obj) -> list[torch.Tensor]:
