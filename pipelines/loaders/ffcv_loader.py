@@ -72,7 +72,6 @@ try:
     import numba.core.event as numba_event
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RGBImageField
-    from ffcv.loader import Loader as FFCVLoaderCore
     from ffcv.pipeline import PipelineSpec
     from ffcv.traversal_order import QuasiRandom
     from ffcv.traversal_order.base import TraversalOrder
@@ -128,6 +127,8 @@ class FFCVLoader:
     def __init__(self, path: str | Path, spec: LoaderSpec, *, order: str, os_cache: bool, fused: bool,
                  verbose: bool = True):
         from ffcv.reader import Reader
+        # FFCV's Loader with array-only memory managers (no per-sample dicts or sets)
+        from pipelines.loaders.ffcv_memory import Loader as ArrayLoader
         path = Path(path)
         if not path.is_file():
             raise DataError(f"FFCV file {path} does not exist; make it with "
@@ -188,10 +189,10 @@ class FFCVLoader:
         timer = numba_event.TimingListener()
         numba_event.register("numba:compile", timer)
         try:
-            self.core = FFCVLoaderCore(str(path), batch_size=batch_size, num_workers=self.threads,
-                                       os_cache=os_cache, order=self._order, distributed=False, seed=spec.seed,
-                                       indices=rows, pipelines=pipelines, drop_last=spec.drop_last,
-                                       batches_ahead=max(1, spec.prefetch))
+            self.core = ArrayLoader(str(path), batch_size=batch_size, num_workers=self.threads,
+                                    os_cache=os_cache, order=self._order, distributed=False, seed=spec.seed,
+                                    indices=rows, pipelines=pipelines, drop_last=spec.drop_last,
+                                    batches_ahead=max(1, spec.prefetch))
         finally:
             numba_event.unregister("numba:compile", timer)
         self._compile_timer = timer
