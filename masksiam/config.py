@@ -67,9 +67,15 @@ class Config:
     bad_images: Literal["skip", "stop"] = "skip"   # an unreadable image: replace it by the next of its
                                            # class folder / shard (named in metrics.jsonl), or stop the run
     max_bad_images: int = 100              # skip: stop once more distinct images than this were bad
+    read_order: Literal["auto", "sample", "shard"] = "auto"   # training order (README "Read order"): sample =
+                                           # one permutation of every sample per epoch; shard = shuffled shards,
+                                           # whole shards per rank, a shuffle buffer (FFCV: quasi_random);
+                                           # auto = shard for webdataset shards that mix the classes, at least
+                                           # 4 buffers and 2 shards per rank; sample otherwise
+    shuffle_buffer: int = 10_000           # read_order=shard: buffer slots (samples; at most a rank's share)
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"   # decoder: mixed (nvJPEG) or cpu
     ffcv_path: str = ""                    # .beton of the train split ("" = <data>/train.beton)
-    ffcv_order: Literal["random", "quasi_random", "sequential"] = "random"
+    ffcv_order: Literal["auto", "random", "quasi_random", "sequential"] = "auto"   # auto: read_order decides
     ffcv_os_cache: bool = True
     ffcv_fused: bool = True                # decode each image once for all of its views
 
@@ -133,6 +139,21 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+# Keys that decide the steps, added after checkpoints were written without them: such a checkpoint
+# compares as if it held this value (the order it was trained in).
+BEFORE_KEY = {"read_order": "sample"}
+
+
+def _order_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with read_order filled in for an older checkpoint (BEFORE_KEY) and ffcv_order=auto
+    written as the FFCV order it gives (LoaderSpec.ffcv_order's rule), so `ffcv_order: random`
+    from before `auto` existed equals auto under read_order=sample."""
+    d = {**{k: v for k, v in BEFORE_KEY.items() if k not in d}, **d}
+    if d.get("ffcv_order") == "auto":
+        d["ffcv_order"] = "quasi_random" if d.get("read_order") == "shard" else "random"
+    return d
+
+
 def flat(d: dict[str, Any]) -> dict[str, Any]:
     """A saved config (to_dict) with its method's keys laid out beside the shared ones, as checkpoints
     written before `method_args` held them."""
@@ -142,8 +163,8 @@ def flat(d: dict[str, Any]) -> dict[str, Any]:
 def resume_changes(saved: dict[str, Any], cfg: "Config") -> list[str]:
     """The keys of `cfg` that differ from the checkpoint's config `saved` (to_dict) and may not
     change on resume, as "key=saved (this run: value)"; a method key counts as any other. Keys the
-    checkpoint does not know (added since it was written) are not compared."""
-    now, saved = flat(to_dict(cfg)), flat(saved)
+    checkpoint does not know (added since it was written) are not compared, but for BEFORE_KEY's."""
+    now, saved = _order_keys(flat(to_dict(cfg))), _order_keys(flat(saved))
     return [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in now.items()
             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
 

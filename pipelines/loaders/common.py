@@ -359,6 +359,89 @@ def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, bat
     return order[rank::world_size]
 
 
+# ---- read order "shard": whole shards per rank, a shuffle buffer, a pure function of (seed, epoch, rank)
+
+def run_bounds(groups: np.ndarray) -> np.ndarray:
+    """(S + 1,) int64 starts of the runs of equal values in `groups` (n,), then n: the shards of a
+    webdataset split from TarSamples.shard_of (non-decreasing: its samples are in shard order)."""
+    groups = np.asarray(groups)
+    return np.concatenate([[0], np.flatnonzero(groups[1:] != groups[:-1]) + 1, [len(groups)]]).astype(np.int64)
+
+
+def chunk_bounds(n: int, size: int) -> np.ndarray:
+    """(S + 1,) int64 starts of consecutive chunks of `size` samples, then n: a folder's pseudo-shards."""
+    return np.append(np.arange(0, n, max(1, size), dtype=np.int64), np.int64(n))
+
+
+def buffer_shuffle(stream: np.ndarray, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """`stream` (m,) passed through a shuffle buffer of `buffer` slots (webdataset's `.shuffle`):
+    the first `buffer` items fill it; then each step draws a slot, yields what it holds and puts the
+    next item of the stream there; at the end the items left leave in a random order. An item
+    waits a geometric number of steps (mean `buffer`). Computed without a loop: step i yields the
+    item that its slot got at the last earlier step that drew the same slot (or the slot's first
+    item), so the whole pass is one stable argsort of the (m - buffer,) slot draws."""
+    stream = np.asarray(stream)
+    m = len(stream)
+    k = min(int(buffer), m)
+    if k <= 1:
+        return stream.copy()
+    steps = m - k
+    slots = rng.integers(0, k, steps)                 # (steps,) the slot step i empties and refills
+    drain = rng.permutation(k)                        # (k,) the order in which the last items leave
+    by_slot = np.argsort(slots, kind="stable")        # steps grouped by slot, in step order
+    ordered = slots[by_slot]
+    first = np.ones(steps, bool)                      # a slot's first step: it yields the slot's first item
+    first[1:] = ordered[1:] != ordered[:-1]
+    prev = np.empty(steps, np.int64)                  # the step before, on the same slot (-1: none)
+    prev[by_slot] = np.where(first, -1, np.roll(by_slot, 1))
+    src = np.where(prev < 0, slots, k + prev)         # step i' writes stream[k + i'] into its slot
+    last = np.ones(steps, bool)                       # a slot's last step: what the slot holds at the end
+    last[:-1] = ordered[1:] != ordered[:-1]
+    held = np.arange(k, dtype=np.int64)
+    held[ordered[last]] = k + by_slot[last]
+    return stream[np.concatenate([src, held[drain]])]
+
+
+def shard_order_indices(bounds: np.ndarray, rank: int, world_size: int, seed: int, epoch: int, batch_size: int,
+                        buffer: int, drop_last: bool = True) -> np.ndarray:
+    """This rank's sample indices for one epoch in read order "shard" (see spec.py): the shards
+    (bounds: (S + 1,) starts, then n) in a shuffled order from (seed, epoch), end to end; each rank
+    takes a contiguous block of that stream, so whole shards except where a block ends inside one
+    (at most world_size - 1 shards are split between two ranks); then `buffer_shuffle` over the
+    rank's block from (seed, epoch, rank). Counts per rank, the drop_last tail and the padding are
+    shard_indices': the same batches per epoch whatever the order."""
+    bounds = np.asarray(bounds, np.int64)
+    n, sizes = int(bounds[-1]), np.diff(bounds)
+    order = np.random.default_rng([seed, epoch, 0x5EED, 1]).permutation(len(sizes))
+    # (n,) the samples shard by shard in `order`: sample j of the stream is bounds[s] + its offset in s
+    lengths = sizes[order]
+    shift = np.repeat(bounds[order] - (np.cumsum(lengths) - lengths), lengths)
+    stream = np.arange(n, dtype=np.int64) + shift
+    if drop_last:
+        per_rank = (n // (batch_size * world_size)) * batch_size
+    else:
+        per_rank = math.ceil(n / world_size)
+        pad = per_rank * world_size - n
+        if pad:                                       # wraps around to the stream's start, as shard_indices
+            stream = np.concatenate([stream, stream[:pad]])
+    mine = stream[rank * per_rank:(rank + 1) * per_rank]
+    return buffer_shuffle(mine, buffer, np.random.default_rng([seed, epoch, rank, 0xB0FF]))
+
+
+def class_mixing(labels: np.ndarray, bounds: np.ndarray, shards: int = 64) -> float:
+    """How well the shards mix the classes, from 0 to 1: over up to `shards` shards spread over the
+    split, the mean of (distinct labels in the shard) / min(classes, shard size). About 1 for shards
+    written in a shuffled order, 1 / (images per class) or less for shards written class by class
+    (convert.py writes the folder order); 1 for a single class."""
+    labels, bounds = np.asarray(labels), np.asarray(bounds, np.int64)
+    classes = np.count_nonzero(np.bincount(labels)) if len(labels) else 0
+    if classes <= 1 or len(labels) == 0:
+        return 1.0
+    picked = spread(len(bounds) - 1, shards)
+    return float(np.mean([len(np.unique(labels[bounds[s]:bounds[s + 1]])) / min(classes, bounds[s + 1] - bounds[s])
+                          for s in picked]))
+
+
 def num_batches(n: int, world_size: int, batch_size: int, drop_last: bool) -> int:
     if drop_last:
         return n // (batch_size * world_size)

@@ -9,7 +9,8 @@ One batch, start to finish:
 
     host (a planner thread, one batch ahead of DALI's requests, + a pool of spec.workers threads,
           each taking one contiguous run of the batch's samples)
-        order       spec.shard(n, epoch): the same images per rank and epoch as every loader
+        order       spec.shard(n, epoch, order): the same images per rank and epoch as every loader
+                    (the read order: spec.read_order_of, with a webdataset's shards)
         read        the encoded bytes: one file, or one pread from an open webdataset shard
         plan        (H, W) from the header (parsed on an image's first epoch, then kept); the V
                     boxes + flips of spec.boxes(epoch, index, H, W) for the whole batch in one
@@ -217,6 +218,8 @@ class DaliLoader:
         self._sizes = np.zeros((len(samples), 2), np.int64)  # (H, W) per sample from its header, 0 = not read yet
         # replacements stay in an image's group: its class folder, or its shard of a webdataset
         self.groups = np.asarray(samples.shard_of if samples.format == "webdataset" else samples.labels)
+        self.order = spec.read_order_of(len(samples), samples.shard_of if samples.format == "webdataset" else None,
+                                        self.labels)
         # reads and host crops. One intra-op thread each (a per-thread setting; the training thread
         # keeps its own): the pool already spreads images over the cores, and an OpenMP team per
         # 224 px resize oversubscribed them (measured: 1.3x more images/s on 2 cores)
@@ -237,7 +240,7 @@ class DaliLoader:
 
     def __iter__(self):
         pipe = self._pipeline()
-        order = self.spec.shard(len(self.samples), self.epoch)
+        order = self.spec.shard(len(self.samples), self.epoch, self.order)
         self._todo = deque([self.epoch, order[b * self.batch:(b + 1) * self.batch], None]
                            for b in range(self.start_batch, len(self)))
         replaced: dict[str, str] = {}  # file -> reason, replaced in this pass

@@ -11,8 +11,10 @@ their layout).
 Reading: the DALI loader does not use fn.readers.webdataset. That reader cuts each rank a
 contiguous range of shards and shuffles through a bounded buffer, which is neither the run's
 (seed, epoch) permutation nor resumable mid-epoch. `TarSamples` instead keeps the shard files open
-and reads any sample with one pread at the offset in the index: random access in the order of
-`shard_indices`, without the per-file open/stat round trips that make ImageFolders slow on NFS.
+and reads any sample with one pread at the offset in the index: random access in the loader's
+read order (spec.py: per-sample `sample`, or `shard`: shuffled whole shards per rank through a
+shuffle buffer, from `shard_of`), without the per-file open/stat round trips that make ImageFolders
+slow on NFS.
 """
 from __future__ import annotations
 
@@ -185,22 +187,59 @@ def _idx_name(tar_name: str) -> str:
     return tar_name[:-len(".tar")] + ".idx"
 
 
+_SPACE = np.zeros(256, bool)                      # the bytes that bytes.split() splits at
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True
+
+
 def _read_idx(path: Path) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """(image member names' UTF-8 bytes end to end, their lengths (n,) int64, data offsets (n,)
-    int64, sizes (n,) int64) of the samples of a v1.2 DALI webdataset index."""
+    int64, sizes (n,) int64) of the samples of a v1.2 DALI webdataset index.
+
+    After the header "v1.2 N", a line per sample of components "ext offset size name" (the image
+    and its "cls" label, in either order); the image is the first component that is not the label.
+    Parsed in numpy: the fields of the whole file in one split, grouped by the number of fields
+    per line (one group in a file convert.py wrote), each group's image columns picked at once."""
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read shard index {path}: {err}") from err
-    if not lines or not lines[0].startswith("v1.2 "):
+    head, _, body = data.partition(b"\n")
+    if not head.startswith(b"v1.2 "):
         raise DataError(f"{path} is not a v1.2 webdataset index")
-    names, offsets, sizes = [], np.empty(len(lines) - 1, np.int64), np.empty(len(lines) - 1, np.int64)
-    for k, line in enumerate(lines[1:]):
-        fields = line.split()
-        # components "ext offset size name"; the image is every component that is not the label
-        image = next((fields[j:j + 4] for j in range(0, len(fields), 4) if fields[j] != "cls"), None)
-        if image is None or len(image) != 4:
-            raise DataError(f"{path}: malformed line {line!r}")
-        names.append(image[3].encode())
-        offsets[k], sizes[k] = int(image[1]), int(image[2])
-    return b"".join(names), np.fromiter(map(len, names), np.int64, len(names)), offsets, sizes
+    text = np.frombuffer(body, np.uint8)
+    newline = text == ord("\n")
+    ends = np.flatnonzero(newline)                   # the lines' ends; a last line may lack its newline
+    n = len(ends) + (len(body) > 0 and not body.endswith(b"\n"))
+    space = _SPACE[text]
+    starts = ~space & np.concatenate([[True], space[:-1]])          # (bytes,) a field's first byte
+    line_of = np.cumsum(newline) - newline                           # (bytes,) the line of each byte
+    per_line = np.bincount(line_of[starts], minlength=n)             # (n,) fields per line
+    fields = np.array(body.split(), dtype=object)                    # every field, line after line
+    first = np.cumsum(per_line) - per_line                           # (n,) each line's first field
+
+    def malformed(line: int) -> DataError:
+        lo = ends[line - 1] + 1 if line else 0
+        hi = ends[line] if line < len(ends) else len(body)
+        return DataError(f"{path}: malformed line {body[lo:hi].decode(errors='replace')!r}")
+
+    names, offsets, sizes = np.empty(n, object), np.empty(n, np.int64), np.empty(n, np.int64)
+    for count in np.unique(per_line):
+        rows = np.flatnonzero(per_line == count)
+        if count == 0:
+            raise malformed(int(rows[0]))
+        grid = fields[first[rows, None] + np.arange(count)]          # (rows, count) these lines' fields
+        is_image = grid[:, 0::4] != b"cls"                             # (rows, components)
+        comp = is_image.argmax(1)                                     # the image's component
+        bad = ~is_image.any(1) | (4 * comp + 4 > count)               # no image, or an image cut short
+        if bad.any():
+            raise malformed(int(rows[bad.argmax()]))
+        image = grid[np.arange(len(rows))[:, None], 4 * comp[:, None] + np.arange(1, 4)]   # (rows, 3)
+        try:
+            offsets[rows], sizes[rows] = image[:, 0].astype(np.int64), image[:, 1].astype(np.int64)
+        except ValueError:
+            for r, (offset, size) in zip(rows, image[:, :2]):
+                if not (offset.isdigit() and size.isdigit()):
+                    raise malformed(int(r)) from None
+            raise
+        names[rows] = image[:, 2]
+    return b"".join(names), np.fromiter(map(len, names), np.int64, n), offsets, sizes

@@ -2,7 +2,8 @@
 
     spec = loader_spec(cfg, info, train=True)     # frozen; build_loader makes it and hands it over
     spec.views, spec.view_sizes, spec.view_scales # the crops, in Batch.views order
-    spec.shard(n, epoch)                          # this rank's sample order of one epoch
+    order = spec.read_order_of(n, shard_of, labels)   # once per loader: the resolved read order
+    spec.shard(n, epoch, order)                   # this rank's sample order of one epoch
     spec.boxes(epoch, index, height, width)       # (V, 5) crop boxes + flips of one sample
     spec.keep(n)                                  # which of n samples max_images keeps
 
@@ -25,6 +26,24 @@ Crop draws. Sample `index` of epoch `epoch` draws from sample_rng(seed, epoch, i
 view in Batch.views order: its box (torchvision's RandomResizedCrop.get_params), then one uniform
 for the flip. Every loader takes its boxes from `boxes`, so the same seed, epoch and index give the
 same crops in every loader, whatever worker or thread decodes the image.
+
+Read order (`read_order=`, README "Read order"). Every order is a pure function of (seed, epoch,
+rank): a resumed run skips start_batch batches of the same order, with no reader or buffer state
+saved.
+  sample   one permutation of every sample from (seed, epoch), cut into per-rank parts
+           (common.shard_indices): full randomness; each rank reads from every shard or folder.
+  shard    locality: the shards of a webdataset split (the folder's chunks of shuffle_buffer / 4
+           files in its sorted order for an ImageFolder) in a shuffled order from (seed, epoch);
+           each rank reads a contiguous block of that stream (whole shards but where a block ends
+           inside one) through a shuffle buffer of shuffle_buffer samples from (seed, epoch, rank)
+           (common.shard_order_indices). The buffer is computed, not held: resume stays exact.
+           FFCV: its page-local quasi_random order.
+  auto     shard for a training split of webdataset shards that mix the classes
+           (common.class_mixing >= MIN_MIXING), with at least AUTO_MIN_BUFFERS buffers of samples and
+           AUTO_MIN_SHARDS shards per rank; sample otherwise: folders, FFCV (convert.py writes
+           both in class order, so a few shards or pages at a time hold a few classes), small splits.
+Evaluation loaders read in index order (sequential) whatever the setting. Per rank the counts, the
+drop_last tail and the padding are the same in every order (num_batches).
 """
 from __future__ import annotations
 
@@ -35,10 +54,28 @@ import numpy as np
 import torch
 
 from masksiam.config import ConfigError
-from pipelines.loaders.common import (DataError, num_batches, per_rank_batch, random_resized_crop_params,
-                                      sample_rng, shard_indices, spread)
+from pipelines.loaders.common import (DataError, chunk_bounds, class_mixing, num_batches, per_rank_batch,
+                                      random_resized_crop_params, run_bounds, sample_rng, shard_indices,
+                                      shard_order_indices, spread)
 
 BAD_IMAGES = ("skip", "stop")
+READ_ORDERS = ("auto", "sample", "shard")
+MIN_MIXING = 0.5           # auto: shards must hold at least half the classes they could (class_mixing)
+AUTO_MIN_BUFFERS = 4       # auto: a split of fewer samples than 4 buffers reads in sample order
+AUTO_MIN_SHARDS = 2        # auto: ... and of fewer shards than 2 per rank
+
+
+@dataclass(frozen=True)
+class ReadOrder:
+    """The read order of one loader's samples, resolved once (LoaderSpec.read_order_of)."""
+    kind: str                            # "sample", "shard" or "sequential" (evaluation)
+    bounds: np.ndarray | None = None     # shard: (S + 1,) int64 first sample of each shard, then n
+    buffer: int = 0                      # shard: shuffle-buffer slots
+
+    def __str__(self) -> str:
+        if self.kind != "shard":
+            return self.kind
+        return f"shard ({len(self.bounds) - 1} shards, shuffle buffer {self.buffer})"
 
 
 @dataclass(frozen=True)
@@ -102,6 +139,8 @@ class LoaderSpec:
     device: torch.device
     bad_images: str = "skip"         # skip: replace an unreadable image (see common.replacement); stop: DataError
     max_bad_images: int = 100        # skip: stop once more than this many distinct images were bad
+    read_order: str = "sample"       # auto / sample / shard (module docstring)
+    shuffle_buffer: int = 10_000     # read_order shard: buffer slots (samples)
 
     # ---- views --------------------------------------------------------------------------------
     @property
@@ -132,9 +171,46 @@ class LoaderSpec:
     def keep(self, n: int) -> np.ndarray:
         return spread(n, self.max_images)
 
-    def shard(self, n: int, epoch: int) -> np.ndarray:
+    def read_order_of(self, n: int, shard_of: np.ndarray | None = None,
+                      labels: np.ndarray | None = None) -> ReadOrder:
+        """The order to read n samples in, the one place `read_order` is decided (module docstring).
+        shard_of: (n,) the shard of each sample, non-decreasing (a webdataset split); None for a
+        folder. labels: (n,) for the class-mixing check (auto) and its note (shard)."""
+        if not self.train:
+            return ReadOrder("sequential")
+        if self.read_order == "sample" or n == 0:
+            return ReadOrder("sample")
+        if self.read_order == "auto" and (shard_of is None or n < AUTO_MIN_BUFFERS * self.shuffle_buffer):
+            return ReadOrder("sample")
+        bounds = run_bounds(shard_of) if shard_of is not None else chunk_bounds(n, self.shuffle_buffer // 4)
+        mixing = class_mixing(labels, bounds) if labels is not None else 1.0
+        if self.read_order == "auto" and (mixing < MIN_MIXING or len(bounds) - 1 < AUTO_MIN_SHARDS * self.world_size):
+            return ReadOrder("sample")
+        if mixing < MIN_MIXING and self.rank == 0:
+            print(f"read_order=shard: a shard holds {mixing:.0%} of the classes it could (its samples are "
+                  f"in class order), so a shuffle buffer of {self.shuffle_buffer} samples mixes few classes; "
+                  "read_order=sample mixes them all", flush=True)
+        return ReadOrder("shard", bounds, self.shuffle_buffer)
+
+    def shard(self, n: int, epoch: int, order: ReadOrder | None = None) -> np.ndarray:
+        """This rank's sample indices of one epoch, in read order (`order`: read_order_of's; None:
+        sample order for training, sequential for evaluation)."""
+        if order is not None and order.kind == "shard":
+            return shard_order_indices(order.bounds, self.rank, self.world_size, self.seed, epoch,
+                                       self.batch_size, order.buffer, self.drop_last)
         return shard_indices(n, self.rank, self.world_size, self.seed, epoch, self.batch_size,
                              self.shuffle, self.drop_last)
+
+    def ffcv_order(self, configured: str) -> str:
+        """FFCV's traversal order (ffcv_loader.RankOrder): `ffcv_order` when set; else read_order=shard
+        is FFCV's page-local quasi_random, auto and sample its random order (convert.py ffcv writes
+        a .beton class by class, and quasi_random draws from a few pages at a time); evaluation
+        reads sequentially."""
+        if not self.train:
+            return "sequential"
+        if configured != "auto":
+            return configured
+        return "quasi_random" if self.read_order == "shard" else "random"
 
     def num_batches(self, n: int) -> int:
         return num_batches(n, self.world_size, self.batch_size, self.drop_last)
@@ -155,6 +231,10 @@ def loader_spec(cfg, info, train: bool = True) -> LoaderSpec:
     """The spec of a train (random crops, cfg.drop_last) or eval (one center crop, every image) loader."""
     if cfg.bad_images not in BAD_IMAGES:
         raise ConfigError(f"bad_images={cfg.bad_images!r}: choose one of {', '.join(BAD_IMAGES)}")
+    if cfg.read_order not in READ_ORDERS:
+        raise ConfigError(f"read_order={cfg.read_order!r}: choose one of {', '.join(READ_ORDERS)}")
+    if cfg.shuffle_buffer < 1:
+        raise ConfigError(f"shuffle_buffer={cfg.shuffle_buffer}: must be at least 1 (samples)")
     if train:
         crops = parse_crops(cfg.crops, cfg.size, cfg.views, tuple(cfg.crop_scale))
         if sum(g.count for g in crops) != cfg.views:
@@ -167,7 +247,8 @@ def loader_spec(cfg, info, train: bool = True) -> LoaderSpec:
         batch_size=per_rank_batch(cfg.batch_size, info.world_size), rank=info.rank,
         world_size=info.world_size, seed=cfg.seed, drop_last=cfg.drop_last if train else False,
         max_images=cfg.max_images, workers=cfg.workers, prefetch=cfg.prefetch, device=info.device,
-        bad_images=cfg.bad_images, max_bad_images=cfg.max_bad_images)
+        bad_images=cfg.bad_images, max_bad_images=cfg.max_bad_images, read_order=cfg.read_order,
+        shuffle_buffer=cfg.shuffle_buffer)
 
 
 def check_bad(spec: LoaderSpec, bad: list[str], name: str, reason: str) -> None:

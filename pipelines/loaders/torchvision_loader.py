@@ -108,14 +108,16 @@ def _collate(items):
 
 
 class _EpochBatchSampler:
-    """Yields lists of (epoch, index) for this rank's shard of one epoch, from start_batch on."""
+    """Yields lists of (epoch, index) for this rank's shard of one epoch, from start_batch on, in
+    the spec's read order (read_order=shard: chunks of the folder's sorted files, spec.py)."""
 
-    def __init__(self, n: int, spec: LoaderSpec):
-        self.n, self.spec = n, spec
+    def __init__(self, images: ImageList, spec: LoaderSpec):
+        self.n, self.spec = len(images), spec
+        self.order = spec.read_order_of(self.n, None, np.asarray(images.labels))
         self.epoch, self.start_batch = 0, 0
 
     def __iter__(self):
-        idx, batch = self.spec.shard(self.n, self.epoch), self.spec.batch_size
+        idx, batch = self.spec.shard(self.n, self.epoch, self.order), self.spec.batch_size
         for b in range(self.start_batch, len(self)):
             yield [(self.epoch, int(i)) for i in idx[b * batch:(b + 1) * batch]]
 
@@ -129,7 +131,7 @@ class TorchvisionLoader:
         self.views = spec.views
         self.bad_images: list[str] = []                  # "file: reason", distinct, in the order met
         workers = spec.workers
-        self.sampler = _EpochBatchSampler(len(images), spec)
+        self.sampler = _EpochBatchSampler(images, spec)
         self.loader = torch.utils.data.DataLoader(
             _ViewsDataset(images, spec), batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
