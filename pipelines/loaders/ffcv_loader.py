@@ -33,7 +33,8 @@ Order. A custom FFCV TraversalOrder gives each rank its part of the epoch: `rand
 no process group needed, disjoint and covering, reshuffled per epoch from (seed, epoch));
 `quasi_random` is FFCV's page-local order for the whole set, cut into contiguous per-rank blocks
 (FFCV itself does not support it distributed). A resumed epoch (start_batch > 0) drops the first
-start_batch batches from the order, so skipping costs nothing.
+start_batch batches from the order, so skipping costs nothing. ffcv_order=auto (the default) lets
+read_order decide (LoaderSpec.ffcv_order: shard -> quasi_random, auto and sample -> random).
 
 Compile. numba compiles the decode kernel on the first batch of a loader. Kernels are cached per
 process by their constants (views, size, crop ranges, cache mode, threads), so later loaders with
@@ -351,5 +352,5 @@ def beton_path(cfg, split: str) -> Path:
 
 
 def build(cfg, spec: LoaderSpec, split: str) -> FFCVLoader:
-    return FFCVLoader(beton_path(cfg, split), spec, order=cfg.ffcv_order if spec.train else "sequential",
+    return FFCVLoader(beton_path(cfg, split), spec, order=spec.ffcv_order(cfg.ffcv_order),
                       os_cache=cfg.ffcv_os_cache, fused=cfg.ffcv_fused, verbose=spec.rank == 0)
