@@ -1,5 +1,5 @@
 """bench.py's modes, one module each: loader, augment, loop (model and train), syncs, explain,
-readme; meter holds what they share (the Meter, sweeps, the JSON / markdown / chart report) and cli
+readme, scale; meter holds what they share (the Meter, sweeps, the JSON / markdown / chart report) and cli
 the command line. The package names each mode's command cmd_<mode>: cli.main runs it by that name.
 """
 from bench.augment import cmd_augment
@@ -9,7 +9,8 @@ from bench.loader import cmd_loader
 from bench.loop import cmd_model, cmd_train, model_only_recipe
 from bench.meter import BLUE, GREY, chart, print_table
 from bench.readme import BEGIN, END, cmd_readme
+from bench.scale import cmd_scale
 from bench.syncs import cmd_syncs
 
 __all__ = ["BEGIN", "BLUE", "DESCRIPTIONS", "END", "GREY", "chart", "cmd_augment", "cmd_explain", "cmd_loader",
-           "cmd_model", "cmd_readme", "cmd_syncs", "cmd_train", "main", "model_only_recipe", "print_table"]
+           "cmd_model", "cmd_readme", "cmd_scale", "cmd_syncs", "cmd_train", "main", "model_only_recipe", "print_table"]

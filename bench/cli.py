@@ -7,6 +7,7 @@
     python bench.py model --config configs/demo_fmnist.yaml,configs/fmnist_simmim.yaml --set size=32   # methods side by side
     python bench.py loader ... --sweep workers=1,2 --sweep batch_size=32,64    # one row per combination
     python bench.py readme --results runs/bench --readme README.md   # the numbers table of a `make bench` run
+    python bench.py scale --files 10000,100000 --out /tmp/scale   # loaders, converters, train.py as files grow
 
 Every mode excludes warm-up batches (and pipeline start-up: worker spawn, numba/DALI compile) from
 the rates and reports them separately as startup_s; rates are images/s (an image = all of its
@@ -55,6 +56,12 @@ model), then end to end: which stage bounds the run, in words and as a waterfall
     "syncs": """A few train.py steps with the step path guarded against host-device syncs (CUDA:
 sync-debug mode raises; CPU: host reads of tensors are refused): names the first sync, or says
 none. --strict exits 1 when one is found.""",
+    "scale": """What the loaders, the converters and train.py cost as the number of files grows: N small
+JPEGs hard-linked into --classes folders (reused under --out), then, each in a fresh process: convert.py
+webdataset / ffcv (wall time, peak memory of the process tree), each loader (start-up with no split
+index and cached, first batch, the rank's and each worker's memory after the first batch and after
+--batches batches, bytes resident per file), train.py's time to its first step. Several sizes: the
+growth per file between them and the linear extrapolation to 14 M files. Writes OUT/scale.json, .md.""",
     "readme": f"""Rewrite the {BEGIN} ... {END} block of README.md from a bench run's JSON files
 (loader, augment, train, model): only that block changes.""",
 }
@@ -152,6 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", type=int, default=2, help="unguarded warm-up steps first (autotuning, lazy init)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when a sync is found")
     p.add_argument("--json", default="runs/bench/syncs.json")
+
+    p = mode("scale", "loaders, converters and train.py's start as the number of files grows")
+    p.add_argument("--files", required=True, help="files per dataset; comma-separated for several sizes")
+    p.add_argument("--loaders", default="torchvision,dali,ffcv", help="comma-separated (ffcv needs --converters ffcv)")
+    p.add_argument("--converters", default="webdataset,ffcv", help="comma-separated convert.py commands ('' = none)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers / threads, convert.py webdataset's and train.py's")
+    p.add_argument("--classes", type=int, default=1000, help="class folders")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, default=32, help="crop size (px)")
+    p.add_argument("--batches", type=int, default=40, help="batches read after the first (0 = the rest of the epoch)")
+    p.add_argument("--no-train", action="store_true", help="skip train.py's time to first step")
+    p.add_argument("--out", default="runs/bench/scale", help="datasets, converted copies, scale.json and .md")
+    p.add_argument("--keep", action="store_true", help="keep the datasets and converted copies (reused next time)")
 
     p = mode("readme", f"rewrite the {BEGIN} block of README.md from a bench run's JSON")
     p.add_argument("--results", default="runs/bench", help="folder of the run's loader/augment/train .json; "
