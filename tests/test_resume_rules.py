@@ -125,6 +125,7 @@ def test_rotation_moves_only_the_files_before_the_first_free_name(tmp_path, file
     ("max_images=12", "max_images=0 (this run: 12)"),
     ("crop_scale=[0.5,1.0]", "crop_scale=[0.3, 1.0] (this run: [0.5, 1.0])"),
     ("seed=1", "seed=0 (this run: 1)"),
+    ("read_order=shard", "read_order='auto' (this run: 'shard')"),
 ])
 def test_a_resume_that_changes_the_steps_is_refused_and_writes_nothing(image_folder, cut_run, tmp_path, change,
                                                                        named):
