@@ -98,6 +98,9 @@ class RankOrder(TraversalOrder):
     def __call__(self, loader) -> "RankOrder":
         super().__init__(loader)                         # self.indices (rows), self.seed
         self.quasi = QuasiRandom(loader) if self.kind == "quasi_random" else None
+        # (pages, samples per page) int64: FFCV's sample_order shuffles it in place, so each call
+        # starts from a copy of this one: the order is then a function of (seed, epoch), as resume needs
+        self._pages = self.quasi.page_to_samples_array.copy() if self.quasi is not None else None
         return self
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
@@ -108,6 +111,7 @@ class RankOrder(TraversalOrder):
                                       shuffle=self.kind == "random", drop_last=self.drop_last)]
         # FFCV's page-local order of all rows (identical on every rank), cut in contiguous blocks so
         # each rank reads ~1/world of the pages; block sizes as shard_indices would give
+        self.quasi.page_to_samples_array = self._pages.copy()
         order = np.asarray(self.quasi.sample_order(epoch), dtype=np.int64)
         if self.drop_last:
             per_rank = len(order) // (self.batch_size * self.world_size) * self.batch_size
