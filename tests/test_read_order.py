@@ -273,6 +273,28 @@ def test_dali_webdataset_shard_order_same_crops_as_torchvision(tmp_path, image_f
         assert torch.equal(a[2], b[2]) and all(torch.equal(u, v) for u, v in zip(a[0], b[0]))
 
 
+@pytest.mark.skipif(not have_loader_library("ffcv"), reason="ffcv is not installed")
+def test_ffcv_read_order_picks_its_order_and_resumes(tmp_path, image_folder):
+    """read_order=shard is FFCV's page-local quasi_random, auto its random order (convert.py ffcv
+    writes class by class); ffcv_order set wins; a resumed epoch yields the rest of the same one."""
+    beton = tmp_path / "train.beton"
+    assert convert.main(["ffcv", "--src", str(image_folder / "train"), "--out", str(beton), "--max-res", "96",
+                         "--workers", "1", "--no-progress"]) == 0
+
+    def ffcv(**kw):
+        return loader(image_folder, "ffcv", ffcv_path=str(beton), drop_last=True, **kw)
+
+    assert ffcv(read_order="auto")._order.kind == "random"
+    assert ffcv(read_order="shard", ffcv_order="sequential")._order.kind == "sequential"
+    ld = ffcv(read_order="shard")
+    assert ld._order.kind == "quasi_random"
+    full, resumed = epoch(ld, 1), epoch(ld, 1, start_batch=2)
+    np.testing.assert_array_equal(ffcv(read_order="shard").epoch_rows(1), ld.epoch_rows(1))   # a fresh process
+    assert len(full) == 6 and sorted(order_of(full)) == list(range(24))
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert torch.equal(a[2], b[2]) and all(torch.equal(u, v) for u, v in zip(a[0], b[0]))
+
+
 def test_a_shard_order_run_resumed_mid_epoch_equals_the_uninterrupted_run(image_folder, tmp_path, monkeypatch):
     """train.py in read order shard: stopped at step 4 (epoch 1, batch 1), resumed: every step's
     loss and the final weights equal the uninterrupted run's, bitwise on the CPU."""
