@@ -37,9 +37,11 @@ Bad images (bad_images=skip, the default): a file that cannot be read or decoded
 `loader.bad_images` ("file: reason" per distinct image); more than max_bad_images of them, or any
 under bad_images=stop, raise DataError naming them.
 
-Shuffling: the order of an epoch is a permutation drawn from (seed, epoch) alone, cut into disjoint
-per-rank parts (`shard_indices`), so every rank agrees without communication and a resumed run sees
-the same order. Per-sample crop randomness comes from (seed, epoch, index) (`sample_rng`), so crops
+Shuffling: the order of an epoch is drawn from (seed, epoch) alone (and the rank, for its shuffle
+buffer), so every rank agrees without communication and a resumed run sees the same order: a
+permutation of every sample cut into disjoint per-rank parts (`shard_indices`, read order
+"sample"), or shuffled whole shards per rank through a computed shuffle buffer
+(`shard_order_indices`, read order "shard"); spec.py decides which. Per-sample crop randomness comes from (seed, epoch, index) (`sample_rng`), so crops
 do not depend on which worker or thread decoded the image.
 """
 from __future__ import annotations
