@@ -442,6 +442,9 @@ def cmd_scale(args) -> dict:
     for n in sizes:
         root = out / f"files-{n}"
         made = build_dataset(root, n, args.classes)
+        if not made["reused"]:               # an index listed within RACY_NS of a folder's change is rebuilt
+            from pipelines.loaders.split_index import RACY_NS      # at its next open: let the folders age first
+            time.sleep(RACY_NS / 1e9)
         datasets.append({"files": n, **made})
         print(f"[bench scale] {n:,} files in {args.classes} classes: "
               + ("reused" if made["reused"] else f"linked in {made['seconds']:.1f} s"), flush=True)
@@ -493,6 +496,10 @@ def cmd_scale(args) -> dict:
         if not args.no_train:
             print(f"[bench scale] {n:,} files: train.py to its first step", flush=True)
             train_rows.append(run_train(root, n, args, out))
+        load = os.getloadavg()[1]            # a shared machine: say how busy it was over this size
+        datasets[-1]["loadavg_5min"] = load
+        notes.append(f"{n:,} files: 5-minute load average {load:.1f} on {os.cpu_count()} cores at the end"
+                     + (" (contended: times are upper bounds)" if load > (os.cpu_count() or 1) else ""))
         if not args.keep:
             for path in [root, *[out / f"{c}-{n}" for c in converters]]:
                 shutil.rmtree(path, ignore_errors=True)

@@ -164,7 +164,8 @@ def test_scale_mode_end_to_end(tmp_path):
     assert conv["B_per_file"] == pytest.approx(conv["peak_pss_mb"] * 2**20 / 300)
     (train,) = payload["train"]
     assert 0 < train["first_step_s"] < train["total_s"], train
-    assert payload["growth"] == [] and "one size" in payload["notes"][0]
+    assert payload["growth"] == [] and "one size" in payload["notes"][-1]
+    assert "300 files: 5-minute load average" in payload["notes"][0]
     assert not (out / "files-300").exists() and not (out / "webdataset-300").exists()   # no --keep
 
 
