@@ -473,6 +473,12 @@ def cmd_scale(args) -> dict:
             converter_rows.append(row := run_converter(conv, argv, n))
             if "note" in row:
                 made_by.pop(conv)
+        for conv, done in (("webdataset", out / f"webdataset-{n}"), ("ffcv", out / f"ffcv-{n}" / "train.beton")):
+            # not converted in this run: a complete copy an earlier --keep run left is read by the loaders
+            if conv not in converters and ((done / ".complete").is_file() if conv == "webdataset" else
+                                           done.is_file() and done.with_name("train.beton.json").is_file()):
+                made_by[conv] = done
+                notes.append(f"{n:,} files: the loaders read {done}, converted by an earlier run")
         runs = []                            # (row name, backend, data, extra or the reason it is skipped)
         for name in loaders:
             if name == "torchvision":
