@@ -365,6 +365,19 @@ def run_train(data: Path, files: int, args, out: Path) -> dict:
 
 # ---- the mode ------------------------------------------------------------------------------------------
 
+def earlier_copies(out: Path, files: int, converters: list[str]) -> dict[str, Path]:
+    """{converter: its output} for the converters not run now whose complete output an earlier --keep
+    run left under `out` for this size (webdataset: its .complete marker; ffcv: the .beton and its
+    sidecar report, written before the .beton's rename)."""
+    found = {}
+    wds, beton = out / f"webdataset-{files}", out / f"ffcv-{files}" / "train.beton"
+    if "webdataset" not in converters and (wds / ".complete").is_file():
+        found["webdataset"] = wds
+    if "ffcv" not in converters and beton.is_file() and beton.with_name(beton.name + ".json").is_file():
+        found["ffcv"] = beton
+    return found
+
+
 def parse_files(text: str) -> list[int]:
     """--files 10000,100000 -> [10000, 100000]: positive integers (1e6 and 1_000_000 accepted)."""
     sizes = []
@@ -473,12 +486,9 @@ def cmd_scale(args) -> dict:
             converter_rows.append(row := run_converter(conv, argv, n))
             if "note" in row:
                 made_by.pop(conv)
-        for conv, done in (("webdataset", out / f"webdataset-{n}"), ("ffcv", out / f"ffcv-{n}" / "train.beton")):
-            # not converted in this run: a complete copy an earlier --keep run left is read by the loaders
-            if conv not in converters and ((done / ".complete").is_file() if conv == "webdataset" else
-                                           done.is_file() and done.with_name("train.beton.json").is_file()):
-                made_by[conv] = done
-                notes.append(f"{n:,} files: the loaders read {done}, converted by an earlier run")
+        for conv, done in earlier_copies(out, n, converters).items():
+            made_by[conv] = done
+            notes.append(f"{n:,} files: the loaders read {done}, converted by an earlier run")
         runs = []                            # (row name, backend, data, extra or the reason it is skipped)
         for name in loaders:
             if name == "torchvision":

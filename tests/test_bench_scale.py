@@ -127,6 +127,20 @@ def test_smaps_of_this_process_and_of_a_gone_one():
     assert scale.smaps(proc.pid) is None
 
 
+def test_earlier_copies_only_when_complete_and_not_converted_now(tmp_path):
+    assert scale.earlier_copies(tmp_path, 100, []) == {}
+    wds, beton = tmp_path / "webdataset-100", tmp_path / "ffcv-100" / "train.beton"
+    wds.mkdir()
+    beton.parent.mkdir()
+    beton.write_bytes(b"x")                            # a .beton without its report: not complete
+    assert scale.earlier_copies(tmp_path, 100, []) == {}
+    (wds / ".complete").write_text("")
+    (beton.parent / "train.beton.json").write_text("{}")
+    assert scale.earlier_copies(tmp_path, 100, []) == {"webdataset": wds, "ffcv": beton}
+    assert scale.earlier_copies(tmp_path, 100, ["ffcv"]) == {"webdataset": wds}   # converted again now
+    assert scale.earlier_copies(tmp_path, 1000, []) == {}                          # another size
+
+
 def test_missing_library_is_a_note(monkeypatch):
     monkeypatch.setitem(scale.MODULES, "dali", "nvidia_not_installed.dali")
     assert scale._missing("dali") == "skipped: nvidia_not_installed.dali is not importable"
