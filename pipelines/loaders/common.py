@@ -411,22 +411,21 @@ def shard_order_indices(bounds: np.ndarray, rank: int, world_size: int, seed: in
     takes a contiguous block of that stream, so whole shards except where a block ends inside one
     (at most world_size - 1 shards are split between two ranks); then `buffer_shuffle` over the
     rank's block from (seed, epoch, rank). Counts per rank, the drop_last tail and the padding are
-    shard_indices': the same batches per epoch whatever the order."""
+    shard_indices': the same number of batches per epoch whatever the order."""
     bounds = np.asarray(bounds, np.int64)
-    n, sizes = int(bounds[-1]), np.diff(bounds)
-    order = np.random.default_rng([seed, epoch, 0x5EED, 1]).permutation(len(sizes))
-    # (n,) the samples shard by shard in `order`: sample j of the stream is bounds[s] + its offset in s
-    lengths = sizes[order]
-    shift = np.repeat(bounds[order] - (np.cumsum(lengths) - lengths), lengths)
-    stream = np.arange(n, dtype=np.int64) + shift
+    n = int(bounds[-1])
+    order = np.random.default_rng([seed, epoch, 0x5EED, 1]).permutation(len(bounds) - 1)
+    lengths = np.diff(bounds)[order]                  # (S,) the shards' sizes in stream order
+    ends = np.cumsum(lengths)                         # (S,) where each ends in the stream
     if drop_last:
         per_rank = (n // (batch_size * world_size)) * batch_size
-    else:
-        per_rank = math.ceil(n / world_size)
-        pad = per_rank * world_size - n
-        if pad:                                       # wraps around to the stream's start, as shard_indices
-            stream = np.concatenate([stream, stream[:pad]])
-    mine = stream[rank * per_rank:(rank + 1) * per_rank]
+    else:                                             # positions past n wrap around to the stream's
+        per_rank = math.ceil(n / world_size)          # start, as shard_indices pads
+    # (per_rank,) this rank's stream positions -> the shard there -> the sample: only this rank's part
+    # is built (a rank of 64 holds 1/64 of the split, not the whole stream)
+    at = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64) % max(n, 1)
+    shard = np.searchsorted(ends, at, side="right")
+    mine = bounds[order[shard]] + at - (ends[shard] - lengths[shard])
     return buffer_shuffle(mine, buffer, np.random.default_rng([seed, epoch, rank, 0xB0FF]))
 
 
