@@ -40,8 +40,9 @@ saved.
            FFCV: its page-local quasi_random order.
   auto     shard for a training split of webdataset shards that mix the classes
            (common.class_mixing >= MIN_MIXING), with at least AUTO_MIN_BUFFERS buffers of samples and
-           AUTO_MIN_SHARDS shards per rank; sample otherwise: folders, FFCV (convert.py writes
-           both in class order, so a few shards or pages at a time hold a few classes), small splits.
+           AUTO_MIN_SHARDS shards per rank; sample otherwise: small splits, folders and FFCV (a
+           folder's files and the pages convert.py ffcv writes are in class order, so a few chunks
+           or pages at a time hold a few classes; class_mixing is not read from a .beton).
 Evaluation loaders read in index order (sequential) whatever the setting. Per rank the counts, the
 drop_last tail and the padding are the same in every order (num_batches).
 """
