@@ -46,7 +46,8 @@ MODULES = {"dali": "nvidia.dali", "ffcv": "ffcv"}      # what a loader or conver
 
 LOADER_COLUMNS = ["files", "loader", "startup_first_s", "startup_s", "first_batch_s", "batches", "s_per_batch",
                   "rank_rss_start_mb", "rank_rss_end_mb", "rank_anon_end_mb", "rank_B_per_file", "workers",
-                  "worker_uss_start_mb", "worker_uss_end_mb", "worker_growth_mb", "worker_B_per_file", "note"]
+                  "worker_uss_start_mb", "worker_uss_end_mb", "worker_dirty_start_mb", "worker_dirty_end_mb",
+                  "worker_growth_mb", "worker_B_per_file", "note"]
 CONVERTER_COLUMNS = ["files", "converter", "wall_s", "peak_rss_mb", "peak_pss_mb", "peak_main_rss_mb", "processes",
                      "B_per_file", "note"]
 TRAIN_COLUMNS = ["files", "first_step_s", "total_s", "note"]
@@ -57,7 +58,9 @@ GROWTH_COLUMNS = ["quantity", "values", "growth_per_file", f"at_{TARGET // 1_000
 
 def smaps(pid: int) -> dict | None:
     """Bytes of a process from /proc/<pid>/smaps_rollup: rss, pss, anon (anonymous pages: heaps,
-    Python objects) and uss (private clean + dirty); None when it is gone."""
+    Python objects, shared copy-on-write ones included), uss (private clean + dirty) and dirty
+    (private dirty: what this process alone wrote, its copy-on-write copies included); None when it
+    is gone."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -69,7 +72,7 @@ def smaps(pid: int) -> dict | None:
         if len(parts) == 2 and parts[1] == "kB":
             kb[key] = int(parts[0]) * 1024
     return {"rss": kb.get("Rss", 0), "pss": kb.get("Pss", 0), "anon": kb.get("Anonymous", 0),
-            "uss": kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)}
+            "uss": kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0), "dirty": kb.get("Private_Dirty", 0)}
 
 
 def descendants(pid: int) -> list[int]:
@@ -206,6 +209,9 @@ def growth_rows(loaders: list[dict], converters: list[dict], train: list[dict]) 
         if any(r.get("worker_uss_end_mb") is not None for r in rows):
             series.append((f"{name}: worker USS after the batches", "B",
                            [(r["files"], r["worker_uss_end_mb"] * 2**20) for r in rows]))
+        if any(r.get("worker_dirty_end_mb") is not None for r in rows):
+            series.append((f"{name}: worker private dirty after the batches", "B",
+                           [(r["files"], r["worker_dirty_end_mb"] * 2**20) for r in rows]))
     for name in dict.fromkeys(r["converter"] for r in converters):
         rows = [r for r in converters if r["converter"] == name and r.get("wall_s") is not None]
         series.append((f"convert.py {name}: peak PSS of the tree", "B", [(r["files"], r["peak_pss_mb"] * 2**20)
@@ -288,12 +294,14 @@ def probe(spec: dict) -> dict:
            "rank_rss_base_mb": _mb(base["rss"]), "rank_rss_start_mb": _mb(rank0["rss"]),
            "rank_rss_end_mb": _mb(rank1["rss"]), "rank_anon_end_mb": _mb(rank1["anon"]),
            "rank_B_per_file": (rank1["rss"] - base["rss"]) / n, "workers": len(alive)}
-    if alive:
-        uss0 = sum(worker0[p]["uss"] for p in alive) / len(alive)
-        uss1 = sum(worker1[p]["uss"] for p in alive) / len(alive)
-        out.update(worker_uss_start_mb=_mb(uss0), worker_uss_end_mb=_mb(uss1), worker_growth_mb=_mb(uss1 - uss0),
-                   worker_B_per_file=uss1 / n, worker_uss_end_mb_each=[_mb(worker1[p]["uss"]) for p in alive],
-                   worker_anon_end_mb=_mb(sum(worker1[p]["anon"] for p in alive) / len(alive)))
+    if alive:                                # each a mean over the workers; growth: of the private dirty pages
+        def mean(mems, key):
+            return sum(mems[p][key] for p in alive) / len(alive)
+        out.update(worker_uss_start_mb=_mb(mean(worker0, "uss")), worker_uss_end_mb=_mb(mean(worker1, "uss")),
+                   worker_dirty_start_mb=_mb(mean(worker0, "dirty")), worker_dirty_end_mb=_mb(mean(worker1, "dirty")),
+                   worker_growth_mb=_mb(mean(worker1, "dirty") - mean(worker0, "dirty")),
+                   worker_B_per_file=mean(worker1, "uss") / n,
+                   worker_uss_end_mb_each=[_mb(worker1[p]["uss"]) for p in alive])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out

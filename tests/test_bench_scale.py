@@ -78,9 +78,9 @@ def test_extrapolation_on_known_numbers():
 def test_growth_rows_per_file_and_at_14m():
     mb = 2**20
     loaders = [{"files": 10_000, "loader": "torchvision", "rank_rss_end_mb": 100.0, "startup_s": 0.1,
-                "startup_first_s": 0.5, "worker_uss_end_mb": 10.0},
+                "startup_first_s": 0.5, "worker_uss_end_mb": 10.0, "worker_dirty_end_mb": 2.1},
                {"files": 100_000, "loader": "torchvision", "rank_rss_end_mb": 109.0, "startup_s": 0.19,
-                "startup_first_s": 5.0, "worker_uss_end_mb": 10.0},
+                "startup_first_s": 5.0, "worker_uss_end_mb": 10.0, "worker_dirty_end_mb": 3.0},
                {"files": 10_000, "loader": "dali (folder)", "note": "skipped: nvidia.dali is not importable"}]
     converters = [{"files": 10_000, "converter": "ffcv", "wall_s": 10.0, "peak_rss_mb": 300.0, "peak_pss_mb": 200.0},
                   {"files": 100_000, "converter": "ffcv", "wall_s": 100.0, "peak_rss_mb": 390.0,
@@ -93,6 +93,7 @@ def test_growth_rows_per_file_and_at_14m():
     assert rss["extrapolated"] == pytest.approx(109 * mb + 9 * mb / 90_000 * 13_900_000)
     assert rss["values"] == "10k: 100 MB / 100k: 109 MB"
     assert rows["torchvision: worker USS after the batches"]["slope"] == 0.0
+    assert rows["torchvision: worker private dirty after the batches"]["growth_per_file"] == "10.5 B"
     assert rows["torchvision: start-up (first)"]["slope"] == pytest.approx(4.5 / 90_000)
     assert rows["torchvision: start-up (first)"]["growth_per_file"] == "50.00 us"
     assert rows["convert.py ffcv: wall"]["extrapolated"] == pytest.approx(100 + 90 / 90_000 * 13_900_000)
@@ -121,7 +122,7 @@ def test_tree_sampler_sums_the_process_tree(tmp_path):
 
 def test_smaps_of_this_process_and_of_a_gone_one():
     mine = scale.smaps(os.getpid())
-    assert mine["rss"] >= mine["uss"] > 0 and mine["rss"] >= mine["pss"] > 0 and mine["anon"] > 0
+    assert mine["rss"] >= mine["uss"] >= mine["dirty"] > 0 and mine["rss"] >= mine["pss"] > 0 and mine["anon"] > 0
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert scale.smaps(proc.pid) is None
@@ -165,13 +166,15 @@ def test_scale_mode_end_to_end(tmp_path):
     assert tv["loader"] == "torchvision" and tv["files"] == 300
     assert ffcv == {"files": 300, "loader": "ffcv", "note": "skipped: needs --converters ffcv"}
     for key in ("startup_first_s", "startup_s", "first_batch_s", "rank_rss_start_mb", "rank_rss_end_mb",
-                "rank_anon_end_mb", "worker_uss_start_mb", "worker_uss_end_mb"):
+                "rank_anon_end_mb", "worker_uss_start_mb", "worker_uss_end_mb", "worker_dirty_start_mb"):
         assert tv[key] > 0, key
     assert tv["batches"] == 4 and tv["workers"] == 2 and len(tv["worker_uss_end_mb_each"]) == 2
     assert tv["rank_B_per_file"] == pytest.approx((tv["rank_rss_end_mb"] - tv["rank_rss_base_mb"]) * 2**20 / 300)
     assert tv["worker_B_per_file"] == pytest.approx(tv["worker_uss_end_mb"] * 2**20 / 300)
     line = next(x for x in table.splitlines() if x.startswith("| 300 | torchvision |"))
-    assert "-" not in [cell.strip() for cell in line.split("|")[3:17]]   # every loader column filled
+    assert "-" not in [cell.strip() for cell in line.split("|")[3:19]]   # every loader column filled
+    assert tv["worker_growth_mb"] == pytest.approx(tv["worker_dirty_end_mb"] - tv["worker_dirty_start_mb"])
+    assert 0 < tv["worker_dirty_end_mb"] <= tv["worker_uss_end_mb"]
     (conv,) = payload["converters"]
     assert conv["converter"] == "webdataset" and conv["wall_s"] > 0 and conv["processes"] >= 1
     assert 0 < conv["peak_pss_mb"] <= conv["peak_rss_mb"]
