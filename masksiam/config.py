@@ -139,18 +139,13 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-# Keys that decide the steps, added after checkpoints were written without them: such a checkpoint
-# compares as if it held this value (the order it was trained in).
-BEFORE_KEY = {"read_order": "sample"}
-
-
 def _order_keys(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` with read_order filled in for an older checkpoint (BEFORE_KEY) and ffcv_order=auto
-    written as the FFCV order it gives (LoaderSpec.ffcv_order's rule), so `ffcv_order: random`
-    from before `auto` existed equals auto under read_order=sample."""
-    d = {**{k: v for k, v in BEFORE_KEY.items() if k not in d}, **d}
+    """`d` with ffcv_order=auto written as the FFCV order it gives (LoaderSpec.ffcv_order's rule), so
+    `ffcv_order: random` from before `auto` existed equals auto under read_order auto or sample. The
+    order a loader resolved (auto -> sample or shard) is compared in the resume record
+    (run_checkpoint.resume_record), which depends on the data too."""
     if d.get("ffcv_order") == "auto":
-        d["ffcv_order"] = "quasi_random" if d.get("read_order") == "shard" else "random"
+        d = {**d, "ffcv_order": "quasi_random" if d.get("read_order") == "shard" else "random"}
     return d
 
 
@@ -163,7 +158,7 @@ def flat(d: dict[str, Any]) -> dict[str, Any]:
 def resume_changes(saved: dict[str, Any], cfg: "Config") -> list[str]:
     """The keys of `cfg` that differ from the checkpoint's config `saved` (to_dict) and may not
     change on resume, as "key=saved (this run: value)"; a method key counts as any other. Keys the
-    checkpoint does not know (added since it was written) are not compared, but for BEFORE_KEY's."""
+    checkpoint does not know (added since it was written) are not compared."""
     now, saved = _order_keys(flat(to_dict(cfg))), _order_keys(flat(saved))
     return [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in now.items()
             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]

@@ -17,17 +17,35 @@ from models.resnet import use_small_stem
 
 def resume_record(loader, info) -> dict:
     """What the loader's order and position depend on beyond the config: the world size (each rank's
-    share of a batch and its own augment stream) and the training images, counted and, where the
-    loader lists their names (an ImageFolder or webdataset index), hashed. A .beton is counted."""
+    share of a batch and its own augment stream), the read order the loader resolved (read_order=auto
+    reads shards or samples by what the data is: README "Read order"), and the training images,
+    counted and, where the loader lists their names (an ImageFolder or webdataset index), hashed. A
+    .beton is counted."""
     images = getattr(loader, "images", None) or getattr(loader, "samples", None)   # torchvision / DALI
     names = getattr(images, "paths", None) or getattr(images, "names", None)
-    record = {"world_size": info.world_size}
+    record = {"world_size": info.world_size, "read_order": resolved_order(loader)}
     if names is not None:
         record["train_images"] = len(names)
         record["train_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
     elif hasattr(loader, "num_rows"):                                              # FFCV
         record["train_images"] = int(loader.num_rows)
     return record
+
+
+def resolved_order(loader) -> str:
+    """"sample" or "shard": the order a training loader reads in (FFCV: random or quasi_random)."""
+    order = getattr(loader, "order", None) or getattr(getattr(loader, "sampler", None), "order", None)
+    if order is not None:                                                          # DALI / torchvision
+        return order.kind
+    kind = getattr(getattr(loader, "_order", None), "kind", "random")              # FFCV's RankOrder
+    return {"random": "sample", "quasi_random": "shard"}.get(kind, kind)
+
+
+def order_before_the_record(saved_config: dict) -> str:
+    """The order a checkpoint written before the record held it was trained in: the per-sample order,
+    unless its FFCV loader was set to quasi_random."""
+    quasi = saved_config.get("loader") == "ffcv" and saved_config.get("ffcv_order") == "quasi_random"
+    return "shard" if quasi else "sample"
 
 
 class RunCheckpoints:
@@ -48,7 +66,9 @@ class RunCheckpoints:
         """-> (step, epoch, batch in epoch) of the newest readable checkpoint, its state loaded."""
         state, path, self.unreadable = ckpt_io.load_latest(self.path, self.cfg.keep_checkpoints)
         ckpt_io.check_compatible(state, path, self.meta, self.shapes)
-        ckpt_io.check_resumable(state, path, resume_changes(state.get("config") or {}, self.cfg), self.record)
+        saved = state.get("config") or {}
+        state["resume_record"] = {"read_order": order_before_the_record(saved), **(state.get("resume_record") or {})}
+        ckpt_io.check_resumable(state, path, resume_changes(saved, self.cfg), self.record)
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -16,7 +16,9 @@ import torch
 
 import convert
 from conftest import have_loader_library, make_image_folder
+from masksiam.checkpoint import CheckpointError, check_resumable
 from masksiam.config import Config, ConfigError, apply, load_config, resume_changes, to_dict
+from masksiam.run_checkpoint import order_before_the_record, resume_record
 from masksiam.dist import DistInfo
 from pipelines.loaders import build_loader
 from pipelines.loaders.common import (DataError, buffer_shuffle, chunk_bounds, class_mixing, num_batches,
@@ -201,17 +203,29 @@ def test_ffcv_order_rule_and_bad_values():
         spec_for(shuffle_buffer=0)
 
 
-def test_a_checkpoint_from_before_read_order_compares_as_sample_order():
-    """It was trained in sample order: resuming it in auto (which may read shards) is refused naming
-    read_order; ffcv_order=random from before 'auto' equals auto under sample order."""
+def test_a_checkpoint_from_before_read_order_resumes_in_the_order_it_was_trained_in():
+    """The config keys it lacks are not compared; its record says it read in sample order (FFCV:
+    random, unless ffcv_order was quasi_random), and the order this run's loader resolved must match:
+    auto on a folder (sample) resumes it, a loader reading shards is refused naming read_order."""
     old = to_dict(Config())
     del old["read_order"], old["shuffle_buffer"]
     old["ffcv_order"] = "random"
-    assert resume_changes(old, Config()) == ["read_order='sample' (this run: 'auto')"]
-    assert resume_changes(old, apply(Config(), {"read_order": "sample"}, "t")) == []
+    assert resume_changes(old, Config()) == []
     assert resume_changes(to_dict(Config()), apply(Config(), {"ffcv_order": "random"}, "t")) == []
     assert resume_changes(to_dict(Config()), apply(Config(), {"shuffle_buffer": 5}, "t")) == \
         ["shuffle_buffer=10000 (this run: 5)"]
+    assert order_before_the_record(old) == "sample"
+    assert order_before_the_record({**old, "loader": "ffcv", "ffcv_order": "quasi_random"}) == "shard"
+    saved = {"resume_record": {"world_size": 1, "read_order": order_before_the_record(old)}}
+    check_resumable(saved, "ckpt.pt", [], {"world_size": 1, "read_order": "sample"})
+    with pytest.raises(CheckpointError, match="read_order='sample' \\(this run: 'shard'\\)"):
+        check_resumable(saved, "ckpt.pt", [], {"world_size": 1, "read_order": "shard"})
+
+
+def test_the_resume_record_holds_the_order_the_loader_resolved(image_folder):
+    info = DistInfo(0, 1, 0, CPU)
+    assert resume_record(loader(image_folder), info)["read_order"] == "shard"
+    assert resume_record(loader(image_folder, read_order="auto"), info)["read_order"] == "sample"
 
 
 # ---- loaders ---------------------------------------------------------------------------------------
