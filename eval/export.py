@@ -54,11 +54,11 @@ def export_state_dict(state: dict, *, arch: str | None = None, head: dict | None
     cfg = apply(Config(), state["config"], "checkpoint") if "config" in state else None
     arch = arch or arch_of(state)
     if cfg is not None:
-        from models.resnet import use_small_stem
-        if use_small_stem(cfg.stem, cfg.size) or cfg.width != 64:
+        from models.resnet import torchvision_layout
+        if why := torchvision_layout(cfg):
             raise EvalError(f"this backbone (arch={cfg.arch}, width={cfg.width}, stem={cfg.stem}, size={cfg.size}: "
-                            f"{'small stem' if use_small_stem(cfg.stem, cfg.size) else 'width'}) has no torchvision "
-                            f"counterpart; load its weights with models.resnet.build_backbone instead")
+                            f"{why}) has no torchvision counterpart; load its weights with "
+                            f"models.resnet.build_backbone_from_config instead")
     weights = {k: v.detach().cpu() for k, v in ckpt_io.backbone_state(state).items()}
     torch.manual_seed(seed)
     if head is not None:

@@ -88,7 +88,8 @@ class Config:
     # ---- model ----------------------------------------------------------------------------------
     arch: str = "resnet50"
     width: int = 64                        # channels of the stem and layer1 (torchvision: 64); CPU demos use less
-    stem: Literal["auto", "imagenet", "small"] = "auto"   # auto: small 3x3 stem when size <= 64
+    stem: Literal["auto", "imagenet", "small", "simmim"] = "auto"   # auto: small 3x3 stem when size <= 64;
+                                           # simmim: 3x3/2 conv + 2x2 max-pool (SimMIM's ResNet, stride 4)
     channels_last: bool = True
     sync_bn: bool = False
     zero_init_residual: bool = True

@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import masksiam  # noqa: F401
-from models.mim import MaskTokenEncoder, expand_mask, fill_masked
-from models.resnet import build_backbone
+from eval.common import EvalError
+from eval.export import export_state_dict
+from masksiam.config import Config, to_dict
+from models.mim import MaskTokenEncoder, expand_mask, fill_masked, stem_stride
+from models.resnet import build_backbone, build_backbone_from_config
 
 
 def _net(arch="resnet10", width=8, small_stem=False, seed=0):
@@ -106,6 +109,27 @@ def test_stem_leak_fraction_without_fill(arch, small_stem, size, patch, expected
     net = build_backbone(arch, small_stem=small_stem, width=8)
     frac = stem_leak_fraction(net, _mask(8, size // patch), size)
     assert expected[0] < frac < expected[1], frac
+
+
+def test_simmim_stem_leaks_a_seventh_of_the_imagenet_stem():
+    """Seed 004's stem (3x3/2 conv + 2x2 max-pool; the issue's 2.0 %): a 5 px window per output, so
+    only the 1 px before each visible cell is read; the same stride 4 and 224 px -> 7 x 7 features."""
+    cfg = Config(arch="resnet50", stem="simmim", size=224, width=8)
+    net = build_backbone_from_config(cfg)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (2, 2) and stem_stride(net) == 4
+    mask = _mask(8, 224 // 32)
+    frac = stem_leak_fraction(net, mask, 224)
+    imagenet = stem_leak_fraction(build_backbone("resnet50", width=8), mask, 224)
+    assert 0.01 < frac < 0.03 and frac < imagenet / 5, (frac, imagenet)
+    assert net(torch.zeros(1, 3, 224, 224)).shape == (1, 8 * 8 * 4)
+    # the token encoder runs on it, and filled, its features ignore masked pixels as every stem's do
+    x = torch.randn(2, 3, 64, 64)
+    m = _mask(2, 2)
+    noisy = torch.where(expand_mask(m, 64, 64)[:, None], torch.randn_like(x) * 100, x)
+    enc, twin = MaskTokenEncoder(net, "zero"), copy.deepcopy(net)
+    assert torch.equal(enc(net, x, m), enc(twin, noisy, m))
+    with pytest.raises(EvalError, match="SimMIM's 3x3 stem"):
+        export_state_dict({"config": to_dict(cfg), "backbone": net.state_dict()})
 
 
 # ---- MixMAE: per-source BatchNorm that keeps only its input for backward ---------------------------------
