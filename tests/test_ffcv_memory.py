@@ -29,7 +29,7 @@ from ffcv.traversal_order import QuasiRandom  # noqa: E402
 from masksiam.config import Config, apply  # noqa: E402
 from masksiam.dist import DistInfo  # noqa: E402
 from pipelines.loaders import build_loader  # noqa: E402
-from pipelines.loaders import ffcv_memory  # noqa: E402
+from pipelines.loaders import ffcv_loader, ffcv_memory  # noqa: E402
 from pipelines.loaders.ffcv_memory import (ArrayOSCacheManager, ArrayProcessCacheManager, ArrayTables,  # noqa: E402
                                            PageQuasiRandom)
 from pipelines.tools.ffcv_convert import convert as convert_beton  # noqa: E402
@@ -144,6 +144,11 @@ def test_quasi_random_pages_as_upstreams_and_its_order_page_local(betons):
     assert np.array_equal(ours.page_sizes, up.page_sizes)
     for page, count in enumerate(up.page_sizes):
         assert set(ours.page_to_samples_array[page, :count]) == set(up.page_to_samples_array[page, :count])
+    # FFCV's QuasiRandom over the array manager (its page map) builds this very table, sample by sample
+    over_arrays = QuasiRandom(loader(ArrayOSCacheManager(Reader(path))))
+    assert np.array_equal(ours.page_sizes, over_arrays.page_sizes)
+    for page, count in enumerate(ours.page_sizes):
+        assert np.array_equal(ours.page_to_samples_array[page, :count], over_arrays.page_to_samples_array[page, :count])
     order = ours.sample_order(3)
     assert sorted(order.tolist()) == rows.tolist()
     assert not np.array_equal(order, ours.sample_order(4))
@@ -234,7 +239,7 @@ def test_loader_yields_the_batches_it_yielded_with_ffcvs_managers(betons, name, 
     ours = build_loader(_cfg(betons[name]), info)
     assert isinstance(ours.core.memory_manager, ArrayOSCacheManager)
     got = _epoch(ours, 1)
-    monkeypatch.setattr(ffcv_memory, "Loader", ffcv_memory.ffcv_loader_module.Loader)    # FFCV's own
+    monkeypatch.setattr(ffcv_loader, "ArrayLoader", ffcv_memory.ffcv_loader_module.Loader)    # FFCV's own
     upstream = build_loader(_cfg(betons[name]), info)
     assert type(upstream.core.memory_manager) is OSCacheManager
     want = _epoch(upstream, 1)
@@ -245,10 +250,61 @@ def test_loader_yields_the_batches_it_yielded_with_ffcvs_managers(betons, name, 
 
 
 def test_array_tables_is_what_ffcv_loader_uses():
-    """Both managers FFCV's Loader can build are bound to the array ones (and FFCV's module is not)."""
+    """Both managers FFCV's Loader can build are bound to the array ones (and FFCV's module is not);
+    the FFCV loader's quasi_random order builds its page table in numpy."""
+    assert ffcv_loader.ArrayLoader is ffcv_memory.Loader and ffcv_loader.PageQuasiRandom is PageQuasiRandom
     init = ffcv_memory.Loader.__init__
     assert init.__globals__["OSCacheManager"] is ArrayOSCacheManager
     assert init.__globals__["ProcessCacheManager"] is ArrayProcessCacheManager
     assert ffcv_memory.ffcv_loader_module.OSCacheManager is OSCacheManager
     assert init.__code__ is ffcv_memory.ffcv_loader_module.Loader.__init__.__code__
     assert issubclass(ArrayOSCacheManager, ArrayTables) and issubclass(ArrayOSCacheManager, OSCacheManager)
+
+
+# ---- convert.py ffcv's writer: arrays, FFCV's bytes -------------------------------------------------
+
+def test_writer_allocations_behave_as_ffcvs_list_in_24_bytes_per_region():
+    from ffcv.types import ALLOC_TABLE_TYPE
+    from pipelines.tools.ffcv_convert import _Allocations
+    ours, ref = _Allocations(ALLOC_TABLE_TYPE), []
+    assert not ours and len(ours) == 0
+    rng = np.random.default_rng(0)
+    for k in range(5000):                                  # past the first growths, with pops between
+        row = (k, int(rng.integers(0, 2**40)), int(rng.integers(1, 2**20)))
+        ours.append(row)
+        ref.append(row)
+        if k % 7 == 3:
+            assert ours.pop() == ref.pop()
+        assert ours[-1] == ref[-1] and bool(ours) and len(ours) == len(ref)
+    table = ours.table()
+    assert table.dtype == ALLOC_TABLE_TYPE and table.tolist() == ref and table.nbytes == 24 * len(ref)
+    with pytest.raises(IndexError):
+        _Allocations(ALLOC_TABLE_TYPE)[-1]
+
+
+def test_converter_writes_ffcvs_file_byte_for_byte(betons, tmp_path, monkeypatch):
+    """One writer process (a deterministic page order): the .beton equals the one FFCV's own
+    DatasetWriter writes, every byte; two processes: every sample's stored bytes and metadata equal."""
+    from ffcv.writer import DatasetWriter
+    from pipelines.tools import ffcv_convert
+    src = betons["jpg"].parent / "train"
+    for workers in (1, 2):
+        convert_beton(src, tmp_path / f"ours{workers}.beton", mode="raw", max_res=128, workers=workers,
+                      progress=False)
+    monkeypatch.setattr(ffcv_convert, "_array_writer", lambda: DatasetWriter)
+    convert_beton(src, tmp_path / "ffcv.beton", mode="raw", max_res=128, workers=1, progress=False)
+    assert (tmp_path / "ours1.beton").read_bytes() == (tmp_path / "ffcv.beton").read_bytes()
+
+    def samples(path):
+        reader = Reader(str(path))
+        meta = reader.metadata
+        raw = np.fromfile(path, np.uint8)
+        table = reader.alloc_table[np.argsort(reader.alloc_table["sample_id"])]
+        assert np.array_equal(table["ptr"], meta["f0"]["data_ptr"])
+        fields = [meta[f][[c for c in meta[f].dtype.names if c != "data_ptr"]] if meta[f].dtype.names else meta[f]
+                  for f in meta.dtype.names]
+        return [raw[p:p + s].tobytes() for p, s in zip(table["ptr"], table["size"])], fields
+
+    (ours, ours_meta), (ffcv, ffcv_meta) = samples(tmp_path / "ours2.beton"), samples(tmp_path / "ffcv.beton")
+    assert ours == ffcv and len(ours) == 24
+    assert all(np.array_equal(a, b) for a, b in zip(ours_meta, ffcv_meta, strict=True))

@@ -67,6 +67,8 @@ from pipelines.loaders.ffcv_boxes import BoxPlanner
 # without FFCV this raises the ImportError that says what to install
 from pipelines.loaders.ffcv_kernel import (JPG, MISSING_FFCV, PLANNERS, CropSpec, DecodeCells, MultiViewDecoder,
                                            RowDecoder)
+# FFCV's Loader and QuasiRandom over array-only memory managers (no per-sample dicts or sets)
+from pipelines.loaders.ffcv_memory import Loader as ArrayLoader, PageQuasiRandom
 
 try:
     import numba
@@ -74,7 +76,6 @@ try:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RGBImageField
     from ffcv.pipeline import PipelineSpec
-    from ffcv.traversal_order import QuasiRandom
     from ffcv.traversal_order.base import TraversalOrder
 except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(f"{MISSING_FFCV} ({err})") from err
@@ -97,7 +98,7 @@ class RankOrder(TraversalOrder):
 
     def __call__(self, loader) -> "RankOrder":
         super().__init__(loader)                         # self.indices (rows), self.seed
-        self.quasi = QuasiRandom(loader) if self.kind == "quasi_random" else None
+        self.quasi = PageQuasiRandom(loader) if self.kind == "quasi_random" else None
         # (pages, samples per page) int64: FFCV's sample_order shuffles it in place, so each call
         # starts from a copy of this one: the order is then a function of (seed, epoch), as resume needs
         self._pages = self.quasi.page_to_samples_array.copy() if self.quasi is not None else None
@@ -132,8 +133,6 @@ class FFCVLoader:
     def __init__(self, path: str | Path, spec: LoaderSpec, *, order: str, os_cache: bool, fused: bool,
                  verbose: bool = True):
         from ffcv.reader import Reader
-        # FFCV's Loader with array-only memory managers (no per-sample dicts or sets)
-        from pipelines.loaders.ffcv_memory import Loader as ArrayLoader
         path = Path(path)
         if not path.is_file():
             raise DataError(f"FFCV file {path} does not exist; make it with "
@@ -161,10 +160,11 @@ class FFCVLoader:
         jpg = image_meta["mode"] == JPG
         self._cells = DecodeCells(batch_size, int((image_meta["height"][jpg].astype(np.int64)
                                                    * image_meta["width"][jpg]).max()) if jpg.any() else 0)
-        # crops are drawn for the sample's index in its source folder (the `index` field), as every loader does
-        sample_index = (np.asarray(reader.metadata[f"f{fields.index('index')}"], np.int64) if "index" in fields
+        # crops are drawn for the sample's index in its source folder (the `index` field), as every loader does.
+        # Copies, not views: a view of one field keeps this Reader's whole metadata (32 B per sample)
+        sample_index = (np.array(reader.metadata[f"f{fields.index('index')}"], np.int64) if "index" in fields
                         else np.arange(int(reader.num_samples), dtype=np.int64))
-        self._labels = np.asarray(reader.metadata[f"f{fields.index('label')}"], np.int64)
+        self._labels = np.array(reader.metadata[f"f{fields.index('label')}"], np.int64)
         groups = np.arange(-1, -1 - len(self._labels), -1, dtype=np.int64)    # rows left out: alone
         groups[rows] = self._labels[rows]
         self._planner = BoxPlanner(spec, sample_index, np.asarray(image_meta["height"], np.int64),

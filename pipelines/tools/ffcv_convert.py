@@ -208,6 +208,83 @@ def _page_size(checked: _Checked) -> int:
     return max(MIN_PAGE, 1 << math.ceil(math.log2(2 * largest + (1 << 20))))
 
 
+class _Allocations:
+    """A writer process's allocation table, (k,) FFCV ALLOC_TABLE_TYPE records (sample_id, ptr, size)
+    in a growing array: FFCV's MemoryAllocator keeps a list of tuples (~150 B per sample) and uses
+    only append, pop, [-1] and truthiness on it."""
+
+    def __init__(self, dtype: np.dtype):
+        self.rows, self.n = np.zeros(1024, dtype), 0
+
+    def append(self, row: tuple) -> None:
+        if self.n == len(self.rows):
+            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+        self.rows[self.n] = row
+        self.n += 1
+
+    def pop(self) -> tuple:
+        row = self[-1]
+        self.n -= 1
+        return row
+
+    def __getitem__(self, i: int) -> tuple:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return tuple(self.rows[i % self.n].tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def table(self) -> np.ndarray:
+        return self.rows[:self.n].copy()
+
+
+class _TablePost:
+    """The writer process's end of FFCV's allocations queue: posts [its table as one array]."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def put(self, allocations: _Allocations) -> None:
+        self.queue.put([allocations.table()])
+
+
+def _writer_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue,
+                dataset):
+    """FFCV's writer process (worker_job_indexed_dataset) with its allocations in one array."""
+    from ffcv import writer as ffcv_writer
+    from ffcv.types import ALLOC_TABLE_TYPE
+    allocator.allocations = _Allocations(ALLOC_TABLE_TYPE)
+    ffcv_writer.worker_job_indexed_dataset(input_queue, metadata_sm, metadata_type, fields, allocator,
+                                           done_number, _TablePost(allocations_queue), dataset)
+
+
+@functools.cache
+def _array_writer():
+    """FFCV's DatasetWriter without per-sample Python objects (FFCV imported on first use).
+
+    FFCV's from_indexed_dataset makes a list of (destination, source) tuples in the main process
+    (which the forked writers then partly copy), each writer keeps a list of allocation tuples, and
+    finalize turns the gathered list into one numpy record per sample before the array: several
+    hundred bytes per sample. Here the work is (k, 2) int64 chunks of one array, each writer posts
+    its table as one array and finalize concatenates them. The file's bytes are FFCV's: the same
+    samples, records and order."""
+    from ffcv import writer as ffcv_writer
+
+    class ArrayWriter(ffcv_writer.DatasetWriter):
+        def from_indexed_dataset(self, dataset, chunksize: int = 100) -> None:
+            n = len(dataset)
+            work = np.repeat(np.arange(n, dtype=np.int64)[:, None], 2, axis=1)  # (n, 2): destination, source
+            self._write_common(n, (work[i:i + chunksize] for i in range(0, n, chunksize)), _writer_job, (dataset,))
+
+        def finalize(self, allocations) -> None:
+            # allocations: one (k,) table per writer process, in the order FFCV gathered them
+            tables = [t for t in allocations if len(t)]
+            super().finalize([np.concatenate(tables)] if tables else [])
+
+    return ArrayWriter
+
+
 def _write(writer, samples: _Samples, chunksize: int, progress: bool) -> None:
     """FFCV's DatasetWriter.from_indexed_dataset, made safe to interrupt and to fail.
 
@@ -262,7 +339,6 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
     import pipelines.loaders.ffcv_loader  # noqa: F401  (a clear message when FFCV is missing)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
-    from ffcv.writer import DatasetWriter
     from tqdm import tqdm
 
     src, out = Path(src), Path(out)
@@ -322,7 +398,7 @@ def convert(src: str | Path, out: str | Path, *, mode: str = "jpg", max_res: int
         "index": IntField(),
     }
     samples = _Samples(src, good, images, max_res, seed)
-    writer = DatasetWriter(str(partial), fields, page_size=page_size, num_workers=workers)
+    writer = _array_writer()(str(partial), fields, page_size=page_size, num_workers=workers)
     try:
         _write(writer, samples, max(1, min(100, math.ceil(len(good.position) / (4 * workers)))), progress)
     except BaseException:
