@@ -449,9 +449,9 @@ def cmd_scale(args) -> dict:
     sizes = parse_files(args.files)
     loaders = _names(args.loaders, LOADERS, "--loaders")
     converters = _names(args.converters, CONVERTERS, "--converters")
-    for flag in ("classes", "workers", "batch_size", "size"):
-        if getattr(args, flag) < (0 if flag == "workers" else 1):
-            raise UsageError(f"scale: --{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    for flag, least in (("classes", 1), ("workers", 0), ("batch_size", 1), ("size", 1)):
+        if getattr(args, flag) < least:
+            raise UsageError(f"scale: --{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {least}")
     if args.batches < 0:
         raise UsageError(f"scale: --batches {args.batches}: 0 (one epoch) or more")
     if args.classes > sizes[0]:
@@ -494,9 +494,11 @@ def cmd_scale(args) -> dict:
             converter_rows.append(row := run_converter(conv, argv, n))
             if "note" in row:
                 made_by.pop(conv)
+        readers = {"webdataset": "dali", "ffcv": "ffcv"}          # the loader that reads each copy
         for conv, done in earlier_copies(out, n, converters).items():
             made_by[conv] = done
-            notes.append(f"{n:,} files: the loaders read {done}, converted by an earlier run")
+            if readers[conv] in loaders:
+                notes.append(f"{n:,} files: {readers[conv]} reads {done}, converted by an earlier run")
         runs = []                            # (row name, backend, data, extra or the reason it is skipped)
         for name in loaders:
             if name == "torchvision":
