@@ -3,33 +3,39 @@
 #
 # Every method is pretrained at one budget: EPOCHS (default 1) epochs of the 60,000 training images
 # at 28 px (MIM methods: 32 px), ResNet-18 at 1/4 width with the small stem, batch 256: the recipes
-# of configs/demo_fmnist.yaml and configs/fmnist_*.yaml, once per seed in SEEDS (default "0 1").
-# Each pretrained backbone is evaluated three ways, always on the same MAX_VAL validation images:
+# of configs/demo_fmnist.yaml and configs/fmnist_*.yaml, once per seed in SEEDS (default "0 1 2").
+# The default METHODS are the papers' comparisons (../shared/seeds): SimCLR vs MSCN on SimCLR, BYOL vs
+# MSCN on BYOL (and MSCN's masks on BYOL without the high-pass: the collapse diagnosis), MoCo v2 vs
+# MixMask, SimMIM (mask token only, leak-free, sparse) vs MixMAE vs each + LUT; simsiam, barlow,
+# vicreg and unmix are known too (METHODS=...).
+# Each pretrained backbone is evaluated three ways, always on the same MAX_VAL validation images, with
+# ONE protocol for every row:
 #   knn      train.py's final kNN (k=200, t=0.1; bank of MAX_TRAIN training images)
 #   linear   eval.linear --fast --bn --preset $LIN_PRESET: classifier on cached center-crop features of
-#            MAX_TRAIN images, LIN_EPOCHS epochs, ONE preset for every row (default mixmask, MoCo's
-#            protocol; the inputs high-passed only for MSCN runs, as they train), BatchNorm on the
-#            features at the preset's bn_lr (0.1) so that one lr serves contrastive, BYOL and MIM features
+#            MAX_TRAIN images, LIN_EPOCHS epochs, the preset's BN-probe lr (bn_lr 0.1: one lr serves
+#            contrastive, BYOL and MIM features); the inputs high-passed only for runs that trained on
+#            high-passed images (MSCN), as the run's recipe says
 #   ft10     eval.finetune --fraction 0.1: 10 % of the labels (class-balanced, seeded), FT_EPOCHS
-#            epochs of the semi-supervised protocol (milestones moved to the same fractions)
+#            epochs of the semi-supervised protocol (milestones moved to the same fractions), random
+#            resized crops of area CROP_SCALE (default 0.2-1: an 8 %-area crop of a 28 px image is 8 px)
 # against two baselines per seed, on the same network:
 #   random      the three evaluations of the untrained network (same seed)
 #   supervised  eval.finetune --scratch: training from scratch with every label for EPOCHS epochs
-#               (torchvision's SGD recipe: lr 0.1, momentum 0.9, wd 1e-4, cosine), the same budget
+#               (torchvision's SGD recipe: lr 0.1, momentum 0.9, wd 1e-4, cosine; crops as ft10)
 # Results: $OUT/<method>-seed<S>/ (runs and their eval/), $OUT/logs/ (train.py's output),
-# $OUT/report.{md,json,png} (eval.report:
-# mean +- half the range over seeds), with the machine and the wall time in the title.
+# $OUT/report.{md,json,png} (eval.report: mean +- half the range over seeds), with the machine and the
+# wall time in the title.
 #
-# Wall time, measured 2026-12-01 on a 2-core EPYC: 2.5-3.5 min per method and seed on the idle machine
-# (pretraining epoch and its three evaluations; MixMAE 6), so 13 methods x 2 seeds at EPOCHS=1 take
-# under 2 hours; the README's table (6 methods x 2 seeds + 7 x 1 + baselines) took 90 min, partly contended.
-# Runs resume (resume=true) and evaluations are redone, so an interrupted `make science` continues.
+# Wall time on the idle 2-core EPYC: 2.5-3.5 min per method and seed (pretraining epoch and its three
+# evaluations; MixMAE and MixMAE + LUT ~6), so the default 12 methods x 3 seeds + baselines take
+# about 2 h 40 min. Runs resume (resume=true) and an evaluation whose result is newer than its
+# checkpoint is not redone, so an interrupted `make science` continues where it stopped.
 # SMOKE=1 checks the script in a few minutes (2 steps per run, tiny evaluations): not science.
 # SPREAD (default: every method) names the methods run with every seed in SEEDS; the others run with the
 # first seed only (a shorter table that still gives the run-to-run spread of the comparisons it names).
 # BASELINES=0 skips the random-init and supervised baselines (a second call that adds methods to a table).
-# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, SPREAD, BASELINES, LIN_PRESET, LIN_EPOCHS, FT_EPOCHS, MAX_TRAIN,
-# MAX_VAL override.
+# PY, DATA / FMNIST, OUT, EPOCHS, SEEDS, METHODS, SPREAD, BASELINES, LIN_PRESET, LIN_EPOCHS, FT_EPOCHS,
+# CROP_SCALE, MAX_TRAIN, MAX_VAL override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -37,14 +43,15 @@ DATA=${DATA:-data}
 FMNIST=${FMNIST:-$DATA/fashion-mnist}
 OUT=${OUT:-runs/science}
 EPOCHS=${EPOCHS:-1}
-SEEDS=${SEEDS:-0 1}
+SEEDS=${SEEDS:-0 1 2}
 LIN_EPOCHS=${LIN_EPOCHS:-30}
 LIN_PRESET=${LIN_PRESET:-mixmask}
 FT_EPOCHS=${FT_EPOCHS:-5}
+CROP_SCALE=${CROP_SCALE:-0.2 1}
 MAX_TRAIN=${MAX_TRAIN:-10000}
 MAX_VAL=${MAX_VAL:-2000}
 SMOKE=${SMOKE:-0}
-METHODS=${METHODS:-simclr moco byol simsiam barlow vicreg mscn_simclr mscn_byol mixmask unmix simmim mixmae simmim_lut}
+METHODS=${METHODS:-simclr mscn_simclr byol mscn_byol mscn_byol_nohp moco mixmask simmim_token simmim simmim_sparse mixmae simmim_lut mixmae_lut}
 SPREAD=${SPREAD:-$METHODS}
 BASELINES=${BASELINES:-1}
 first_seed=${SEEDS%% *}
@@ -63,34 +70,45 @@ config_of() {
         mscn_byol) echo "configs/fmnist_byol.yaml recipe=mscn_byol" ;;
         mixmask) echo "configs/fmnist_mixmask.yaml" ;;
         unmix) echo "configs/fmnist_moco.yaml recipe=unmix" ;;
+        mscn_byol_nohp) echo "configs/fmnist_byol.yaml recipe=mscn_byol_nohp" ;;
+        simmim_token) echo "configs/fmnist_simmim.yaml mim_fill=none" ;;
         simmim) echo "configs/fmnist_simmim.yaml" ;;
+        simmim_sparse) echo "configs/fmnist_simmim_sparse.yaml" ;;
         mixmae) echo "configs/fmnist_mixmae.yaml" ;;
         simmim_lut) echo "configs/fmnist_simmim_lut.yaml" ;;
+        mixmae_lut) echo "configs/fmnist_mixmae_lut.yaml" ;;
         *) echo "science.sh: unknown method $1" >&2; return 1 ;;
     esac
 }
 
 train_extra=(knn_max_train="$MAX_TRAIN" knn_max_val="$MAX_VAL")
 lin_extra=(--preset "$LIN_PRESET" --epochs "$LIN_EPOCHS" --max-train "$MAX_TRAIN")
-ft_extra=(--epochs "$FT_EPOCHS")
-sup_extra=(--epochs "$EPOCHS")
+read -r -a crop <<< "$CROP_SCALE"
+ft_extra=(--epochs "$FT_EPOCHS" --crop-scale "${crop[@]}")
+sup_extra=(--epochs "$EPOCHS" --crop-scale "${crop[@]}")
 if [ "$SMOKE" = 1 ]; then
     MAX_VAL=32
     train_extra=(max_steps=2 batch_size=32 workers=0 knn_max_train=64 knn_max_val=$MAX_VAL)
     lin_extra=(--preset "$LIN_PRESET" --epochs 1 --max-train 64 --batch-size 32)
-    ft_extra=(--epochs 1 --max-train 32 --batch-size 16)
-    sup_extra=(--epochs 1 --max-train 32 --batch-size 16)
+    ft_extra=(--epochs 1 --max-train 32 --batch-size 16 --crop-scale "${crop[@]}")
+    sup_extra=(--epochs 1 --max-train 32 --batch-size 16 --crop-scale "${crop[@]}")
 fi
 common_eval=(--data "$FMNIST" --max-val "$MAX_VAL" --no-progress)
 knn_train=$MAX_TRAIN
 [ "$SMOKE" = 1 ] && knn_train=64
 mkdir -p "$OUT/logs"
 
+fresh() {      # result folder, name, checkpoint: the result exists and is newer than the checkpoint
+    [ -f "$1/$2.json" ] && [ "$1/$2.json" -nt "$3" ]
+}
+
 evaluate() {   # checkpoint, result folder, seed, extra flags for both (--random-init)
     local ckpt=$1 dir=$2 seed=$3; shift 3
-    "$PY" -m eval.linear --checkpoint "$ckpt" --fast --bn --name linear --out "$dir" "${common_eval[@]}" "${lin_extra[@]}" "$@"
-    "$PY" -m eval.finetune --checkpoint "$ckpt" --fraction 0.1 --seed "$seed" --name ft10 --out "$dir" \
-        "${common_eval[@]}" "${ft_extra[@]}" "$@"
+    fresh "$dir" linear "$ckpt" ||
+        "$PY" -m eval.linear --checkpoint "$ckpt" --fast --bn --name linear --out "$dir" "${common_eval[@]}" "${lin_extra[@]}" "$@"
+    fresh "$dir" ft10 "$ckpt" ||
+        "$PY" -m eval.finetune --checkpoint "$ckpt" --fraction 0.1 --seed "$seed" --name ft10 --out "$dir" \
+            "${common_eval[@]}" "${ft_extra[@]}" "$@"
 }
 
 for seed in $SEEDS; do
@@ -109,11 +127,13 @@ for seed in $SEEDS; do
     base=$OUT/simclr-seed$seed/checkpoint.pt
     [ -f "$base" ] || base=$(ls "$OUT"/*-seed"$seed"/checkpoint.pt | head -1)
     echo "== random init / supervised, seed $seed ($((SECONDS - start)) s)"
-    "$PY" -m eval.knn --checkpoint "$base" --random-init --name knn --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
-        --max-val "$MAX_VAL" --max-train "$knn_train" --no-progress
+    fresh "$OUT/random-seed$seed/eval" knn "$base" ||
+        "$PY" -m eval.knn --checkpoint "$base" --random-init --name knn --data "$FMNIST" --out "$OUT/random-seed$seed/eval" \
+            --max-val "$MAX_VAL" --max-train "$knn_train" --no-progress
     evaluate "$base" "$OUT/random-seed$seed/eval" "$seed" --random-init
-    "$PY" -m eval.finetune --checkpoint "$base" --scratch \
-        --name supervised --out "$OUT/supervised-seed$seed/eval" "${common_eval[@]}" "${sup_extra[@]}"
+    fresh "$OUT/supervised-seed$seed/eval" supervised "$base" ||
+        "$PY" -m eval.finetune --checkpoint "$base" --scratch \
+            --name supervised --out "$OUT/supervised-seed$seed/eval" "${common_eval[@]}" "${sup_extra[@]}"
 done
 
 wall=$((SECONDS - start))

@@ -109,6 +109,8 @@ def run_lightly(args, seed: int, keep: np.ndarray) -> tuple[nn.Module, dict]:
             now = time.perf_counter()
             seconds.append(now - t)
             t = now
+            if step % 10 == 0:
+                print(f"lightly seed {seed}: step {step}/{args.steps}, loss {loss.item():.3f}", flush=True)
             if step == args.steps:
                 break
     return backbone, {"images_per_s": speed(seconds, args), "loss": float(loss)}
