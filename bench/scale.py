@@ -203,6 +203,10 @@ def growth_rows(loaders: list[dict], converters: list[dict], train: list[dict]) 
         rows = [r for r in loaders if r["loader"] == name and r.get("rank_rss_end_mb") is not None]
         series.append((f"{name}: rank RSS after the batches", "B", [(r["files"], r["rank_rss_end_mb"] * 2**20)
                                                                      for r in rows]))
+        # anonymous: the heap's share; RSS also counts the mapped split index's and .beton's pages, page
+        # cache that every rank of a node shares and the kernel can drop
+        series.append((f"{name}: rank anonymous after the batches", "B",
+                       [(r["files"], r["rank_anon_end_mb"] * 2**20) for r in rows]))
         series.append((f"{name}: start-up (cached)", "s", [(r["files"], r["startup_s"]) for r in rows]))
         if any(r.get("startup_first_s") is not None for r in rows):
             series.append((f"{name}: start-up (first)", "s", [(r["files"], r["startup_first_s"]) for r in rows]))

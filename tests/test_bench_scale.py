@@ -77,9 +77,11 @@ def test_extrapolation_on_known_numbers():
 
 def test_growth_rows_per_file_and_at_14m():
     mb = 2**20
-    loaders = [{"files": 10_000, "loader": "torchvision", "rank_rss_end_mb": 100.0, "startup_s": 0.1,
+    loaders = [{"files": 10_000, "loader": "torchvision", "rank_rss_end_mb": 100.0, "rank_anon_end_mb": 50.0,
+                "startup_s": 0.1,
                 "startup_first_s": 0.5, "worker_uss_end_mb": 10.0, "worker_dirty_end_mb": 2.1},
-               {"files": 100_000, "loader": "torchvision", "rank_rss_end_mb": 109.0, "startup_s": 0.19,
+               {"files": 100_000, "loader": "torchvision", "rank_rss_end_mb": 109.0, "rank_anon_end_mb": 50.9,
+                "startup_s": 0.19,
                 "startup_first_s": 5.0, "worker_uss_end_mb": 10.0, "worker_dirty_end_mb": 3.0},
                {"files": 10_000, "loader": "dali (folder)", "note": "skipped: nvidia.dali is not importable"}]
     converters = [{"files": 10_000, "converter": "ffcv", "wall_s": 10.0, "peak_rss_mb": 300.0, "peak_pss_mb": 200.0},
@@ -93,6 +95,7 @@ def test_growth_rows_per_file_and_at_14m():
     assert rss["extrapolated"] == pytest.approx(109 * mb + 9 * mb / 90_000 * 13_900_000)
     assert rss["values"] == "10k: 100 MB / 100k: 109 MB"
     assert rows["torchvision: worker USS after the batches"]["slope"] == 0.0
+    assert rows["torchvision: rank anonymous after the batches"]["growth_per_file"] == "10.5 B"
     assert rows["torchvision: worker private dirty after the batches"]["growth_per_file"] == "10.5 B"
     assert rows["torchvision: start-up (first)"]["slope"] == pytest.approx(4.5 / 90_000)
     assert rows["torchvision: start-up (first)"]["growth_per_file"] == "50.00 us"
