@@ -192,7 +192,7 @@ def extrapolate(points: list[tuple[int, float]], target: int = TARGET) -> tuple[
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k" if n >= 1000 else str(n)
+    return f"{n / 1e6:.3g}M" if n >= 1_000_000 else f"{n / 1e3:.3g}k" if n >= 1000 else str(n)
 
 
 def growth_rows(loaders: list[dict], converters: list[dict], train: list[dict]) -> list[dict]:
