@@ -54,6 +54,22 @@ def import_loader_library(name: str):
     return importlib.import_module(name)
 
 
+def resident_peak_ratio(script: str) -> float:
+    """The last number `script` prints, run in a fresh interpreter (argv[1]: the repository root) whose
+    malloc returns freed blocks to the system (a fixed mmap threshold, so a resident peak counts live
+    bytes, not glibc's cached heap). Skips without Linux /proc (the scripts reset VmHWM there)."""
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the resident peak")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True,
+                         timeout=120, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.split()[-1])
+
+
 def skimage_photos() -> list[np.ndarray]:
     from skimage import data
     out = []

@@ -273,16 +273,6 @@ def test_bank_peak_is_at_most_one_and_a_half_banks(tmp_path):
     fresh interpreter whose malloc returns freed blocks to the system (a fixed mmap threshold, so the
     peak counts live bytes, not glibc's cached heap); the list + cat + owned-copy bank it replaced
     peaked at 2.1x here (2.1-2.8x with glibc's default heap)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux /proc to reset the resident peak")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, root], capture_output=True, text=True,
-                         timeout=120, cwd=root, env=env)
-    assert out.returncode == 0, out.stderr
-    ratio = float(out.stdout.split()[-1])
+    from conftest import resident_peak_ratio
+    ratio = resident_peak_ratio(_PEAK_SCRIPT)
     assert 0.9 < ratio <= 1.5, ratio                      # >= 0.9: the bank itself was measured

@@ -4,16 +4,12 @@ in index order (a sequential eval loader), so the peak stays near 1x the feature
 The bank's own peak (knn_accuracy) is tests/test_knn.py's."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import eval.knn as knn_mod
+from conftest import resident_peak_ratio
 from test_knn import _LenLoader, _transform
 
 CPU = torch.device("cpu")
@@ -49,6 +45,7 @@ def test_features_in_index_order_without_padding_copies(order, monkeypatch):
 _PEAK_SCRIPT = r"""
 import re, sys, torch
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from conftest import resident_peak_ratio
 from test_knn import _LenLoader, _transform
 from eval.knn import extract_features
 torch.set_num_threads(1)
@@ -76,12 +73,5 @@ def test_features_peak_is_at_most_one_and_a_half_times_the_features():
     """96 MB of float32 features (1,536 rows read, 6 padding copies) from a sequential loader: the
     resident peak over extract_features <= 1.5x their bytes (fresh interpreter, fixed mmap threshold,
     as tests/test_knn.py measures the bank); sorting by gather + boolean copies peaked at ~2x."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux /proc to reset the resident peak")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, root], capture_output=True, text=True,
-                         timeout=120, cwd=root, env=env)
-    assert out.returncode == 0, out.stderr
-    ratio = float(out.stdout.split()[-1])
+    ratio = resident_peak_ratio(_PEAK_SCRIPT)
     assert 0.9 < ratio <= 1.5, ratio
