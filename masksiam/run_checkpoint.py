@@ -2,7 +2,6 @@
 the compatibility checks): what a run's checkpoint records, restoring one, saving on every rank."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from masksiam import checkpoint as ckpt_io
 from masksiam import dist
 from masksiam.config import resume_changes, to_dict
 from masksiam.rundir import RunStopped, write_or_stop
+from pipelines.loaders.common import ImageList
 from models.resnet import use_small_stem
 
 
@@ -22,11 +22,11 @@ def resume_record(loader, info) -> dict:
     counted and, where the loader lists their names (an ImageFolder or webdataset index), hashed. A
     .beton is counted."""
     images = getattr(loader, "images", None) or getattr(loader, "samples", None)   # torchvision / DALI
-    names = getattr(images, "paths", None) or getattr(images, "names", None)
+    images = getattr(images, "images", images)          # a sample source's ImageList (folder, shards)
     record = {"world_size": info.world_size, "read_order": resolved_order(loader)}
-    if names is not None:
-        record["train_images"] = len(names)
-        record["train_names_sha1"] = hashlib.sha1("\n".join(names).encode()).hexdigest()
+    if isinstance(images, ImageList):
+        record["train_images"] = len(images)
+        record["train_names_sha1"] = images.paths_sha1()     # sha1 of the names joined by newlines
     elif hasattr(loader, "num_rows"):                                              # FFCV
         record["train_images"] = int(loader.num_rows)
     return record

@@ -264,3 +264,18 @@ def worker_memory_growth(root: Path) -> list[tuple[int, int, int, int]]:
         dirty = [d for _, _, _, p, d in items if p == pid and d is not None]
         rows.append((pid, len(dirty), dirty[0], max(dirty)))
     return rows
+
+
+@pytest.mark.parametrize("max_images", [0, 7])
+def test_paths_hash_from_the_blob_equals_the_joined_names(tmp_path, max_images):
+    """The resume record's name hash, computed from the mapped blob a chunk of rows at a time (chunks
+    of 4 rows here: joins inside and across chunks), is the sha1 of the names joined by newlines that
+    checkpoints hold; non-ASCII and nested names included."""
+    import hashlib
+    split = tiny_tree(tmp_path, per_class=6)
+    (split / "c1" / "é ü.jpg").write_bytes(b"")
+    age(tmp_path)
+    images = scan_image_folder(split, max_images)
+    want = hashlib.sha1("\n".join(images.paths).encode()).hexdigest()
+    assert images.paths_sha1(rows_per_chunk=4) == images.paths_sha1() == want
+    assert len(images) == (max_images or 19)

@@ -90,6 +90,7 @@ class TarSamples:
         self._names = ImageList(self.root, blob, bounds, np.concatenate(labels), self.classes,
                                 None if len(keep) == n else keep)
         self.names, self.labels = self._names.paths, self._names.labels
+        self.images = self._names                          # the member names as an ImageList
         self._fds = [-1] * len(self.shards)
         self._keep_open = _allow_open_files(len(self.shards) + 256)
         self._lock = threading.Lock()
