@@ -34,12 +34,6 @@ JPG = int(IMAGE_MODES["jpg"])
 warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel execution",
                         category=numba.NumbaWarning)
 
-_center_crop = numba.njit(nogil=True)(get_center_crop)
-_imdecode = numba.njit(nogil=True)(imdecode)
-_resize_crop = numba.njit(nogil=True)(resize_crop)
-
-
-@numba.njit(nogil=True)
 def _flip_inplace(img):
     """(H, W, 3) uint8 mirrored left-right in place (rows as flat bytes: ~memory speed, like cv2.flip)."""
     h, w = img.shape[0], img.shape[1]
@@ -91,6 +85,12 @@ def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bo
     loop = numba.prange if parallel else range
     train, center_ratio, shift = spec.train, spec.center_ratio, np.uint64(page_shift)
     views = len(spec.sizes)
+    # the helpers are compiled for this kernel alone, not shared by every kernel of the process: FFCV
+    # sets `mutable = False` on numba's shared array types (its managers' state_type), so a shared
+    # dispatcher's overload table stops finding its own entries and grows with every kernel compiled
+    # after (a test process that built a few dozen loaders spent over ten minutes in type inference)
+    _center_crop, _imdecode, _resize_crop, _flip_inplace_ = (
+        numba.njit(nogil=True)(f) for f in (get_center_crop, imdecode, resize_crop, _flip_inplace))
 
     if os_cache:
         @numba.njit(nogil=True)
@@ -135,7 +135,7 @@ def _decode_kernel(spec: CropSpec, os_cache: bool, page_shift: int, parallel: bo
                 flip = False
             _resize_crop(image, top, top + h, left, left + w, out)
             if flip:
-                _flip_inplace(out)
+                _flip_inplace_(out)
         return True
 
     def decode_all(batch_indices, storage, metadata, storage_state, boxes, failed, scratch_address, scratch_stride,
